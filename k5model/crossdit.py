@@ -1,0 +1,530 @@
+"""CrossDiT: the Cross-Attention Diffusion Transformer of Kandinsky 5.0 (report §5.2–5.4).
+
+One readable file for the model. Module and parameter names equal those of diffusers'
+``Kandinsky5Transformer3DModel`` and the official single-file checkpoints, so weights load in either direction with no
+remapping, and ``forward`` takes the same keywords. On top of the inference model it adds what training needs:
+a text padding mask (official semantics), packed variable-length batches (:meth:`CrossDiT.forward_packed`),
+NABLA sparse attention with autograd on CPU and GPU, and per-block activation checkpointing.
+
+Layout: visual latents are channels-last ``(B, T, H, W, C)``; inside the blocks tokens are ``(B, S, model_dim)`` and
+attention heads ``(B, S, heads, head_dim)``.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Sequence
+from dataclasses import dataclass
+from typing import Any
+
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+from torch.utils.checkpoint import checkpoint
+
+from k5model import attention as attn_ops
+from k5model.config import CrossDiTConfig, get_preset
+
+
+def _nabla():
+    # Imported on first use: dense models never need the FlexAttention machinery.
+    from k5model import nabla
+
+    return nabla
+
+
+# Modules whose weights stay fp32 when the rest of the model is cast to bf16 (time path and all modulations),
+# matching diffusers' ``_keep_in_fp32_modules`` and the official checkpoints.
+KEEP_FP32 = ("time_embeddings", "modulation", "visual_modulation", "text_modulation")
+
+
+def sinusoid_freqs(dim: int, max_period: float = 10000.0) -> torch.Tensor:
+    """exp(-ln(max_period) * i / dim), i < dim, in fp32."""
+    return torch.exp(-math.log(max_period) * torch.arange(dim, dtype=torch.float32) / dim)
+
+
+@dataclass
+class Rope:
+    """cos/sin tables ``(B|1, S, 1, head_dim/2)`` in fp32 for interleaved-pair rotation."""
+
+    cos: torch.Tensor
+    sin: torch.Tensor
+
+    def index(self, order: torch.Tensor) -> Rope:
+        return Rope(self.cos[:, order], self.sin[:, order])
+
+
+def apply_rope(x: torch.Tensor, rope: Rope, cast: torch.dtype | None = None) -> torch.Tensor:
+    """Rotate pairs (x[2i], x[2i+1]) by the angle table, in fp32 (the official code never rounds here)."""
+    xf = x.float().unflatten(-1, (-1, 2))
+    x0, x1 = xf[..., 0], xf[..., 1]
+    out = torch.stack((x0 * rope.cos - x1 * rope.sin, x0 * rope.sin + x1 * rope.cos), dim=-1).flatten(-2)
+    if cast is not None:  # emulate a library that rounds rotated q/k (diffusers rounds to bf16)
+        out = out.to(cast)
+    return out.to(x.dtype)
+
+
+def text_rope(positions: torch.Tensor, head_dim: int) -> Rope:
+    args = torch.outer(positions.float(), sinusoid_freqs(head_dim // 2).to(positions.device))
+    return Rope(args.cos()[None, :, None], args.sin()[None, :, None])
+
+
+def visual_rope(
+    positions: Sequence[torch.Tensor], axes_dims: Sequence[int], scale_factor: Sequence[float]
+) -> torch.Tensor:
+    """Angles ``(T, H, W, head_dim/2)`` for 3D RoPE: each axis gets axis_dim/2 frequencies, divided by its scale."""
+    grids = []
+    sizes = [len(p) for p in positions]
+    for axis, (pos, dim, scale) in enumerate(zip(positions, axes_dims, scale_factor)):
+        args = torch.outer(pos.float(), sinusoid_freqs(dim // 2).to(pos.device)) / scale
+        view = [1, 1, 1, dim // 2]
+        view[axis] = sizes[axis]
+        grids.append(args.view(view).expand(*sizes, dim // 2))
+    return torch.cat(grids, dim=-1)
+
+
+def modulate(x: torch.Tensor, shift: torch.Tensor, scale: torch.Tensor) -> torch.Tensor:
+    """LayerNorm (no affine) then adaptive scale/shift, all in fp32; result in the residual dtype."""
+    return (F.layer_norm(x.float(), x.shape[-1:]) * (1.0 + scale.float()) + shift.float()).to(x.dtype)
+
+
+def gated_residual(x: torch.Tensor, gate: torch.Tensor, out: torch.Tensor) -> torch.Tensor:
+    return (x.float() + gate.float() * out.float()).to(x.dtype)
+
+
+class TimeEmbeddings(nn.Module):
+    def __init__(self, model_dim: int, time_dim: int):
+        super().__init__()
+        self.model_dim = model_dim
+        self.in_layer = nn.Linear(model_dim, time_dim)
+        self.out_layer = nn.Linear(time_dim, time_dim)
+
+    def forward(self, t: torch.Tensor) -> torch.Tensor:
+        args = torch.outer(t.float(), sinusoid_freqs(self.model_dim // 2).to(t.device))
+        emb = torch.cat([args.cos(), args.sin()], dim=-1).to(self.in_layer.weight.dtype)
+        return self.out_layer(F.silu(self.in_layer(emb)))
+
+
+class TextEmbeddings(nn.Module):
+    """Linear + affine LayerNorm; used for Qwen states (-> model_dim) and the CLIP pooled vector (-> time_dim)."""
+
+    def __init__(self, in_dim: int, out_dim: int):
+        super().__init__()
+        self.in_layer = nn.Linear(in_dim, out_dim)
+        self.norm = nn.LayerNorm(out_dim)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        x = self.in_layer(x.to(self.in_layer.weight.dtype))
+        return self.norm(x).to(x.dtype)
+
+
+class VisualEmbeddings(nn.Module):
+    def __init__(self, in_dim: int, model_dim: int, patch_size: Sequence[int]):
+        super().__init__()
+        self.patch_size = tuple(patch_size)
+        self.in_layer = nn.Linear(math.prod(patch_size) * in_dim, model_dim)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        """(B, T, H, W, C) -> (B, T/pt, H/ph, W/pw, model_dim); a patch flattens as (pt, ph, pw, C)."""
+        b, t, h, w, c = x.shape
+        pt, ph, pw = self.patch_size
+        x = x.view(b, t // pt, pt, h // ph, ph, w // pw, pw, c).permute(0, 1, 3, 5, 2, 4, 6, 7).flatten(4, 7)
+        return self.in_layer(x.to(self.in_layer.weight.dtype))
+
+
+class Modulation(nn.Module):
+    """SiLU -> Linear(time_dim -> n·model_dim), zero-initialised so every block starts as the identity."""
+
+    def __init__(self, time_dim: int, model_dim: int, num_params: int):
+        super().__init__()
+        self.num_params = num_params
+        self.out_layer = nn.Linear(time_dim, num_params * model_dim)
+        nn.init.zeros_(self.out_layer.weight)
+        nn.init.zeros_(self.out_layer.bias)
+
+    def forward(self, time_embed: torch.Tensor, lengths: Sequence[int] | None = None) -> tuple[torch.Tensor, ...]:
+        """Per-sample parameters ``(B, 1, D)`` each; for packed input ``(1, S, D)`` repeated over each segment."""
+        params = self.out_layer(F.silu(time_embed.to(self.out_layer.weight.dtype)))
+        if lengths is None:
+            params = params[:, None]
+        else:
+            counts = torch.as_tensor(list(lengths), device=params.device)
+            params = torch.repeat_interleave(params, counts, dim=0)[None]
+        return params.chunk(self.num_params, dim=-1)
+
+
+@dataclass
+class AttentionContext:
+    """How one attention call must mask: built once per forward, shared by every block."""
+
+    backend: str = "sdpa"
+    mask: torch.Tensor | None = None  # dense bool mask for SDPA/math paths
+    q_lengths: Sequence[int] | None = None  # packed: documents on the query side
+    k_lengths: Sequence[int] | None = None
+    key_valid: torch.Tensor | None = None  # packed: (Sk,) valid keys (text padding)
+    nabla: dict[str, Any] | None = None  # P, sta, doc_ids, force_density
+    rope_cast: torch.dtype | None = None
+
+
+class Attention(nn.Module):
+    def __init__(self, model_dim: int, head_dim: int):
+        super().__init__()
+        self.num_heads = model_dim // head_dim
+        self.to_query = nn.Linear(model_dim, model_dim)
+        self.to_key = nn.Linear(model_dim, model_dim)
+        self.to_value = nn.Linear(model_dim, model_dim)
+        self.query_norm = nn.RMSNorm(head_dim)
+        self.key_norm = nn.RMSNorm(head_dim)
+        self.out_layer = nn.Linear(model_dim, model_dim)
+
+    def forward(
+        self, x: torch.Tensor, ctx: AttentionContext, context: torch.Tensor | None = None, rope: Rope | None = None
+    ) -> torch.Tensor:
+        src = x if context is None else context
+        q = self.to_query(x).unflatten(-1, (self.num_heads, -1))
+        k = self.to_key(src).unflatten(-1, (self.num_heads, -1))
+        v = self.to_value(src).unflatten(-1, (self.num_heads, -1))
+        # q/k RMSNorm in fp32 for stability (official)
+        q = self.query_norm(q.float()).to(v.dtype)
+        k = self.key_norm(k.float()).to(v.dtype)
+        if rope is not None:
+            q = apply_rope(q, rope, ctx.rope_cast)
+            k = apply_rope(k, rope, ctx.rope_cast)
+        if ctx.nabla is not None:
+            out = _nabla().nabla_attention(
+                q, k, v, P=ctx.nabla["P"], sta=ctx.nabla["sta"], doc_ids=ctx.nabla.get("doc_ids"),
+                force_density=ctx.nabla.get("force_density"), backend=ctx.nabla.get("backend", "auto"),
+            )
+        elif ctx.q_lengths is not None and ctx.backend == "flex":
+            out = attn_ops.flex_document_attention(q, k, v, ctx.q_lengths, ctx.k_lengths, ctx.key_valid)
+        else:
+            out = attn_ops.attention(q, k, v, mask=ctx.mask, backend=ctx.backend)
+        return self.out_layer(out.flatten(-2))
+
+
+class FeedForward(nn.Module):
+    def __init__(self, dim: int, ff_dim: int):
+        super().__init__()
+        self.in_layer = nn.Linear(dim, ff_dim, bias=False)
+        self.out_layer = nn.Linear(ff_dim, dim, bias=False)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.out_layer(F.gelu(self.in_layer(x)))
+
+
+class TextBlock(nn.Module):
+    """Linguistic Token Refiner block: a CrossDiT block without cross-attention."""
+
+    def __init__(self, cfg: CrossDiTConfig):
+        super().__init__()
+        self.text_modulation = Modulation(cfg.time_dim, cfg.model_dim, 6)
+        self.self_attention = Attention(cfg.model_dim, cfg.head_dim)
+        self.feed_forward = FeedForward(cfg.model_dim, cfg.ff_dim)
+
+    def forward(self, x, time_embed, rope, ctx, lengths=None):
+        sa_shift, sa_scale, sa_gate, ff_shift, ff_scale, ff_gate = self.text_modulation(time_embed, lengths)
+        x = gated_residual(x, sa_gate, self.self_attention(modulate(x, sa_shift, sa_scale), ctx, rope=rope))
+        return gated_residual(x, ff_gate, self.feed_forward(modulate(x, ff_shift, ff_scale)))
+
+
+class VisualBlock(nn.Module):
+    """Self-attention (3D RoPE, dense or NABLA) -> cross-attention to the refined text -> MLP."""
+
+    def __init__(self, cfg: CrossDiTConfig):
+        super().__init__()
+        self.visual_modulation = Modulation(cfg.time_dim, cfg.model_dim, 9)
+        self.self_attention = Attention(cfg.model_dim, cfg.head_dim)
+        self.cross_attention = Attention(cfg.model_dim, cfg.head_dim)
+        self.feed_forward = FeedForward(cfg.model_dim, cfg.ff_dim)
+
+    def forward(self, x, text, time_embed, rope, self_ctx, cross_ctx, lengths=None):
+        (sa_shift, sa_scale, sa_gate, ca_shift, ca_scale, ca_gate,
+         ff_shift, ff_scale, ff_gate) = self.visual_modulation(time_embed, lengths)
+        x = gated_residual(x, sa_gate, self.self_attention(modulate(x, sa_shift, sa_scale), self_ctx, rope=rope))
+        x = gated_residual(x, ca_gate, self.cross_attention(modulate(x, ca_shift, ca_scale), cross_ctx, context=text))
+        return gated_residual(x, ff_gate, self.feed_forward(modulate(x, ff_shift, ff_scale)))
+
+
+class OutLayer(nn.Module):
+    def __init__(self, cfg: CrossDiTConfig):
+        super().__init__()
+        self.patch_size = cfg.patch_size
+        self.modulation = Modulation(cfg.time_dim, cfg.model_dim, 2)
+        self.out_layer = nn.Linear(cfg.model_dim, math.prod(cfg.patch_size) * cfg.out_visual_dim)
+
+    def forward(self, x: torch.Tensor, time_embed: torch.Tensor, lengths=None) -> torch.Tensor:
+        shift, scale = self.modulation(time_embed, lengths)
+        return self.out_layer(modulate(x, shift, scale))
+
+    def unpatchify(self, x: torch.Tensor, grid: Sequence[int]) -> torch.Tensor:
+        """(B, S, C·pt·ph·pw) on a (T, H, W) token grid -> (B, T·pt, H·ph, W·pw, C); features flatten as (C, pt, ph, pw)."""
+        pt, ph, pw = self.patch_size
+        t, h, w = grid
+        x = x.view(x.shape[0], t, h, w, -1, pt, ph, pw).permute(0, 1, 5, 2, 6, 3, 7, 4)
+        return x.reshape(x.shape[0], t * pt, h * ph, w * pw, -1)
+
+
+@dataclass
+class CrossDiTOutput:
+    sample: torch.Tensor
+
+
+class CrossDiT(nn.Module):
+    """Kandinsky 5.0 CrossDiT. Drop-in for diffusers' ``Kandinsky5Transformer3DModel``."""
+
+    def __init__(self, config: CrossDiTConfig | dict[str, Any] | str):
+        super().__init__()
+        if isinstance(config, str):
+            config = get_preset(config)
+        elif isinstance(config, dict):
+            config = CrossDiTConfig.from_dict(config)
+        self.config = config
+        cfg = config
+        self.time_embeddings = TimeEmbeddings(cfg.model_dim, cfg.time_dim)
+        self.text_embeddings = TextEmbeddings(cfg.in_text_dim, cfg.model_dim)
+        self.pooled_text_embeddings = TextEmbeddings(cfg.in_text_dim2, cfg.time_dim)
+        self.visual_embeddings = VisualEmbeddings(cfg.visual_embed_dim, cfg.model_dim, cfg.patch_size)
+        self.text_transformer_blocks = nn.ModuleList(TextBlock(cfg) for _ in range(cfg.num_text_blocks))
+        self.visual_transformer_blocks = nn.ModuleList(VisualBlock(cfg) for _ in range(cfg.num_visual_blocks))
+        self.out_layer = OutLayer(cfg)
+        self.gradient_checkpointing = False
+        self.attention_backend = "sdpa"
+        # None keeps rotated q/k in fp32 like the official code; torch.bfloat16 reproduces diffusers bit-for-bit.
+        self.rope_cast: torch.dtype | None = None
+        # Benchmarks on random weights may pin the NABLA density (see k5model.nabla.nabla_block_mask).
+        self.nabla_force_density: float | None = None
+        self.last_nabla_density: float | None = None
+
+    # ----------------------------------------------------------------------------------------------------------------
+    @property
+    def visual_cond(self) -> bool:
+        return self.config.visual_cond
+
+    @property
+    def dtype(self) -> torch.dtype:
+        return self.visual_embeddings.in_layer.weight.dtype
+
+    @property
+    def device(self) -> torch.device:
+        return self.visual_embeddings.in_layer.weight.device
+
+    def enable_gradient_checkpointing(self, enabled: bool = True) -> None:
+        self.gradient_checkpointing = enabled
+
+    def set_attention_backend(self, backend: str) -> None:
+        if backend not in attn_ops.BACKENDS:
+            raise ValueError(f"attention backend {backend!r} is not one of {attn_ops.BACKENDS}")
+        self.attention_backend = backend
+
+    def _block(self, block: nn.Module, *args: Any) -> torch.Tensor:
+        if self.gradient_checkpointing and torch.is_grad_enabled():
+            return checkpoint(block, *args, use_reentrant=False)
+        return block(*args)
+
+    def _embed_condition(self, text: torch.Tensor, timestep: torch.Tensor, pooled: torch.Tensor):
+        time_embed = self.time_embeddings(timestep)
+        return self.text_embeddings(text), time_embed + self.pooled_text_embeddings(pooled)
+
+    def _nabla_params(self, sparse_params: dict[str, Any] | None) -> dict[str, Any] | None:
+        cfg = self.config
+        if sparse_params is not None:
+            return {"P": sparse_params.get("P", cfg.attention_P), "wT": sparse_params.get("wT", cfg.attention_wT),
+                    "wH": sparse_params.get("wH", cfg.attention_wH), "wW": sparse_params.get("wW", cfg.attention_wW),
+                    "add_sta": sparse_params.get("add_sta", cfg.attention_add_sta)}
+        if cfg.attention_type != "nabla":
+            return None
+        return {"P": cfg.attention_P if cfg.attention_P is not None else 0.9, "wT": cfg.attention_wT or 11,
+                "wH": cfg.attention_wH or 3, "wW": cfg.attention_wW or 3,
+                "add_sta": True if cfg.attention_add_sta is None else cfg.attention_add_sta}
+
+    def _nabla_context(self, params: dict[str, Any], grids: Sequence[Sequence[int]], device) -> dict[str, Any]:
+        nabla = _nabla()
+        for g in grids:
+            if g[1] % nabla.TILE or g[2] % nabla.TILE:
+                raise ValueError(
+                    f"NABLA needs a token grid whose height and width are multiples of {nabla.TILE}, got {tuple(g)} "
+                    f"(pixel height/width must be multiples of {nabla.TILE * 16})"
+                )
+        tiles = [(g[0], g[1] // nabla.TILE, g[2] // nabla.TILE) for g in grids]
+        sta = None
+        if params["add_sta"]:
+            if len(tiles) == 1:
+                sta = nabla.sta_block_mask(*tiles[0], params["wT"], params["wH"], params["wW"], device=device)
+            else:
+                sta = nabla.packed_sta_block_mask(tiles, params["wT"], params["wH"], params["wW"], device=device)
+        doc_ids = nabla.block_document_ids(tiles, device=device) if len(tiles) > 1 else None
+        backend = "sdpa_masked" if self.attention_backend == "math" else "auto"
+        return {"P": params["P"], "sta": sta, "doc_ids": doc_ids, "force_density": self.nabla_force_density,
+                "backend": backend}
+
+    # ----------------------------------------------------------------------------------------------------------------
+    def forward(
+        self,
+        hidden_states: torch.Tensor,
+        encoder_hidden_states: torch.Tensor,
+        timestep: torch.Tensor,
+        pooled_projections: torch.Tensor,
+        visual_rope_pos: Sequence[torch.Tensor],
+        text_rope_pos: torch.Tensor,
+        scale_factor: Sequence[float] = (1.0, 1.0, 1.0),
+        sparse_params: dict[str, Any] | None = None,
+        return_dict: bool = True,
+        encoder_attention_mask: torch.Tensor | None = None,
+    ) -> CrossDiTOutput | torch.Tensor:
+        """Velocity for a batch of equally shaped latents.
+
+        hidden_states (B, T, H, W, C_in); encoder_hidden_states (B, L, D_text); timestep (B,) = t·1000;
+        pooled_projections (B, D_pool); visual_rope_pos = positions per latent-patch axis; text_rope_pos (L,);
+        encoder_attention_mask (B, L) bool, True = real token (masked in text self- and cross-attention).
+        """
+        if hidden_states.ndim != 5:
+            raise ValueError(f"hidden_states must be (B, T, H, W, C), got shape {tuple(hidden_states.shape)}")
+        if hidden_states.shape[-1] != self.config.visual_embed_dim:
+            raise ValueError(
+                f"hidden_states has {hidden_states.shape[-1]} channels, the model expects {self.config.visual_embed_dim}"
+                f" (visual_cond={self.config.visual_cond})"
+            )
+        if timestep.ndim == 0:
+            timestep = timestep.expand(hidden_states.shape[0])
+        cfg = self.config
+        text, time_embed = self._embed_condition(encoder_hidden_states, timestep, pooled_projections)
+        key_mask = attn_ops.key_padding_mask(encoder_attention_mask)
+        text_ctx = AttentionContext(self.attention_backend, mask=key_mask, rope_cast=self.rope_cast)
+        t_rope = text_rope(text_rope_pos.to(text.device), cfg.head_dim)
+        for block in self.text_transformer_blocks:
+            text = self._block(block, text, time_embed, t_rope, text_ctx)
+
+        x = self.visual_embeddings(hidden_states)
+        grid = x.shape[1:4]
+        angles = visual_rope(visual_rope_pos, cfg.axes_dims, scale_factor).to(x.device)
+        v_rope = Rope(angles.cos().flatten(0, 2)[None, :, None], angles.sin().flatten(0, 2)[None, :, None])
+        x = x.flatten(1, 3)
+        nabla_params = self._nabla_params(sparse_params)
+        self_ctx = AttentionContext(self.attention_backend, rope_cast=self.rope_cast)
+        if nabla_params is not None:
+            order = _nabla().fractal_order(*grid, device=x.device)
+            x, v_rope = x[:, order], v_rope.index(order)
+            self_ctx.nabla = self._nabla_context(nabla_params, [grid], x.device)
+        cross_ctx = AttentionContext(self.attention_backend, mask=key_mask)
+        for block in self.visual_transformer_blocks:
+            x = self._block(block, x, text, time_embed, v_rope, self_ctx, cross_ctx)
+        if nabla_params is not None:
+            x = x[:, torch.argsort(order)]
+        out = self.out_layer.unpatchify(self.out_layer(x, time_embed), grid)
+        return CrossDiTOutput(sample=out) if return_dict else out
+
+    def forward_packed(
+        self,
+        hidden_states: Sequence[torch.Tensor],
+        encoder_hidden_states: Sequence[torch.Tensor],
+        timestep: torch.Tensor,
+        pooled_projections: torch.Tensor,
+        scale_factor: Sequence[float] | Sequence[Sequence[float]] = (1.0, 1.0, 1.0),
+        attention_type: str | None = None,
+    ) -> list[torch.Tensor]:
+        """Several latents of different shapes in ONE sequence with block-diagonal attention.
+
+        hidden_states: N tensors (T_i, H_i, W_i, C_in); encoder_hidden_states: N tensors (L_i, D_text) holding only
+        real tokens (padding is never packed); timestep (N,); pooled_projections (N, D_pool). Every sample keeps its
+        own time modulation, RoPE positions and text. Returns N velocities (T_i, H_i, W_i, C_out).
+        """
+        n = len(hidden_states)
+        if not (len(encoder_hidden_states) == n == timestep.shape[0] == pooled_projections.shape[0]):
+            raise ValueError(
+                f"packed batch sizes disagree: {n} latents, {len(encoder_hidden_states)} texts, "
+                f"{timestep.shape[0]} timesteps, {pooled_projections.shape[0]} pooled vectors"
+            )
+        cfg = self.config
+        scales = [tuple(scale_factor)] * n if not isinstance(scale_factor[0], Sequence) else list(scale_factor)
+        device = pooled_projections.device
+        text_lengths = [int(t.shape[0]) for t in encoder_hidden_states]
+        text, time_embed = self._embed_condition(torch.cat(list(encoder_hidden_states))[None], timestep,
+                                                 pooled_projections)
+        use_flex = self.attention_backend == "flex"
+        t_ropes = [text_rope(torch.arange(n_l, device=device), cfg.head_dim) for n_l in text_lengths]
+        t_rope = Rope(torch.cat([r.cos for r in t_ropes], dim=1), torch.cat([r.sin for r in t_ropes], dim=1))
+        if use_flex:
+            text_ctx = AttentionContext("flex", q_lengths=text_lengths, k_lengths=text_lengths)
+        else:
+            text_ctx = AttentionContext(self.attention_backend, mask=attn_ops.document_mask(text_lengths, text_lengths,
+                                                                                            device))
+        text_ctx.rope_cast = self.rope_cast
+        for block in self.text_transformer_blocks:
+            text = self._block(block, text, time_embed, t_rope, text_ctx, text_lengths)
+
+        use_nabla = (attention_type or cfg.attention_type) == "nabla"
+        tokens, cos, sin, grids = [], [], [], []
+        for lat, scale in zip(hidden_states, scales):
+            x = self.visual_embeddings(lat[None])
+            grid = tuple(x.shape[1:4])
+            pos = [torch.arange(s, device=device) for s in grid]
+            angles = visual_rope(pos, cfg.axes_dims, scale).flatten(0, 2)
+            x = x.flatten(1, 3)
+            if use_nabla:
+                order = _nabla().fractal_order(*grid, device=device)
+                x, angles = x[:, order], angles[order]
+            tokens.append(x)
+            cos.append(angles.cos())
+            sin.append(angles.sin())
+            grids.append(grid)
+        lengths = [math.prod(g) for g in grids]
+        x = torch.cat(tokens, dim=1)
+        v_rope = Rope(torch.cat(cos)[None, :, None], torch.cat(sin)[None, :, None])
+        if use_nabla:
+            params = self._nabla_params(None) or self._nabla_params({})
+            self_ctx = AttentionContext(self.attention_backend, rope_cast=self.rope_cast,
+                                        nabla=self._nabla_context(params, grids, device))
+        elif use_flex:
+            self_ctx = AttentionContext("flex", q_lengths=lengths, k_lengths=lengths, rope_cast=self.rope_cast)
+        else:
+            self_ctx = AttentionContext(self.attention_backend, mask=attn_ops.document_mask(lengths, lengths, device),
+                                        rope_cast=self.rope_cast)
+        if use_flex:
+            cross_ctx = AttentionContext("flex", q_lengths=lengths, k_lengths=text_lengths)
+        else:
+            cross_ctx = AttentionContext(self.attention_backend,
+                                         mask=attn_ops.document_mask(lengths, text_lengths, device))
+        for block in self.visual_transformer_blocks:
+            x = self._block(block, x, text, time_embed, v_rope, self_ctx, cross_ctx, lengths)
+        x = self.out_layer(x, time_embed, lengths)[0]
+        outs = []
+        for part, grid in zip(x.split(lengths), grids):
+            if use_nabla:
+                part = part[torch.argsort(_nabla().fractal_order(*grid, device=device))]
+            outs.append(self.out_layer.unpatchify(part[None], grid)[0])
+        return outs
+
+    # ----------------------------------------------------------------------------------------------------------------
+    def num_parameters(self) -> int:
+        return sum(p.numel() for p in self.parameters())
+
+    def to_mixed_precision(self, dtype: torch.dtype = torch.bfloat16) -> CrossDiT:
+        """Cast to ``dtype`` but keep the time path and modulations in fp32 (official layout)."""
+        for name, module in self.named_modules():
+            if not any(part in KEEP_FP32 for part in name.split(".")):
+                for p in module.parameters(recurse=False):
+                    p.data = p.data.to(dtype)
+        return self
+
+    def save_pretrained(self, save_directory, *, max_shard_size: int = 10 * 2**30, safe_serialization: bool = True):
+        """Write a diffusers ``transformer/`` folder: config.json + safetensors (sharded past ``max_shard_size``)."""
+        from k5model.checkpoint import save_transformer_folder
+
+        return save_transformer_folder(self, save_directory, max_shard_size=max_shard_size)
+
+    @classmethod
+    def from_pretrained(
+        cls,
+        path,
+        *,
+        torch_dtype: torch.dtype | None = None,
+        device: torch.device | str | None = None,
+        config: CrossDiTConfig | str | dict | None = None,
+        subfolder: str | None = None,
+        **overrides: Any,
+    ) -> CrossDiT:
+        """Load a diffusers transformer folder, a pipeline folder (its ``transformer/``) or an official single file."""
+        from k5model.checkpoint import load_crossdit
+
+        return load_crossdit(cls, path, torch_dtype=torch_dtype, device=device, config=config, subfolder=subfolder,
+                             **overrides)

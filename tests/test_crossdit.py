@@ -1,0 +1,200 @@
+"""CrossDiT against diffusers 0.42.1 (weights both ways, outputs), official single files, packing, masks."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+import torch
+from diffusers import Kandinsky5Transformer3DModel
+
+from k5model import CrossDiT, get_preset
+from k5model.checkpoint import CheckpointError, checkpoint_dtypes, save_single_file
+
+# Tolerances. With ``rope_cast=bf16`` our model performs the same rounding as diffusers (which casts the rotated q/k
+# to bf16 even in fp32), so fp32 outputs must agree to float round-off. With the official fp32 RoPE the only
+# difference is that rounding: |Δq|/|q| <= 2^-8 per element, which through the tiny random network (weights N(0, 0.2),
+# outputs of magnitude ~5) moves outputs by ~1e-4 absolute; we allow 2e-3 relative to the output scale.
+EXACT_ATOL = 1e-5
+ROPE_REL_TOL = 2e-3
+
+
+def randomize(module: torch.nn.Module, seed: int = 0, std: float = 0.2) -> None:
+    """Random weights everywhere, modulation included (zero-init gates would hide most of the network)."""
+    gen = torch.Generator().manual_seed(seed)
+    with torch.no_grad():
+        for p in module.parameters():
+            p.copy_(torch.randn(p.shape, generator=gen) * std)
+
+
+def inputs(cfg, batch=2, frames=3, height=8, width=12, text_len=7, seed=1):
+    gen = torch.Generator().manual_seed(seed)
+    return dict(
+        hidden_states=torch.randn(batch, frames, height, width, cfg.visual_embed_dim, generator=gen),
+        encoder_hidden_states=torch.randn(batch, text_len, cfg.in_text_dim, generator=gen),
+        timestep=torch.tensor([300.0, 900.0][:batch]),
+        pooled_projections=torch.randn(batch, cfg.in_text_dim2, generator=gen),
+        visual_rope_pos=[torch.arange(frames), torch.arange(height // 2), torch.arange(width // 2)],
+        text_rope_pos=torch.arange(text_len),
+        scale_factor=(1.0, 2.0, 2.0),
+    )
+
+
+@pytest.fixture(scope="module")
+def diffusers_dir(tmp_path_factory):
+    cfg = get_preset("tiny")
+    torch.manual_seed(0)
+    model = Kandinsky5Transformer3DModel(**cfg.to_dict())
+    randomize(model)
+    path = tmp_path_factory.mktemp("diffusers_transformer")
+    model.save_pretrained(path)
+    return path
+
+
+def test_presets_match_nominal_sizes():
+    from k5model.config import NOMINAL_PARAMS
+
+    for name, nominal in NOMINAL_PARAMS.items():
+        with torch.device("meta"):
+            n = CrossDiT(get_preset(name)).num_parameters()
+        assert abs(n / nominal - 1) < 0.02, (name, n)
+
+
+def test_diffusers_to_ours_outputs_match(diffusers_dir):
+    ref_model = Kandinsky5Transformer3DModel.from_pretrained(diffusers_dir).eval()
+    ours = CrossDiT.from_pretrained(diffusers_dir).eval()
+    kw = inputs(ours.config)
+    with torch.no_grad():
+        ref = ref_model(**kw).sample
+        ours.rope_cast = torch.bfloat16
+        emulated = ours(**kw).sample
+        ours.rope_cast = None
+        official = ours(**kw).sample
+    assert ref.shape == (2, 3, 8, 12, 16)
+    torch.testing.assert_close(emulated, ref, atol=EXACT_ATOL, rtol=0)
+    scale = ref.abs().max()
+    assert (official - ref).abs().max() / scale < ROPE_REL_TOL
+    # and the fp32 path really is different from the bf16-rounded one (the flag does something)
+    assert not torch.equal(official, emulated)
+
+
+def test_ours_to_diffusers_no_missing_keys(tmp_path, diffusers_dir):
+    ours = CrossDiT.from_pretrained(diffusers_dir)
+    ours.save_pretrained(tmp_path / "transformer")
+    cfg = json.loads((tmp_path / "transformer" / "config.json").read_text())
+    assert cfg["_class_name"] == "Kandinsky5Transformer3DModel"
+    back, info = Kandinsky5Transformer3DModel.from_pretrained(tmp_path / "transformer", output_loading_info=True)
+    assert not info["missing_keys"] and not info["unexpected_keys"] and not info["mismatched_keys"]
+    kw = inputs(ours.config)
+    ours.rope_cast = torch.bfloat16
+    with torch.no_grad():
+        torch.testing.assert_close(ours.eval()(**kw).sample, back.eval()(**kw).sample, atol=EXACT_ATOL, rtol=0)
+
+
+def test_sharded_save_roundtrip(tmp_path):
+    model = CrossDiT(get_preset("tiny"))
+    randomize(model, seed=3)
+    model.save_pretrained(tmp_path, max_shard_size=20_000)
+    assert (tmp_path / "diffusion_pytorch_model.safetensors.index.json").exists()
+    assert len(list(tmp_path.glob("diffusion_pytorch_model-*-of-*.safetensors"))) > 1
+    back = CrossDiT.from_pretrained(tmp_path)
+    for (k, a), (k2, b) in zip(model.state_dict().items(), back.state_dict().items()):
+        assert k == k2 and torch.equal(a, b)
+    # diffusers reads our shards too
+    Kandinsky5Transformer3DModel.from_pretrained(tmp_path)
+
+
+def test_official_single_file(tmp_path, diffusers_dir):
+    ours = CrossDiT.from_pretrained(diffusers_dir)
+    path = save_single_file(ours, tmp_path / "kandinsky5lite_t2v_tiny.safetensors")
+    dtypes = checkpoint_dtypes(path)
+    assert dtypes["visual_transformer_blocks.0.visual_modulation.out_layer.weight"] == "F32"
+    assert dtypes["visual_transformer_blocks.0.feed_forward.in_layer.weight"] == "BF16"
+    # config inferred from shapes (axes_dims given: the tiny head dim has no official split)
+    loaded = CrossDiT.from_pretrained(path, axes_dims=(4, 6, 6))
+    assert loaded.config.to_dict() == ours.config.to_dict()
+    # or from a preset name
+    loaded2 = CrossDiT.from_pretrained(path, config="tiny", torch_dtype=torch.float32)
+    kw = inputs(ours.config)
+    ref_model = Kandinsky5Transformer3DModel.from_pretrained(diffusers_dir).eval()
+    ref_model.load_state_dict({k: v.float() for k, v in loaded2.state_dict().items()})
+    loaded2.rope_cast = torch.bfloat16
+    with torch.no_grad():
+        torch.testing.assert_close(loaded2.eval()(**kw).sample, ref_model(**kw).sample, atol=EXACT_ATOL, rtol=0)
+
+
+def test_mismatched_checkpoint_is_a_clear_error(tmp_path, diffusers_dir):
+    with pytest.raises(CheckpointError, match="does not match"):
+        CrossDiT.from_pretrained(diffusers_dir, num_visual_blocks=3)
+    with pytest.raises(CheckpointError, match="does not exist"):
+        CrossDiT.from_pretrained(tmp_path / "nope")
+
+
+def test_text_mask_equals_unpadded_text():
+    model = CrossDiT(get_preset("tiny")).eval()
+    randomize(model, seed=5)
+    kw = inputs(model.config, batch=1, text_len=5)
+    padded = dict(kw)
+    padded["encoder_hidden_states"] = torch.cat([kw["encoder_hidden_states"], torch.randn(1, 4, 32) * 10], dim=1)
+    padded["text_rope_pos"] = torch.arange(9)
+    mask = torch.tensor([[True] * 5 + [False] * 4])
+    with torch.no_grad():
+        ref = model(**kw).sample
+        masked = model(**padded, encoder_attention_mask=mask).sample
+        unmasked = model(**padded).sample
+    torch.testing.assert_close(masked, ref, atol=1e-5, rtol=1e-5)
+    assert not torch.allclose(unmasked, ref, atol=1e-3)
+
+
+def test_packed_batch_equals_samples_alone():
+    model = CrossDiT(get_preset("tiny")).eval()
+    randomize(model, seed=7)
+    gen = torch.Generator().manual_seed(0)
+    shapes = [(3, 8, 12), (1, 16, 8), (2, 4, 4)]
+    lats = [torch.randn(*s, 33, generator=gen) for s in shapes]
+    texts = [torch.randn(n, 32, generator=gen) for n in (5, 9, 3)]
+    t = torch.tensor([100.0, 500.0, 950.0])
+    pooled = torch.randn(3, 32, generator=gen)
+    with torch.no_grad():
+        packed = model.forward_packed(lats, texts, t, pooled, scale_factor=(1.0, 2.0, 2.0))
+        for i, (lat, txt) in enumerate(zip(lats, texts)):
+            alone = model(lat[None], txt[None], t[i : i + 1], pooled[i : i + 1],
+                          [torch.arange(lat.shape[0]), torch.arange(lat.shape[1] // 2), torch.arange(lat.shape[2] // 2)],
+                          torch.arange(txt.shape[0]), scale_factor=(1.0, 2.0, 2.0)).sample[0]
+            assert packed[i].shape == alone.shape
+            torch.testing.assert_close(packed[i], alone, atol=1e-5, rtol=1e-5)
+
+
+def test_gradient_checkpointing_same_gradients():
+    torch.manual_seed(0)
+    model = CrossDiT(get_preset("tiny"))
+    randomize(model, seed=9, std=0.1)
+    kw = inputs(model.config)
+    grads = []
+    for ckpt in (False, True):
+        model.zero_grad()
+        model.enable_gradient_checkpointing(ckpt)
+        model(**kw).sample.square().mean().backward()
+        grads.append([p.grad.clone() for p in model.parameters()])
+    for a, b in zip(*grads):
+        torch.testing.assert_close(a, b, atol=1e-6, rtol=1e-5)
+
+
+def test_mixed_precision_keeps_modulation_fp32():
+    model = CrossDiT(get_preset("tiny")).to_mixed_precision(torch.bfloat16)
+    assert model.time_embeddings.in_layer.weight.dtype == torch.float32
+    assert model.visual_transformer_blocks[0].visual_modulation.out_layer.weight.dtype == torch.float32
+    assert model.visual_transformer_blocks[0].self_attention.to_query.weight.dtype == torch.bfloat16
+    kw = inputs(model.config)
+    kw = {k: (v.bfloat16() if k in ("hidden_states", "encoder_hidden_states", "pooled_projections") else v)
+          for k, v in kw.items()}
+    out = model(**kw).sample
+    assert out.dtype == torch.bfloat16 and torch.isfinite(out.float()).all()
+
+
+def test_bad_input_shapes_are_named():
+    model = CrossDiT(get_preset("tiny"))
+    kw = inputs(model.config)
+    kw["hidden_states"] = kw["hidden_states"][..., :16]
+    with pytest.raises(ValueError, match="16 channels"):
+        model(**kw)
