@@ -118,11 +118,20 @@ def main() -> None:
         ref = ours(**kw32).sample
         ours.to_mixed_precision(dtype) if dtype != torch.float32 else None
 
+        ours.track_nabla_density = args.nabla
         out = ours(**kw).sample
+        ours.track_nabla_density = False
         res["ours_eager_rel_err"] = rel(out, ref)
         res["ours_eager_s"] = timed(lambda: ours(**kw), args.reps)
-        if args.nabla and ours.last_nabla_density is not None:
-            res["nabla_density_cdf"] = ours.last_nabla_density
+        if args.nabla:
+            res["nabla_density_cdf_rule"] = ours.last_nabla_density
+            ours.nabla_force_density = 0.1
+            ours.track_nabla_density = True
+            ours(**kw)
+            ours.track_nabla_density = False
+            res["nabla_density_forced"] = ours.last_nabla_density
+            res["ours_eager_forced10pct_s"] = timed(lambda: ours(**kw), args.reps)
+            ours.nabla_force_density = None
 
     if not args.no_diffusers:
         try:

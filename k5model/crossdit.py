@@ -191,10 +191,14 @@ class Attention(nn.Module):
             q = apply_rope(q, rope, ctx.rope_cast)
             k = apply_rope(k, rope, ctx.rope_cast)
         if ctx.nabla is not None:
-            out = _nabla().nabla_attention(
+            nb = _nabla()
+            out, block_mask = nb.nabla_attention(
                 q, k, v, P=ctx.nabla["P"], sta=ctx.nabla["sta"], doc_ids=ctx.nabla.get("doc_ids"),
                 force_density=ctx.nabla.get("force_density"), backend=ctx.nabla.get("backend", "auto"),
+                return_mask=True,
             )
+            if ctx.nabla.get("densities") is not None:  # opt-in: reading the density synchronises the GPU
+                ctx.nabla["densities"].append(nb.mask_density(block_mask, ctx.nabla.get("doc_ids")))
         elif ctx.q_lengths is not None and ctx.backend == "flex":
             out = attn_ops.flex_document_attention(q, k, v, ctx.q_lengths, ctx.k_lengths, ctx.key_valid)
         else:
@@ -293,6 +297,8 @@ class CrossDiT(nn.Module):
         self.rope_cast: torch.dtype | None = None
         # Benchmarks on random weights may pin the NABLA density (see k5model.nabla.nabla_block_mask).
         self.nabla_force_density: float | None = None
+        # Set track_nabla_density to record the mean block density NABLA chose over the layers of the last forward.
+        self.track_nabla_density = False
         self.last_nabla_density: float | None = None
 
     # ----------------------------------------------------------------------------------------------------------------
@@ -362,7 +368,11 @@ class CrossDiT(nn.Module):
         doc_ids = nabla.block_document_ids(tiles, device=device) if len(tiles) > 1 else None
         backend = "sdpa_masked" if self.attention_backend == "math" else "auto"
         return {"P": params["P"], "sta": sta, "doc_ids": doc_ids, "force_density": self.nabla_force_density,
-                "backend": backend}
+                "backend": backend, "densities": [] if self.track_nabla_density else None}
+
+    def _record_density(self, ctx: AttentionContext) -> None:
+        if ctx.nabla is not None and ctx.nabla["densities"]:
+            self.last_nabla_density = sum(ctx.nabla["densities"]) / len(ctx.nabla["densities"])
 
     # ----------------------------------------------------------------------------------------------------------------
     def forward(
@@ -417,6 +427,7 @@ class CrossDiT(nn.Module):
             x = self._block(block, x, text, time_embed, v_rope, self_ctx, cross_ctx)
         if nabla_params is not None:
             x = x[:, torch.argsort(order)]
+            self._record_density(self_ctx)
         out = self.out_layer.unpatchify(self.out_layer(x, time_embed), grid)
         return CrossDiTOutput(sample=out) if return_dict else out
 
@@ -493,6 +504,7 @@ class CrossDiT(nn.Module):
                                          mask=attn_ops.document_mask(lengths, text_lengths, device))
         for block in self.visual_transformer_blocks:
             x = self._block(block, x, text, time_embed, v_rope, self_ctx, cross_ctx, lengths)
+        self._record_density(self_ctx)
         x = self.out_layer(x, time_embed, lengths)[0]
         outs = []
         for part, grid in zip(x.split(lengths), grids):
