@@ -1,0 +1,308 @@
+"""Text encoders of Kandinsky 5.0: Qwen2.5-VL hidden states (per token) and CLIP ViT-L/14 pooled output.
+
+Qwen semantics follow the official inference code (kandinskylab/kandinsky-5, ``text_embedders.py``), not diffusers':
+the system prompts keep the trained typo "promt", the template prefix is cropped off, and a boolean mask marks the real
+prompt tokens. The crop is computed as the token length of the template prefix (everything before ``{}``) with the
+loaded tokenizer. Checked against the real Qwen vocabulary (its BPE ranks), this gives the official 129 (video),
+41 (image) and 132 (i2v) exactly; e.g. the image prefix tokenises as ``<|im_start|> system \\n You are a prom t
+engineer . Describe the image by detailing the color , shape , size , texture , quantity , text , spatial
+relationships of the objects and background : <|im_end|> \\n <|im_start|> user \\n`` = 41 tokens. diffusers spells
+"prompt" (one token instead of " prom"+"t") and so crops one token less (128/40/54). The other official splits are
+" dynam|ism", " scre|n" (typo "scren") and " post|processing". Editing is the exception: its prefix is 52 tokens but the official code crops 55, i.e. it also
+drops the first 3 prompt tokens; pass ``crop_start=OFFICIAL_CROP["edit"]`` to reproduce that.
+``OFFICIAL_CROP`` records the official numbers; ``crop_start=`` overrides the computed crop.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+
+logger = logging.getLogger(__name__)
+
+TASKS = ("video", "image", "i2v", "edit")
+
+_VIDEO_LINES = (
+    "Describe how the camera moves or shakes, describe the zoom and view angle, whether it follows the objects.",
+)
+_STYLE_LINES = (
+    "Describe the dynamism of the video and presented actions.",
+    "Name the visual style of the video: whether it is a professional footage, user generated content, some kind of "
+    "animation, video game or scren content.",
+    "Describe the visual effects, postprocessing and transitions if they are presented in the video.",
+    "Pay attention to the order of key actions shown in the scene.<|im_end|>",
+)
+_USER = "<|im_start|>user\n{}<|im_end|>"
+
+# Official templates (lines joined with "\n"). Typos "promt" and "scren" are kept: the model was trained with them.
+PROMPT_TEMPLATES: dict[str, str] = {
+    "video": "\n".join(
+        ("<|im_start|>system\nYou are a promt engineer. Describe the video in detail.",)
+        + _VIDEO_LINES
+        + ("Describe the location of the video, main characters or objects and their action.",)
+        + _STYLE_LINES
+        + (_USER,)
+    ),
+    "i2v": "\n".join(
+        (
+            "<|im_start|>system\nYou are a promt engineer. Your task is to create a highly detailed and effective "
+            "video description based on a provided input image.",
+        )
+        + _VIDEO_LINES
+        + ("Describe main characters actions.",)
+        + _STYLE_LINES
+        + (_USER,)
+    ),
+    "image": "\n".join(
+        (
+            "<|im_start|>system\nYou are a promt engineer. Describe the image by detailing the color, shape, size, "
+            "texture, quantity, text, spatial relationships of the objects and background:<|im_end|>",
+            _USER,
+        )
+    ),
+    # Editing: the source image tokens and <|im_end|> follow the prompt in the official code; text-only here.
+    "edit": "\n".join(
+        (
+            "<|im_start|>system\nYou are a promt engineer. Based on the provided source image (first image) and target "
+            "image (second image), create an interesting text prompt that can be used together with the source image "
+            "to create the target image:<|im_end|>",
+            "<|im_start|>user\n{}",
+        )
+    ),
+}
+
+# Crop lengths of the official code (prefix_length() gives these for the real tokenizer, except edit: 52).
+OFFICIAL_CROP: dict[str, int] = {"video": 129, "image": 41, "edit": 55, "i2v": 132}
+DEFAULT_MAX_LENGTH: dict[str, int] = {"video": 256, "i2v": 256, "image": 512, "edit": 512}
+CLIP_MAX_LENGTH = 77
+
+
+def template_prefix(task: str) -> str:
+    """The part of the task's template before the prompt; its tokens are cropped off the hidden states."""
+    _check_task(task)
+    return PROMPT_TEMPLATES[task].split("{}")[0]
+
+
+def _check_task(task: str) -> None:
+    if task not in PROMPT_TEMPLATES:
+        raise ValueError(f"unknown task {task!r}; choose one of {list(PROMPT_TEMPLATES)}")
+
+
+def _check_prompts(prompts: object) -> list[str]:
+    if isinstance(prompts, str):
+        raise ValueError("prompts must be a list of strings, got a single str (wrap it in a list)")
+    if not isinstance(prompts, (list, tuple)):
+        raise ValueError(f"prompts must be a list of strings, got {type(prompts).__name__}")
+    if len(prompts) == 0:
+        raise ValueError("prompts is an empty list: need at least one prompt to encode")
+    bad = [i for i, p in enumerate(prompts) if not isinstance(p, str)]
+    if bad:
+        raise ValueError(f"prompts must all be str; entries {bad} are not (e.g. {type(prompts[bad[0]]).__name__})")
+    return list(prompts)
+
+
+def _resolve(path: str | os.PathLike, subfolder: str | None, default_sub: str, marker: str) -> Path:
+    """A component folder: ``path/subfolder``, else ``path/default_sub`` of a pipeline folder, else ``path``."""
+    root = Path(path)
+    if subfolder is not None:
+        return root / subfolder
+    if not (root / marker).exists() and (root / default_sub).is_dir():
+        return root / default_sub
+    return root
+
+
+@dataclass
+class TextEncoding:
+    """Per-token text states padded to a fixed length; ``mask`` is True on real prompt tokens.
+
+    Padded positions hold zeros, so an encoding does not depend on what else was in its batch.
+    """
+
+    embeds: torch.Tensor  # (B, L, D)
+    mask: torch.Tensor  # (B, L) bool
+    lengths: torch.Tensor  # (B,) int64, number of True entries per row
+
+    def to(self, device: torch.device | str | None = None, dtype: torch.dtype | None = None) -> TextEncoding:
+        # Only the embeddings change dtype: mask stays bool, lengths stay integer.
+        return TextEncoding(
+            embeds=self.embeds.to(device=device, dtype=dtype),
+            mask=self.mask.to(device=device),
+            lengths=self.lengths.to(device=device),
+        )
+
+    @property
+    def cu_seqlens(self) -> torch.Tensor:
+        """Cumulative lengths ``[0, l0, l0+l1, ...]`` (int32) for packed variable-length attention."""
+        return torch.nn.functional.pad(self.lengths.cumsum(0), (1, 0)).to(torch.int32)
+
+    def __len__(self) -> int:
+        return self.embeds.shape[0]
+
+
+class QwenTextEncoder:
+    """Qwen2.5-VL last hidden state with the Kandinsky 5 chat templates."""
+
+    def __init__(self, model: torch.nn.Module, tokenizer, *, device: torch.device | str = "cpu"):
+        self.model = model.eval().requires_grad_(False)
+        self.tokenizer = tokenizer
+        self.device = torch.device(device)
+        self._prefix_len: dict[str, int] = {}
+
+    @classmethod
+    def from_pretrained(
+        cls,
+        path: str | os.PathLike,
+        *,
+        subfolder: str | None = None,
+        tokenizer_path: str | os.PathLike | None = None,
+        device: torch.device | str = "cpu",
+        dtype: torch.dtype = torch.bfloat16,
+    ) -> QwenTextEncoder:
+        """Load from a local model folder or a diffusers pipeline folder (``text_encoder/`` + ``tokenizer/``)."""
+        from transformers import AutoTokenizer, Qwen2_5_VLForConditionalGeneration
+
+        model_dir = _resolve(path, subfolder, "text_encoder", "config.json")
+        if tokenizer_path is not None:
+            tok_dir = Path(tokenizer_path)
+        elif (model_dir.parent / "tokenizer").is_dir() and model_dir.name == "text_encoder":
+            tok_dir = model_dir.parent / "tokenizer"
+        else:
+            tok_dir = model_dir
+        model = Qwen2_5_VLForConditionalGeneration.from_pretrained(model_dir, dtype=dtype, local_files_only=True)
+        # AutoTokenizer also reads the tokenizer files inside a Qwen2VLProcessor folder (real diffusers repos).
+        tokenizer = AutoTokenizer.from_pretrained(tok_dir, local_files_only=True)
+        return cls(model.to(device), tokenizer, device=device)
+
+    @property
+    def hidden_size(self) -> int:
+        cfg = self.model.config
+        return getattr(cfg, "text_config", cfg).hidden_size
+
+    @property
+    def dtype(self) -> torch.dtype:
+        return next(self.model.parameters()).dtype
+
+    def to(self, device: torch.device | str) -> QwenTextEncoder:
+        self.model.to(device)
+        self.device = torch.device(device)
+        return self
+
+    def _ids(self, text: str) -> list[int]:
+        # No BOS/EOS: Qwen adds none, and prefix and full text must be tokenised the same way for the crop.
+        return self.tokenizer(text, add_special_tokens=False)["input_ids"]
+
+    def prefix_length(self, task: str = "video") -> int:
+        """Number of template-prefix tokens cropped off (129/41/55/132 for the real Qwen2.5 tokenizer)."""
+        _check_task(task)
+        if task not in self._prefix_len:
+            self._prefix_len[task] = len(self._ids(template_prefix(task)))
+        return self._prefix_len[task]
+
+    @torch.no_grad()
+    def encode(
+        self,
+        prompts: list[str],
+        task: str = "video",
+        max_length: int | None = None,
+        crop_start: int | None = None,
+    ) -> TextEncoding:
+        """Encode prompts to ``TextEncoding(embeds (B, max_length, D), mask (B, max_length))``.
+
+        Each prompt is formatted into the task template, truncated to ``crop_start + max_length`` tokens (as the
+        official code does, so an over-long prompt loses its tail and the closing ``<|im_end|>``), run through the
+        model, and the first ``crop_start`` hidden states (the template prefix) are dropped.
+        """
+        prompts = _check_prompts(prompts)
+        _check_task(task)
+        max_length = DEFAULT_MAX_LENGTH[task] if max_length is None else int(max_length)
+        if max_length <= 0:
+            raise ValueError(f"max_length must be positive, got {max_length}")
+        crop = self.prefix_length(task) if crop_start is None else int(crop_start)
+        if crop < 0:
+            raise ValueError(f"crop_start must be >= 0, got {crop_start}")
+
+        template = PROMPT_TEMPLATES[task]
+        prefix_ids = self._ids(template_prefix(task))[:crop]
+        ids = []
+        for p in prompts:
+            row = self._ids(template.format(p))
+            if crop_start is None and row[:crop] != prefix_ids:
+                # BPE merged across the prefix/prompt boundary (e.g. a prompt starting with a newline).
+                logger.warning("template prefix tokenised differently for prompt %r; crop may be off by a token", p)
+            ids.append(row[: crop + max_length])
+
+        pad_id = self.tokenizer.pad_token_id if self.tokenizer.pad_token_id is not None else 0
+        longest = max(len(r) for r in ids)
+        input_ids = torch.full((len(ids), longest), pad_id, dtype=torch.long)
+        attn = torch.zeros((len(ids), longest), dtype=torch.long)
+        for i, row in enumerate(ids):  # right padding: real tokens keep positions 0..n-1
+            input_ids[i, : len(row)] = torch.tensor(row, dtype=torch.long)
+            attn[i, : len(row)] = 1
+
+        # The base model (no LM head) gives the final normed hidden state == hidden_states[-1] of the full model.
+        base = getattr(self.model, "model", self.model)
+        out = base(input_ids=input_ids.to(self.device), attention_mask=attn.to(self.device), use_cache=False)
+        hidden = out.last_hidden_state[:, crop:]
+        mask = attn[:, crop:].to(self.device).bool()
+
+        embeds = hidden.new_zeros((len(ids), max_length, hidden.shape[-1]))
+        full_mask = torch.zeros((len(ids), max_length), dtype=torch.bool, device=self.device)
+        n = min(max_length, hidden.shape[1])
+        embeds[:, :n] = hidden[:, :n] * mask[:, :n, None]
+        full_mask[:, :n] = mask[:, :n]
+        return TextEncoding(embeds=embeds, mask=full_mask, lengths=full_mask.sum(1))
+
+
+class ClipTextEncoder:
+    """CLIP text model pooled output (``pooler_output``), prompts padded/truncated to 77 tokens."""
+
+    def __init__(self, model: torch.nn.Module, tokenizer, *, device: torch.device | str = "cpu"):
+        self.model = model.eval().requires_grad_(False)
+        self.tokenizer = tokenizer
+        self.device = torch.device(device)
+
+    @classmethod
+    def from_pretrained(
+        cls,
+        path: str | os.PathLike,
+        *,
+        subfolder: str | None = None,
+        tokenizer_path: str | os.PathLike | None = None,
+        device: torch.device | str = "cpu",
+        dtype: torch.dtype = torch.bfloat16,
+    ) -> ClipTextEncoder:
+        """Load from a local CLIP folder or a diffusers pipeline folder (``text_encoder_2/`` + ``tokenizer_2/``)."""
+        from transformers import CLIPTextModel, CLIPTokenizer
+
+        model_dir = _resolve(path, subfolder, "text_encoder_2", "config.json")
+        if tokenizer_path is not None:
+            tok_dir = Path(tokenizer_path)
+        elif model_dir.name == "text_encoder_2" and (model_dir.parent / "tokenizer_2").is_dir():
+            tok_dir = model_dir.parent / "tokenizer_2"
+        else:
+            tok_dir = model_dir
+        model = CLIPTextModel.from_pretrained(model_dir, dtype=dtype, local_files_only=True)
+        tokenizer = CLIPTokenizer.from_pretrained(tok_dir, local_files_only=True)
+        return cls(model.to(device), tokenizer, device=device)
+
+    @property
+    def hidden_size(self) -> int:
+        return self.model.config.hidden_size
+
+    def to(self, device: torch.device | str) -> ClipTextEncoder:
+        self.model.to(device)
+        self.device = torch.device(device)
+        return self
+
+    @torch.no_grad()
+    def encode(self, prompts: list[str]) -> torch.Tensor:
+        """Pooled embeddings (B, hidden) of the raw prompts (no template)."""
+        prompts = _check_prompts(prompts)
+        inputs = self.tokenizer(
+            prompts, max_length=CLIP_MAX_LENGTH, truncation=True, padding="max_length", return_tensors="pt"
+        ).to(self.device)
+        return self.model(input_ids=inputs["input_ids"], attention_mask=inputs["attention_mask"]).pooler_output
