@@ -1,0 +1,47 @@
+"""The Dagster code location: ``dagster dev -m orchestration.definitions`` (also [tool.dagster] in pyproject)."""
+
+from __future__ import annotations
+
+import dagster as dg
+
+import assets.curation
+import assets.generation
+import assets.models
+import assets.sbs
+from orchestration.resources import default_resources
+
+# New asset modules go here: assets and asset checks are collected from each module.
+ASSET_MODULES = [assets.models, assets.generation, assets.curation, assets.sbs]
+
+all_assets = dg.load_assets_from_modules(ASSET_MODULES)
+all_asset_checks = dg.load_asset_checks_from_modules(ASSET_MODULES)
+
+# Partitioned assets run one partition per run, so they get jobs of their own; main_job takes everything else.
+CURATION_SHARDS = dg.AssetSelection.assets("raw_sources", "scored_scenes")
+SBS = dg.AssetSelection.assets("sbs_batch", "sbs_report")
+
+main_job = dg.define_asset_job(
+    "main_job",
+    selection=dg.AssetSelection.all() - CURATION_SHARDS - SBS,
+    description="Every unpartitioned asset: tiny model bundle, demo generation, the curated dataset (after its "
+    "shards), and their checks.",
+)
+curation_shards_job = dg.define_asset_job(
+    "curation_shards_job",
+    selection=CURATION_SHARDS,
+    partitions_def=assets.curation.SHARDS,
+    description="Register and score one source shard (one run per shard; parallel runs on a cluster).",
+)
+sbs_job = dg.define_asset_job(
+    "sbs_job",
+    selection=SBS,
+    partitions_def=assets.sbs.sbs_partitions,
+    description="Generate an SBS batch for one comparison and aggregate its judgments into a report.",
+)
+
+defs = dg.Definitions(
+    assets=all_assets,
+    asset_checks=all_asset_checks,
+    resources={**default_resources(), "curation": assets.curation.CurationResource()},
+    jobs=[main_job, curation_shards_job, sbs_job],
+)
