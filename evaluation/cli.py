@@ -1,0 +1,49 @@
+"""``k5 sbs ...`` commands (a click group the main CLI mounts; also ``python -m evaluation.cli``)."""
+
+from __future__ import annotations
+
+import json
+import sys
+
+import click
+
+
+@click.group("sbs")
+def sbs() -> None:
+    """Side-by-side evaluation tools (report §8.2)."""
+
+
+@sbs.command("score")
+@click.argument("judgments", type=click.Path(exists=True, dir_okay=False))
+@click.option("--out", "out", type=click.Path(dir_okay=False), default=None, help="Also write the JSON to this file.")
+def score(judgments: str, out: str | None) -> None:
+    """Score a JUDGMENTS table (CSV or Parquet; columns item_id, annotator, criterion, choice; model 1 = A).
+
+    Prints {"criteria": {...}, "overall_visual_quality": ..., "overall_motion": ...,
+    "overall_prompt_following": ..., "invalid_rows": [...]}. Invalid rows are excluded and listed by line
+    number: the header is line 1, the first data row line 2 (Parquet rows are numbered the same way).
+    """
+    # imported here so that mounting the group in ``k5`` does not load pandas for every other command
+    from evaluation.sbs_scores import read_judgments, score_judgments
+
+    try:
+        df = read_judgments(judgments)
+    except ValueError as exc:
+        raise click.ClickException(str(exc)) from exc
+    result = score_judgments(df)
+    text = json.dumps(result, indent=2)
+    click.echo(text)
+    if out:
+        with open(out, "w", encoding="utf-8") as fh:
+            fh.write(text + "\n")
+    if result["invalid_rows"]:
+        # stderr, so the JSON on stdout stays machine-readable
+        click.echo(f"warning: {len(result['invalid_rows'])} invalid row(s) excluded", err=True)
+
+
+def main() -> None:
+    sbs(prog_name="k5 sbs")
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,325 @@
+"""DuckDB storage of SBS judgments.
+
+DuckDB admits one writing process, so the annotation app's process owns the ``JudgmentsStore`` and every
+statement runs under one lock on one connection: concurrent annotators (threads) are serialised, each write is its
+own transaction and is committed before the call returns -- the UI confirms a judgment only after that, so a crash
+loses nothing that was confirmed on screen.
+
+Tables
+  annotators(annotator PK, password)                     password = "scrypt$n$r$p$salt_hex$hash_hex"
+  items(item_id PK, prompt, media_a, media_b, kind, golden, better)
+  assignments(annotator, item_id, a_on_left, position)  PK (annotator, item_id)
+  judgments(seq, annotator, item_id, criterion, choice_screen, choice, a_on_left, created_at)
+            one row per annotator x item x criterion (PK); ``choice`` is in A/B terms (model 1 = A),
+            ``choice_screen`` as clicked (model 1 = left)
+  skips(seq, annotator, item_id, reason, created_at)    PK (annotator, item_id)
+``seq`` comes from one sequence shared by judgments and skips, so "undo" removes the annotator's latest action.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import hmac
+import os
+import threading
+from dataclasses import dataclass
+from datetime import UTC, datetime
+from pathlib import Path
+
+import duckdb
+import pandas as pd
+
+from evaluation.sbs_plan import Plan, criteria_for
+from evaluation.sbs_scores import NA, allowed_choices, is_valid, unswap_choice
+
+
+class NotAssigned(PermissionError):
+    """A judgment for an item that is not in the annotator's assignments."""
+
+
+class InvalidJudgment(ValueError):
+    """Unknown criterion, a choice not allowed for it, or a criterion not asked for this item's media kind."""
+
+
+class AlreadyJudged(ValueError):
+    """The annotator already judged this criterion of this item (undo first)."""
+
+
+# --- passwords ------------------------------------------------------------------------------------------------------
+
+_SCRYPT = {"n": 2**14, "r": 8, "p": 1}
+
+
+def hash_password(password: str, salt: bytes | None = None) -> str:
+    """scrypt with a per-user random salt -> "scrypt$n$r$p$salt_hex$hash_hex" (the credentials file format)."""
+    salt = os.urandom(16) if salt is None else salt
+    digest = hashlib.scrypt(password.encode(), salt=salt, dklen=32, **_SCRYPT)
+    return f"scrypt${_SCRYPT['n']}${_SCRYPT['r']}${_SCRYPT['p']}${salt.hex()}${digest.hex()}"
+
+
+def verify_password(password: str, stored: str) -> bool:
+    try:
+        scheme, n, r, p, salt_hex, hash_hex = stored.split("$")
+    except ValueError:
+        return False
+    if scheme != "scrypt":
+        return False
+    digest = hashlib.scrypt(password.encode(), salt=bytes.fromhex(salt_hex), n=int(n), r=int(r), p=int(p), dklen=32)
+    return hmac.compare_digest(digest.hex(), hash_hex)  # constant time
+
+
+def _utcnow() -> datetime:
+    # naive UTC: the TIMESTAMP columns hold UTC whatever the server's time zone
+    return datetime.now(UTC).replace(tzinfo=None)
+
+
+# --- store ----------------------------------------------------------------------------------------------------------
+
+_SCHEMA = """
+CREATE SEQUENCE IF NOT EXISTS action_seq START 1;
+CREATE TABLE IF NOT EXISTS annotators (annotator VARCHAR PRIMARY KEY, password VARCHAR NOT NULL);
+CREATE TABLE IF NOT EXISTS items (
+    item_id VARCHAR PRIMARY KEY, prompt VARCHAR NOT NULL, media_a VARCHAR NOT NULL, media_b VARCHAR NOT NULL,
+    kind VARCHAR NOT NULL, golden VARCHAR, better VARCHAR);
+CREATE TABLE IF NOT EXISTS assignments (
+    annotator VARCHAR NOT NULL, item_id VARCHAR NOT NULL, a_on_left BOOLEAN NOT NULL, position INTEGER NOT NULL,
+    PRIMARY KEY (annotator, item_id));
+CREATE TABLE IF NOT EXISTS judgments (
+    seq BIGINT NOT NULL, annotator VARCHAR NOT NULL, item_id VARCHAR NOT NULL, criterion VARCHAR NOT NULL,
+    choice_screen VARCHAR NOT NULL, choice VARCHAR NOT NULL, a_on_left BOOLEAN NOT NULL,
+    created_at TIMESTAMP NOT NULL, PRIMARY KEY (annotator, item_id, criterion));  -- UTC
+CREATE TABLE IF NOT EXISTS skips (
+    seq BIGINT NOT NULL, annotator VARCHAR NOT NULL, item_id VARCHAR NOT NULL, reason VARCHAR NOT NULL,
+    created_at TIMESTAMP NOT NULL, PRIMARY KEY (annotator, item_id));
+"""
+
+
+@dataclass(frozen=True)
+class Task:
+    """What an annotator should do next: an item, its sides, and the next criterion (None when all are done)."""
+
+    item_id: str
+    prompt: str
+    left: str  # media path shown on the left
+    right: str
+    kind: str
+    a_on_left: bool
+    criterion: str
+    phase: int  # 1 visual quality (prompt hidden), 2 prompt following (prompt shown)
+    done: int  # items finished (judged or skipped) by this annotator
+    total: int  # items assigned to this annotator
+
+
+class JudgmentsStore:
+    """The app's single owner of the DuckDB file. Thread-safe: one lock around one connection."""
+
+    def __init__(self, path: str | Path) -> None:
+        self.path = str(path)
+        self._lock = threading.Lock()
+        self._con = duckdb.connect(self.path)
+        with self._lock:
+            self._con.execute(_SCHEMA)
+
+    def close(self) -> None:
+        with self._lock:
+            self._con.close()
+
+    def __enter__(self) -> JudgmentsStore:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
+
+    def _query(self, sql: str, params: list | tuple = ()) -> list[tuple]:
+        with self._lock:
+            return self._con.execute(sql, params).fetchall()
+
+    # --- set-up ---------------------------------------------------------------------------------------------------
+
+    def load_plan(self, plan: Plan) -> None:
+        """Insert the plan's items and assignments (idempotent: rows already there are kept as they are)."""
+        with self._lock:
+            con = self._con
+            con.execute("BEGIN")
+            try:
+                for i in plan.items:
+                    con.execute("INSERT INTO items VALUES (?, ?, ?, ?, ?, ?, ?) ON CONFLICT DO NOTHING",
+                                [i.item_id, i.prompt, i.media_a, i.media_b, i.kind, i.golden, i.better])
+                for a in plan.assignments:
+                    con.execute("INSERT INTO assignments VALUES (?, ?, ?, ?) ON CONFLICT DO NOTHING",
+                                [a.annotator, a.item_id, a.a_on_left, a.position])
+                con.execute("COMMIT")
+            except Exception:
+                con.execute("ROLLBACK")
+                raise
+
+    def set_password(self, annotator: str, password: str) -> None:
+        hashed = hash_password(password)  # slow on purpose: outside the lock
+        with self._lock:
+            self._con.execute("INSERT OR REPLACE INTO annotators VALUES (?, ?)", [annotator, hashed])
+
+    def check_password(self, annotator: str, password: str) -> bool:
+        rows = self._query("SELECT password FROM annotators WHERE annotator = ?", [annotator])
+        return bool(rows) and verify_password(password, rows[0][0])
+
+    # --- writes ---------------------------------------------------------------------------------------------------
+
+    def record(self, annotator: str, item_id: str, criterion: str, choice_screen: str) -> int:
+        """Store one judgment as clicked on screen (model 1 = left); returns its seq once committed.
+        Raises NotAssigned, InvalidJudgment or AlreadyJudged; nothing is written then."""
+        if not is_valid(criterion, choice_screen):
+            raise InvalidJudgment(f"{choice_screen!r} is not an option of {criterion!r}")
+        with self._lock:
+            con = self._con
+            con.execute("BEGIN")
+            try:
+                row = con.execute(
+                    "SELECT a.a_on_left, i.kind FROM assignments a JOIN items i USING (item_id) "
+                    "WHERE a.annotator = ? AND a.item_id = ?", [annotator, item_id]).fetchone()
+                if row is None:
+                    raise NotAssigned(f"{item_id!r} is not assigned to {annotator!r}")
+                a_on_left, kind = bool(row[0]), row[1]
+                visual, pf = criteria_for(kind)
+                if criterion not in visual + pf:
+                    raise InvalidJudgment(f"{criterion!r} is not asked for {kind} pairs")
+                if con.execute("SELECT 1 FROM skips WHERE annotator = ? AND item_id = ?",
+                               [annotator, item_id]).fetchone():
+                    raise AlreadyJudged(f"{item_id!r} was skipped by {annotator!r}")
+                if con.execute("SELECT 1 FROM judgments WHERE annotator = ? AND item_id = ? AND criterion = ?",
+                               [annotator, item_id, criterion]).fetchone():
+                    raise AlreadyJudged(f"{annotator!r} already judged {criterion!r} of {item_id!r}")
+                seq = con.execute("SELECT nextval('action_seq')").fetchone()[0]
+                con.execute("INSERT INTO judgments VALUES (?, ?, ?, ?, ?, ?, ?, ?)",
+                            [seq, annotator, item_id, criterion, choice_screen,
+                             unswap_choice(choice_screen, a_on_left), a_on_left, _utcnow()])
+                con.execute("COMMIT")
+            except Exception:
+                con.execute("ROLLBACK")
+                raise
+        return int(seq)
+
+    def skip(self, annotator: str, item_id: str, reason: str) -> int:
+        """Skip an assigned item with a (non-empty) reason; its partial judgments stay but it counts as done."""
+        if not reason.strip():
+            raise ValueError("a skip needs a reason")
+        with self._lock:
+            con = self._con
+            con.execute("BEGIN")
+            try:
+                if con.execute("SELECT 1 FROM assignments WHERE annotator = ? AND item_id = ?",
+                               [annotator, item_id]).fetchone() is None:
+                    raise NotAssigned(f"{item_id!r} is not assigned to {annotator!r}")
+                seq = con.execute("SELECT nextval('action_seq')").fetchone()[0]
+                con.execute("INSERT INTO skips VALUES (?, ?, ?, ?, ?) ON CONFLICT DO NOTHING",
+                            [seq, annotator, item_id, reason.strip(), _utcnow()])
+                con.execute("COMMIT")
+            except Exception:
+                con.execute("ROLLBACK")
+                raise
+        return int(seq)
+
+    def undo_last(self, annotator: str) -> tuple[str, str, str | None] | None:
+        """Remove the annotator's latest action (judgment or skip). Returns ("judgment", item, criterion),
+        ("skip", item, None) or None when there is nothing to undo. Only ever touches the caller's own rows."""
+        with self._lock:
+            con = self._con
+            con.execute("BEGIN")
+            try:
+                row = con.execute(
+                    "SELECT seq, kind, item_id, criterion FROM ("
+                    " SELECT seq, 'judgment' AS kind, item_id, criterion FROM judgments WHERE annotator = ?"
+                    " UNION ALL SELECT seq, 'skip', item_id, NULL FROM skips WHERE annotator = ?"
+                    ") ORDER BY seq DESC LIMIT 1", [annotator, annotator]).fetchone()
+                if row is not None:
+                    table = "judgments" if row[1] == "judgment" else "skips"
+                    con.execute(f"DELETE FROM {table} WHERE annotator = ? AND seq = ?", [annotator, row[0]])
+                con.execute("COMMIT")
+            except Exception:
+                con.execute("ROLLBACK")
+                raise
+        return None if row is None else (row[1], row[2], row[3])
+
+    # --- reads ----------------------------------------------------------------------------------------------------
+
+    def next_task(self, annotator: str) -> Task | None:
+        """Resume point: the first item in queue order that is neither skipped nor fully judged, and its first
+        unjudged criterion (visual criteria first, then prompt following). None when the queue is finished."""
+        with self._lock:
+            con = self._con
+            queue = con.execute(
+                "SELECT a.item_id, a.a_on_left, i.prompt, i.media_a, i.media_b, i.kind FROM assignments a "
+                "JOIN items i USING (item_id) WHERE a.annotator = ? ORDER BY a.position", [annotator]).fetchall()
+            judged = con.execute("SELECT item_id, criterion FROM judgments WHERE annotator = ?",
+                                 [annotator]).fetchall()
+            skipped = {r[0] for r in con.execute("SELECT item_id FROM skips WHERE annotator = ?",
+                                                 [annotator]).fetchall()}
+        done_criteria: dict[str, set[str]] = {}
+        for item_id, criterion in judged:
+            done_criteria.setdefault(item_id, set()).add(criterion)
+        done = 0
+        pending: Task | None = None
+        for item_id, a_on_left, prompt, media_a, media_b, kind in queue:
+            visual, pf = criteria_for(kind)
+            remaining = [c for c in visual + pf if c not in done_criteria.get(item_id, set())]
+            if item_id in skipped or not remaining:
+                done += 1
+                continue
+            if pending is None:
+                left, right = (media_a, media_b) if a_on_left else (media_b, media_a)
+                criterion = remaining[0]
+                pending = Task(item_id, prompt, left, right, kind, bool(a_on_left), criterion,
+                               1 if criterion in visual else 2, 0, len(queue))
+        if pending is None:
+            return None
+        return Task(**{**pending.__dict__, "done": done})
+
+    def progress(self, annotator: str) -> tuple[int, int]:
+        task = self.next_task(annotator)
+        if task is None:
+            n = self._query("SELECT count(*) FROM assignments WHERE annotator = ?", [annotator])[0][0]
+            return int(n), int(n)
+        return task.done, task.total
+
+    def assigned_items(self, annotator: str) -> list[str]:
+        return [r[0] for r in self._query(
+            "SELECT item_id FROM assignments WHERE annotator = ? ORDER BY position", [annotator])]
+
+    def count_judgments(self, annotator: str | None = None) -> int:
+        if annotator is None:
+            return int(self._query("SELECT count(*) FROM judgments")[0][0])
+        return int(self._query("SELECT count(*) FROM judgments WHERE annotator = ?", [annotator])[0][0])
+
+    def judgments_frame(self) -> pd.DataFrame:
+        """All judgments in A/B terms (model 1 = A) plus the raw side mapping and timestamps."""
+        with self._lock:
+            return self._con.execute(
+                "SELECT item_id, annotator, criterion, choice, choice_screen, a_on_left, created_at, seq "
+                "FROM judgments ORDER BY seq").df()
+
+    def golden_map(self) -> dict[str, tuple[str, str | None]]:
+        return {r[0]: (r[1], r[2]) for r in self._query("SELECT item_id, golden, better FROM items "
+                                                          "WHERE golden IS NOT NULL")}
+
+    def coverage(self) -> dict[str, int]:
+        """Distinct annotators with at least one judgment, per item (items without any get 0)."""
+        return {r[0]: int(r[1]) for r in self._query(
+            "SELECT i.item_id, count(DISTINCT j.annotator) FROM items i "
+            "LEFT JOIN judgments j USING (item_id) GROUP BY i.item_id")}
+
+    def export(self, path: str | Path) -> Path:
+        """Write item_id, annotator, criterion, choice (A/B terms; n/a rows dropped) to CSV or Parquet, the
+        format ``k5 sbs score`` reads."""
+        path = Path(path)
+        df = self.judgments_frame()
+        df = df.loc[df["choice"] != NA, ["item_id", "annotator", "criterion", "choice"]]
+        if path.suffix.lower() in (".parquet", ".pq"):
+            df.to_parquet(path, index=False)
+        else:
+            df.to_csv(path, index=False)
+        return path
+
+
+def options_for(criterion: str) -> tuple[str, ...]:
+    """The buttons shown for a criterion: the report's option set, plus "not applicable" for faces (criterion 8)."""
+    base = allowed_choices(criterion)
+    return base + (NA,) if criterion == "visual_8" else base

@@ -1,0 +1,387 @@
+"""Side-by-side (SBS) scoring exactly as report §8.2, plus the statistics the report leaves out.
+
+Vocabulary. A judgment is ``(item_id, annotator, criterion, choice)`` with choices expressed for
+*model 1 = A* (the side mapping of the annotation screen has already been undone, see ``unswap_choice``).
+
+Formulas (per item, over the fractions of that item's judgments for one criterion, then the mean over items):
+
+* prompt following:      S1 = M1better + BothCorrect + Equally/2
+* visual criteria 1-9:   S1 = M1better + M1unconfident/2 + Equally/2
+* visual criteria 10-11: S1 = M1better + BothCorrect + Equally/2
+
+(S2 symmetric). Each is linear in the fractions, so it equals the mean over that item's judgments of a per-choice
+weight; that is how it is computed below. Group scores are the unweighted mean of the group's per-criterion scores
+("averaged by percentage"), criteria with no ratings left out.
+
+``visual_8`` (faces) additionally accepts ``not_applicable``: such a row is valid but carries no vote.
+"""
+
+from __future__ import annotations
+
+import math
+import warnings
+from collections.abc import Iterable, Sequence
+from dataclasses import dataclass
+from itertools import combinations
+
+import numpy as np
+import pandas as pd
+
+# --- vocabulary -----------------------------------------------------------------------------------------------------
+
+VISUAL_CRITERIA: tuple[str, ...] = tuple(f"visual_{i}" for i in range(1, 12))
+PF_CRITERIA: tuple[str, ...] = (
+    "pf_object_presence",
+    "pf_object_quantity",
+    "pf_object_properties",
+    "pf_object_placement",
+    "pf_action_presence",
+    "pf_action_properties",
+)
+ALL_CRITERIA: tuple[str, ...] = VISUAL_CRITERIA + PF_CRITERIA
+
+M1 = "model1_better"
+M2 = "model2_better"
+EQ = "equally"
+M1U = "model1_better_unconfident"
+M2U = "model2_better_unconfident"
+BC = "both_correct"
+BI = "both_incorrect"
+NA = "not_applicable"
+ALL_CHOICES: tuple[str, ...] = (M1, M2, EQ, M1U, M2U, BC, BI)
+
+# Option sets in the report's order (this order is also the UI's button order).
+CHOICES_VISUAL_1_9: tuple[str, ...] = (M1, M2, EQ, M1U, M2U)
+CHOICES_VISUAL_10_11: tuple[str, ...] = (M1, M2, BC, EQ)
+CHOICES_PF: tuple[str, ...] = (M1, M2, BC, BI, EQ)
+
+CRITERION_LABELS: dict[str, str] = {
+    "visual_1": "Composition",
+    "visual_2": "Lighting",
+    "visual_3": "Color and Contrast",
+    "visual_4": "Object and Background Distinctness",
+    "visual_5": "Frame Transition Smoothness",
+    "visual_6": "Dynamism",
+    "visual_7": "Realism of Object Motion",
+    "visual_8": "Face Generation Consistency",
+    "visual_9": "Overall Impression",
+    "visual_10": "Number of Artifacts",
+    "visual_11": "Number of Semantic Breaks",
+    "pf_object_presence": "Object Presence (Count)",
+    "pf_object_quantity": "Object Quantity",
+    "pf_object_properties": "Object Properties",
+    "pf_object_placement": "Object Placement",
+    "pf_action_presence": "Action Presence (Count)",
+    "pf_action_properties": "Action Properties",
+}
+CHOICE_LABELS: dict[str, str] = {
+    M1: "Model 1 better",
+    M2: "Model 2 better",
+    EQ: "Equally",
+    M1U: "Model 1 better (unconfident)",
+    M2U: "Model 2 better (unconfident)",
+    BC: "Both fully correct",
+    BI: "Both fully incorrect",
+    NA: "Not applicable (no faces)",
+}
+
+GROUPS: dict[str, tuple[str, ...]] = {
+    "overall_visual_quality": tuple(f"visual_{i}" for i in (1, 2, 3, 4, 5, 9, 10)),
+    "overall_motion": tuple(f"visual_{i}" for i in (6, 7, 8, 11)),
+    "overall_prompt_following": PF_CRITERIA,
+}
+
+
+def allowed_choices(criterion: str) -> tuple[str, ...]:
+    """The report's option set for ``criterion`` (KeyError for an unknown criterion)."""
+    if criterion in PF_CRITERIA:
+        return CHOICES_PF
+    if criterion in VISUAL_CRITERIA:
+        return CHOICES_VISUAL_10_11 if criterion in ("visual_10", "visual_11") else CHOICES_VISUAL_1_9
+    raise KeyError(criterion)
+
+
+def is_valid(criterion: object, choice: object) -> bool:
+    """True when ``choice`` is allowed for ``criterion`` (``not_applicable`` only for visual_8)."""
+    if not isinstance(criterion, str) or criterion not in ALL_CRITERIA or not isinstance(choice, str):
+        return False
+    return choice in allowed_choices(criterion) or (criterion == "visual_8" and choice == NA)
+
+
+# Per-choice weights (w1, w2): the formulas above, since each is linear in the choice fractions.
+_W_VISUAL_1_9 = {M1: (1.0, 0.0), M2: (0.0, 1.0), EQ: (0.5, 0.5), M1U: (0.5, 0.0), M2U: (0.0, 0.5)}
+_W_BOTH = {M1: (1.0, 0.0), M2: (0.0, 1.0), EQ: (0.5, 0.5), BC: (1.0, 1.0), BI: (0.0, 0.0)}
+
+
+def choice_weights(criterion: str, choice: str) -> tuple[float, float]:
+    """(model 1, model 2) contribution of one judgment to its item's score."""
+    if not is_valid(criterion, choice) or choice == NA:
+        raise ValueError(f"choice {choice!r} carries no vote for {criterion!r}")
+    table = _W_VISUAL_1_9 if allowed_choices(criterion) is CHOICES_VISUAL_1_9 else _W_BOTH
+    return table[choice]
+
+
+_SWAP = {M1: M2, M2: M1, M1U: M2U, M2U: M1U}
+
+
+def unswap_choice(choice: str, a_on_left: bool) -> str:
+    """Map a choice made on screen (model 1 = left) to A/B terms (model 1 = A)."""
+    return choice if a_on_left else _SWAP.get(choice, choice)
+
+
+# --- validation -----------------------------------------------------------------------------------------------------
+
+REQUIRED_COLUMNS = ("item_id", "annotator", "criterion", "choice")
+
+
+def read_judgments(path: str) -> pd.DataFrame:
+    """Read a CSV or Parquet judgments table as strings (the suffix decides; ``.pq``/``.parquet`` are Parquet)."""
+    lower = str(path).lower()
+    if lower.endswith((".parquet", ".pq")):
+        df = pd.read_parquet(path)
+    else:
+        df = pd.read_csv(path, dtype=str, keep_default_na=False)
+    missing = [c for c in REQUIRED_COLUMNS if c not in df.columns]
+    if missing:
+        raise ValueError(f"{path}: missing columns {missing}; need {list(REQUIRED_COLUMNS)}")
+    return df
+
+
+def split_valid(df: pd.DataFrame) -> tuple[pd.DataFrame, list[int]]:
+    """Split into (valid rows, invalid line numbers). Line numbers count the header as line 1, so the first data
+    row is line 2 (the same convention for Parquet: row index + 2). Invalid: unknown criterion, a choice not allowed
+    for that criterion, or an empty item_id/annotator."""
+    df = df.reset_index(drop=True)
+    ok = []
+    for item, annotator, criterion, choice in zip(df["item_id"], df["annotator"], df["criterion"], df["choice"]):
+        blank = any(v is None or (isinstance(v, float) and math.isnan(v)) or str(v).strip() == "" for v in (item, annotator))
+        ok.append(not blank and is_valid(criterion, choice))
+    mask = np.asarray(ok, dtype=bool)
+    invalid = [int(i) + 2 for i in np.flatnonzero(~mask)]
+    valid = df.loc[mask, list(REQUIRED_COLUMNS)].astype(str).reset_index(drop=True)
+    return valid, invalid
+
+
+# --- scores ---------------------------------------------------------------------------------------------------------
+
+
+def item_scores(valid: pd.DataFrame) -> pd.DataFrame:
+    """Per (criterion, item_id): the report's formula over that item's judgment fractions -> columns s1, s2, n."""
+    voting = valid[valid["choice"] != NA]
+    if voting.empty:
+        return pd.DataFrame(columns=["criterion", "item_id", "s1", "s2", "n"])
+    w = [choice_weights(c, ch) for c, ch in zip(voting["criterion"], voting["choice"])]
+    frame = voting[["criterion", "item_id"]].copy()
+    frame["s1"] = [a for a, _ in w]
+    frame["s2"] = [b for _, b in w]
+    out = frame.groupby(["criterion", "item_id"], sort=True).agg(s1=("s1", "mean"), s2=("s2", "mean"), n=("s1", "size"))
+    return out.reset_index()
+
+
+def _group_means(criteria: dict[str, dict[str, float]]) -> dict[str, dict[str, float] | None]:
+    out: dict[str, dict[str, float] | None] = {}
+    for group, members in GROUPS.items():
+        present = [criteria[c] for c in members if c in criteria]
+        out[group] = (
+            {"model1": float(np.mean([p["model1"] for p in present])), "model2": float(np.mean([p["model2"] for p in present]))}
+            if present
+            else None
+        )
+    return out
+
+
+def score_judgments(df: pd.DataFrame) -> dict:
+    """The ``k5 sbs score`` result: per-criterion and group scores plus the invalid line numbers."""
+    valid, invalid = split_valid(df)
+    per_item = item_scores(valid)
+    criteria: dict[str, dict[str, float]] = {}
+    for criterion in ALL_CRITERIA:  # report order, not alphabetical
+        rows = per_item[per_item["criterion"] == criterion]
+        if len(rows):
+            criteria[criterion] = {"model1": float(rows["s1"].mean()), "model2": float(rows["s2"].mean())}
+    result: dict = {"criteria": criteria}
+    result.update(_group_means(criteria))
+    result["invalid_rows"] = invalid
+    return result
+
+
+# --- bootstrap ------------------------------------------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class Interval:
+    low: float
+    high: float
+
+
+def bootstrap_intervals(
+    valid: pd.DataFrame, n_boot: int = 1000, seed: int = 0, level: float = 0.95
+) -> dict[str, dict[str, Interval]]:
+    """Percentile bootstrap intervals over prompts (items): each replicate resamples items with replacement and
+    recomputes every criterion score and group score. Returns {name: {"model1": Interval, "model2": Interval}}."""
+    per_item = item_scores(valid)
+    if per_item.empty:
+        return {}
+    items = sorted(per_item["item_id"].unique())
+    index = {it: i for i, it in enumerate(items)}
+    crits = [c for c in ALL_CRITERIA if c in set(per_item["criterion"])]
+    # (criterion, item) matrices with NaN where an item has no rating for that criterion.
+    s = np.full((2, len(crits), len(items)), np.nan)
+    for r in per_item.itertuples(index=False):
+        ci = crits.index(r.criterion)
+        s[0, ci, index[r.item_id]] = r.s1
+        s[1, ci, index[r.item_id]] = r.s2
+    rng = np.random.default_rng(seed)
+    draws = rng.integers(0, len(items), size=(n_boot, len(items)))
+    # counts[b, i] = how often item i was drawn in replicate b; a weighted mean avoids materialising resamples.
+    counts = np.zeros((n_boot, len(items)))
+    np.add.at(counts, (np.arange(n_boot)[:, None], draws), 1.0)
+    present = ~np.isnan(s[0])  # (C, I)
+    filled = np.nan_to_num(s)
+    denom = counts @ present.T.astype(float)  # (B, C)
+    with np.errstate(invalid="ignore", divide="ignore"):
+        reps = np.stack([(counts @ filled[m].T) / denom for m in range(2)])  # (2, B, C); NaN if criterion undrawn
+    alpha = (1.0 - level) / 2.0
+    out: dict[str, dict[str, Interval]] = {}
+
+    def _interval(values: np.ndarray) -> Interval:
+        values = values[~np.isnan(values)]
+        return Interval(float(np.quantile(values, alpha)), float(np.quantile(values, 1 - alpha)))
+
+    for ci, c in enumerate(crits):
+        out[c] = {f"model{m + 1}": _interval(reps[m, :, ci]) for m in range(2)}
+    for group, members in GROUPS.items():
+        cols = [crits.index(c) for c in members if c in crits]
+        if cols:
+            with warnings.catch_warnings():  # a replicate that drew none of a group's criteria is NaN, dropped below
+                warnings.simplefilter("ignore", RuntimeWarning)
+                g = [np.nanmean(reps[m][:, cols], axis=1) for m in range(2)]
+            out[group] = {f"model{m + 1}": _interval(g[m]) for m in range(2)}
+    return out
+
+
+# --- agreement ------------------------------------------------------------------------------------------------------
+
+
+def _units(valid: pd.DataFrame, criteria: Iterable[str] | None) -> list[list[str]]:
+    voting = valid[valid["choice"] != NA]
+    if criteria is not None:
+        voting = voting[voting["criterion"].isin(list(criteria))]
+    return [list(g["choice"]) for _, g in voting.groupby(["item_id", "criterion"], sort=False)]
+
+
+def pairwise_agreement(valid: pd.DataFrame, criteria: Iterable[str] | None = None) -> float | None:
+    """Pairwise percent agreement (Fig. 28's "inter-rater agreement"): over every (item, criterion) and every pair
+    of its judgments, the share of pairs that chose the same option. None when no unit has two judgments."""
+    agree = total = 0
+    for values in _units(valid, criteria):
+        for a, b in combinations(values, 2):
+            total += 1
+            agree += a == b
+    return agree / total if total else None
+
+
+def krippendorff_alpha_nominal(units: Sequence[Sequence[object]]) -> float | None:
+    """Krippendorff's alpha for nominal data. ``units``: per unit, the values given by its raters (missing values
+    simply absent). Units with fewer than two values are not pairable and drop out. Built from the coincidence
+    matrix: alpha = 1 - (n - 1) * sum_{c!=k} o_ck / sum_{c!=k} n_c n_k. None when undefined (no pairable values,
+    or a single category overall so expected disagreement is zero)."""
+    coincidence: dict[tuple[object, object], float] = {}
+    for values in units:
+        m = len(values)
+        if m < 2:
+            continue
+        for i, a in enumerate(values):
+            for j, b in enumerate(values):
+                if i != j:
+                    coincidence[(a, b)] = coincidence.get((a, b), 0.0) + 1.0 / (m - 1)
+    if not coincidence:
+        return None
+    n_c: dict[object, float] = {}
+    for (a, _), v in coincidence.items():
+        n_c[a] = n_c.get(a, 0.0) + v
+    n = sum(n_c.values())
+    observed = sum(v for (a, b), v in coincidence.items() if a != b)
+    expected = sum(n_c[a] * n_c[b] for a in n_c for b in n_c if a != b)
+    if expected == 0:
+        return None
+    return 1.0 - (n - 1) * observed / expected
+
+
+def krippendorff_alpha(valid: pd.DataFrame, criteria: Iterable[str] | None = None) -> float | None:
+    """Nominal Krippendorff's alpha over (item, criterion) units of a judgments table."""
+    return krippendorff_alpha_nominal(_units(valid, criteria))
+
+
+# --- golden pairs ---------------------------------------------------------------------------------------------------
+
+# A clearly degraded side must lose on the criteria a degradation visibly hurts.
+GOLDEN_DEGRADED_CRITERIA: tuple[str, ...] = ("visual_9", "visual_10")
+_TIE_CHOICES = frozenset({EQ, BC, BI})
+
+
+def golden_correct(kind: str, better: str | None, criterion: str, choice: str) -> bool | None:
+    """Is one judgment on a golden pair right? ``kind`` 'identical' (A and B show the same media: every criterion
+    must be a tie) or 'degraded' (``better`` 'A'/'B' is the intact side: it must win, confident or not, on
+    GOLDEN_DEGRADED_CRITERIA). None when the criterion is not checked for this kind."""
+    if choice == NA:
+        return None
+    if kind == "identical":
+        return choice in _TIE_CHOICES
+    if kind == "degraded":
+        if criterion not in GOLDEN_DEGRADED_CRITERIA:
+            return None
+        wins = {M1, M1U} if better == "A" else {M2, M2U}
+        return choice in wins
+    raise ValueError(f"unknown golden kind {kind!r}")
+
+
+def golden_accuracy(valid: pd.DataFrame, golden: dict[str, tuple[str, str | None]]) -> dict[str, dict[str, float]]:
+    """Per annotator: {"checked": n, "correct": k, "accuracy": k/n} over their judgments on golden items.
+    ``golden`` maps item_id -> (kind, better side or None)."""
+    stats: dict[str, list[int]] = {}
+    for r in valid.itertuples(index=False):
+        spec = golden.get(r.item_id)
+        if spec is None:
+            continue
+        verdict = golden_correct(spec[0], spec[1], r.criterion, r.choice)
+        if verdict is None:
+            continue
+        s = stats.setdefault(r.annotator, [0, 0])
+        s[0] += 1
+        s[1] += int(verdict)
+    return {a: {"checked": n, "correct": k, "accuracy": k / n} for a, (n, k) in sorted(stats.items())}
+
+
+# --- distributions for the stacked bars -----------------------------------------------------------------------------
+
+
+def choice_distribution(valid: pd.DataFrame) -> dict[str, dict[str, float]]:
+    """Per criterion, the share of each choice among its voting judgments (the segments of Fig. 28/29's bars)."""
+    voting = valid[valid["choice"] != NA]
+    out: dict[str, dict[str, float]] = {}
+    for criterion in ALL_CRITERIA:
+        sub = voting[voting["criterion"] == criterion]
+        if len(sub):
+            counts = sub["choice"].value_counts()
+            out[criterion] = {ch: float(counts.get(ch, 0)) / len(sub) for ch in allowed_choices(criterion)}
+    return out
+
+
+def full_summary(valid: pd.DataFrame, golden: dict[str, tuple[str, str | None]] | None = None,
+                 n_boot: int = 1000, seed: int = 0) -> dict:
+    """Everything the report asset logs: scores, bootstrap intervals, agreement, alpha, golden accuracy.
+    Golden items are excluded from the scores (they are rater checks, not comparisons)."""
+    golden = golden or {}
+    scored = valid[~valid["item_id"].isin(list(golden))].reset_index(drop=True)
+    result = score_judgments(scored)
+    result.pop("invalid_rows")
+    cis = bootstrap_intervals(scored, n_boot=n_boot, seed=seed)
+    result["ci95"] = {k: {m: [iv.low, iv.high] for m, iv in v.items()} for k, v in cis.items()}
+    result["pairwise_agreement"] = pairwise_agreement(scored)
+    result["krippendorff_alpha"] = krippendorff_alpha(scored)
+    result["golden_accuracy"] = golden_accuracy(valid, golden)
+    result["distribution"] = choice_distribution(scored)
+    result["n_judgments"] = int(len(scored))
+    result["n_items"] = int(scored["item_id"].nunique())
+    return result
