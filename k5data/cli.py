@@ -1,0 +1,56 @@
+"""``k5 curate SRC OUT``: curate a folder or S3 prefix into OUT/dataset/**/*.parquet + OUT/quarantine.parquet.
+
+Also runnable as ``python -m k5data.cli SRC OUT``."""
+
+from __future__ import annotations
+
+import json
+
+import click
+
+
+@click.command("curate")
+@click.argument("src")
+@click.argument("out")
+@click.option("--config", "config_path", type=click.Path(exists=True, dir_okay=False), default=None,
+              help="YAML merged over k5data/configs/curation.yaml (thresholds, backends, model paths).")
+@click.option("--catalog", "catalog_path", default=None, help="DuckDB catalog file (default: OUT/catalog.duckdb).")
+@click.option("--endpoint-url", default=None, help="S3-compatible endpoint for s3:// SRC/OUT (overrides config).")
+@click.option("--shard", type=int, default=None, help="Only register/score this source shard (0..shards-1).")
+@click.option("--no-progress", is_flag=True, help="No progress bars.")
+@click.option("--json", "as_json", is_flag=True, help="Print the summary as JSON.")
+def curate(src: str, out: str, config_path: str | None, catalog_path: str | None, endpoint_url: str | None,
+           shard: int | None, no_progress: bool, as_json: bool) -> None:
+    """Curate SRC (folder or s3://bucket/prefix) into OUT (folder or s3://bucket/prefix)."""
+    import os
+
+    os.environ.setdefault("HF_HUB_OFFLINE", "1")  # production backends load local folders only
+    from k5data.config import load_config
+    from k5data.curate import run_curation
+
+    overrides = {"s3": {"endpoint_url": endpoint_url}} if endpoint_url else None
+    cfg = load_config(config_path, overrides)
+    if shard is not None and not 0 <= shard < cfg["shards"]:
+        raise click.BadParameter(f"shard must be in 0..{cfg['shards'] - 1}", param_hint="--shard")
+    summary = run_curation(src, out, cfg, catalog_path=catalog_path, shard=shard, progress=not no_progress)
+    if as_json:
+        click.echo(json.dumps(summary.to_dict(), indent=2, default=str))
+        return
+    reg, ds = summary.register, summary.dataset
+    click.echo(f"registered: {reg['new_media']} new media, {reg['new_copies']} new copies, "
+               f"{reg['unchanged']} unchanged, {reg['quarantined']} quarantined")
+    click.echo(f"scored: {summary.scored_media} media -> {summary.scored_rows} rows "
+               f"({summary.scoring_errors} errors) in {summary.seconds:.1f} s")
+    click.echo(f"dataset: {ds['rows']} rows ({ds['images']} images, {ds['scenes']} scenes), {ds['passed']} passed, "
+               f"{ds['rejected']} rejected, {ds['quarantined']} quarantined")
+    click.echo("buckets (passed): " + (", ".join(f"{k}: {v}" for k, v in ds["buckets"].items()) or "none"))
+    click.echo("reject reasons: " + (", ".join(f"{k}: {v}" for k, v in ds["reject_reasons"].items()) or "none"))
+    click.echo(f"wrote {len(summary.written)} files under {out}")
+
+
+def main() -> None:
+    curate()
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,49 @@
+"""Curation configuration: thresholds and backends come from YAML (``configs/curation.yaml``), never from code."""
+
+from __future__ import annotations
+
+import copy
+import os
+from pathlib import Path
+from typing import Any
+
+import yaml
+
+DEFAULT_CONFIG = Path(__file__).with_name("configs") / "curation.yaml"
+
+
+def _merge(base: dict, extra: dict) -> dict:
+    out = copy.deepcopy(base)
+    for key, value in extra.items():
+        if isinstance(value, dict) and isinstance(out.get(key), dict):
+            out[key] = _merge(out[key], value)
+        else:
+            out[key] = copy.deepcopy(value)
+    return out
+
+
+class CurationConfig(dict):
+    """The parsed YAML as a dict, plus ``cfg.section("filters.dedup")`` lookups that fail loudly on typos."""
+
+    def section(self, dotted: str) -> dict[str, Any]:
+        node: Any = self
+        for part in dotted.split("."):
+            if not isinstance(node, dict) or part not in node:
+                raise KeyError(f"curation config has no '{dotted}' (missing '{part}')")
+            node = node[part]
+        return node
+
+    @property
+    def endpoint_url(self) -> str | None:
+        # Config wins; the env var lets a deployment point at its store without editing the file.
+        return self.section("s3").get("endpoint_url") or os.environ.get("K5_S3_ENDPOINT_URL") or None
+
+
+def load_config(path: str | os.PathLike | None = None, overrides: dict | None = None) -> CurationConfig:
+    """Load the default config, then the YAML at ``path`` merged over it, then ``overrides`` (nested dict)."""
+    data = yaml.safe_load(DEFAULT_CONFIG.read_text())
+    if path is not None:
+        data = _merge(data, yaml.safe_load(Path(path).read_text()) or {})
+    if overrides:
+        data = _merge(data, overrides)
+    return CurationConfig(data)

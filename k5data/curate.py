@@ -1,0 +1,94 @@
+"""End-to-end curation of one folder or S3 prefix: register -> score -> dataset Parquet + quarantine.parquet.
+
+The CLI calls ``run_curation``; the Dagster assets call its three stages (``register_sources``, ``score_pending``,
+``finalize``) per source shard and once for the dataset."""
+
+from __future__ import annotations
+
+import os
+import time
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Any
+
+from k5data.catalog import Catalog
+from k5data.config import CurationConfig, load_config
+from k5data.output import build_rows, summarize, write_outputs
+from k5data.register import RegisterStats, register_sources
+from k5data.score import Scorers, score_media
+from k5data.sources import Source, is_s3
+
+
+@dataclass
+class CurationSummary:
+    register: dict[str, Any]
+    scored_media: int
+    scored_rows: int
+    scoring_errors: int
+    dataset: dict[str, Any]
+    written: list[str] = field(default_factory=list)
+    seconds: float = 0.0
+
+    def to_dict(self) -> dict[str, Any]:
+        return asdict(self)
+
+
+def default_catalog_path(out: str) -> Path:
+    """Local outputs keep their catalog beside the dataset; S3 outputs keep it in a local cache folder."""
+    if is_s3(out):
+        safe = out[len("s3://"):].replace("/", "_")
+        return Path(os.environ.get("K5_CACHE", Path.home() / ".cache" / "k5")) / "catalogs" / f"{safe}.duckdb"
+    return Path(out) / "catalog.duckdb"
+
+
+def _bar(total: int | None, desc: str, enabled: bool) -> Any:
+    from tqdm import tqdm
+
+    return tqdm(total=total, desc=desc, unit="file", disable=not enabled, leave=True, dynamic_ncols=True)
+
+
+def score_pending(source: Source, catalog: Catalog, cfg: CurationConfig, shard: int | None = None,
+                  progress: bool = False) -> tuple[int, int, int]:
+    """Score every registered but unscored media file of ``source`` (one shard when given).
+
+    Returns (media scored, rows produced, media that failed). A media file that fails here (say, a decoder
+    error past the probe) is quarantined with the reason and the run goes on."""
+    pending = catalog.unscored(source.name, shard)
+    scorers = Scorers(cfg) if pending else None
+    media_n = rows_n = errors = 0
+    with _bar(len(pending), "scoring", progress) as bar:
+        for media in pending:
+            bar.set_postfix_str(media["key"][-40:])
+            try:
+                rows_n += len(score_media(media, source, catalog, cfg, scorers))
+                media_n += 1
+            except Exception as err:
+                errors += 1
+                catalog.save_items(media["media_id"], [])
+                catalog.quarantine(uri=media["source_uri"], source=source.name, key=media["key"],
+                                   shard=int(media["shard"]), size=int(media["size"]), version="",
+                                   reason=f"scoring failed: {type(err).__name__}: {err}")
+            bar.update(1)
+    return media_n, rows_n, errors
+
+
+def finalize(catalog: Catalog, out: str, cfg: CurationConfig) -> tuple[dict[str, Any], list[str]]:
+    """Build the final rows from the whole catalog and write the dataset; returns (summary counts, paths)."""
+    rows = build_rows(catalog.items(), cfg)
+    quarantine = catalog.quarantined()
+    return summarize(rows, quarantine), write_outputs(rows, quarantine, out, cfg)
+
+
+def run_curation(src: str, out: str, cfg: CurationConfig | None = None, *, catalog_path: str | None = None,
+                 shard: int | None = None, progress: bool = True) -> CurationSummary:
+    """Curate ``src`` (folder or s3://bucket/prefix) into ``out`` (folder or s3://...). Re-runs only add new files."""
+    start = time.perf_counter()
+    cfg = cfg or load_config()
+    s3 = cfg.section("s3")
+    source = Source(src, cfg.endpoint_url, s3["region"])
+    catalog = Catalog(catalog_path or default_catalog_path(out))
+    with _bar(None, "registering", progress) as bar:
+        stats: RegisterStats = register_sources(source, catalog, cfg, shard, progress=bar)
+    media_n, rows_n, errors = score_pending(source, catalog, cfg, shard, progress)
+    dataset, written = finalize(catalog, out, cfg)
+    return CurationSummary(asdict(stats), media_n, rows_n, errors, dataset, written, time.perf_counter() - start)

@@ -1,0 +1,65 @@
+"""Technical and aesthetic quality. Production backends are local image classifiers (TOPIQ / Q-Align / DOVER
+exports, ``hf-image-classifier``); the offline default is a documented heuristic:
+
+* technical ("heuristic-technical-v1"): sharpness (variance of the Laplacian), noise (Immerkaer's estimator),
+  JPEG/codec blockiness (gradient jump across the 8-px grid) and exposure clipping, each mapped to [0, 1];
+* aesthetic ("heuristic-aesthetic-v1"): colourfulness (Hasler & Suesstrunk), global contrast and exposure balance.
+Overall = w * technical + (1 - w) * aesthetic, as DOVER's weighted sum (report §4.4). Video: mean over frames.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import numpy as np
+
+from k5data.filters import Item, gray, resize_long, result
+
+
+def technical(rgb: np.ndarray) -> float:
+    import cv2
+
+    g = gray(resize_long(rgb, 512)).astype(np.float64)
+    sharp = 1.0 - np.exp(-cv2.Laplacian(g, cv2.CV_64F).var() / 400.0)
+    kernel = np.array([[1, -2, 1], [-2, 4, -2], [1, -2, 1]], np.float64)
+    h, w = g.shape
+    sigma = np.sqrt(np.pi / 2) * np.abs(cv2.filter2D(g, -1, kernel)[1:-1, 1:-1]).sum() / (6 * (w - 2) * (h - 2))
+    noise = np.exp(-sigma / 8.0)
+    dx = np.abs(np.diff(gray(rgb).astype(np.float64), axis=1))
+    if dx.shape[1] > 16:
+        grid = dx[:, 7::8].mean()
+        off = np.delete(dx, np.s_[7::8], axis=1).mean()
+        block = float(np.exp(-max(0.0, grid / max(off, 1e-6) - 1.0) * 2.0))
+    else:
+        block = 1.0
+    clipped = float(((g <= 2) | (g >= 253)).mean())
+    exposure = 1.0 - min(1.0, clipped * 3.0)
+    return float(0.4 * sharp + 0.2 * noise + 0.2 * block + 0.2 * exposure)
+
+
+def aesthetic(rgb: np.ndarray) -> float:
+    x = resize_long(rgb, 512).astype(np.float64)
+    rg = x[..., 0] - x[..., 1]
+    yb = 0.5 * (x[..., 0] + x[..., 1]) - x[..., 2]
+    colourful = np.hypot(rg.std(), yb.std()) + 0.3 * np.hypot(rg.mean(), yb.mean())
+    g = x.mean(axis=2)
+    return float(0.4 * min(1.0, colourful / 80.0) + 0.3 * min(1.0, g.std() / 64.0)
+                 + 0.3 * (1.0 - abs(g.mean() - 128.0) / 128.0))
+
+
+def score_quality(item: Item, cfg: dict[str, Any], models: dict[str, Any] | None = None) -> dict[str, Any]:
+    frames = item.get(item.wm)
+    models = models or {}
+    if cfg["backend"] == "heuristic":
+        tech = float(np.mean([technical(f) for f in frames]))
+        aes = float(np.mean([aesthetic(f) for f in frames]))
+        backend = "heuristic-technical-v1+heuristic-aesthetic-v1"
+    else:
+        tech = float(np.mean([models["technical"].probability(f) for f in frames]))
+        aes = float(np.mean([models["aesthetic"].probability(f) for f in frames]))
+        backend = f"{models['technical'].name}+{models['aesthetic'].name}"
+    w = cfg["technical_weight"]
+    overall = w * tech + (1 - w) * aes
+    reason = "low_technical_quality" if tech < cfg["min_technical"] else "low_aesthetic_quality"
+    ok = tech >= cfg["min_technical"] and aes >= cfg["min_aesthetic"]
+    return result("quality", overall, backend, ok, reason, quality_technical=tech, quality_aesthetic=aes)

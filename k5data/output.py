@@ -1,0 +1,156 @@
+"""Dataset assembly: global dedup, pass/reject decision, k-means clusters, buckets; Parquet to a folder or S3.
+
+Layout (report §4.2/§4.4): ``OUT/dataset/<bucket>/<source>/part-00000.parquet`` with bucket 256/512/1024 by the
+short side (0 for rows under 256, which are rejected), plus ``OUT/quarantine.parquet``."""
+
+from __future__ import annotations
+
+import io
+import shutil
+from collections import Counter
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import pandas as pd
+import pyarrow as pa
+import pyarrow.parquet as pq
+
+from k5data.config import CurationConfig
+from k5data.domains import kmeans_clusters
+from k5data.filters.dedup import find_duplicates
+from k5data.filters.resolution import bucket_of
+from k5data.sources import is_s3, s3_client, split_s3
+
+FILTERS = ["resolution", "dynamics", "text_area", "watermark", "quality", "complexity", "motion"]
+COLUMNS = (["media_id", "source_uri", "source", "kind", "scene_index", "start_s", "end_s", "width", "height",
+            "codec", "fps", "size", "phash"]
+           + [f"{f}_{s}" for f in FILTERS for s in ("score", "backend", "passed")]
+           + ["text_boxes", "quality_technical", "quality_aesthetic", "complexity_edges", "complexity_regions",
+              "camera_motion", "object_motion", "dup_of", "caption", "caption_backend", "domain", "domain_backend",
+              "cluster", "bucket", "passed", "reject_reason"])
+QUARANTINE_COLUMNS = ["source_uri", "reason"]
+
+
+def reasons_of(row: dict[str, Any], require_caption: bool) -> list[str]:
+    """Failed checks of one row in pipeline order (without dedup, which needs all rows)."""
+    out = [row["scene_reason"]] if row.get("scene_reason") else []
+    out += [row[f"{f}_reason"] for f in FILTERS if row.get(f"{f}_passed") is False]
+    if require_caption and row.get("skipped") is None and not row.get("caption"):
+        out.append("no_caption")
+    return out
+
+
+def build_rows(items: list[dict[str, Any]], cfg: CurationConfig) -> list[dict[str, Any]]:
+    """Final rows from the catalog's scored items (all sources: duplicates are found across the whole catalog)."""
+    d, clusters = cfg.section("filters.dedup"), cfg.section("clusters")
+    require = cfg.section("captions")["require"]
+    for row in items:
+        row["_reasons"] = reasons_of(row, require)
+    dup_of = find_duplicates(items, d["image_radius"], d["video_radius"])
+    for i, row in enumerate(items):
+        row["dup_of"] = None
+        if i in dup_of:
+            keep = items[dup_of[i]]
+            row["dup_of"] = f"{keep['media_id']}#{keep['scene_index']}"
+            row["_reasons"].append("duplicate")
+        row["passed"] = not row["_reasons"]
+        row["reject_reason"] = ";".join(row["_reasons"]) or None
+        row["bucket"] = bucket_of(min(row["width"], row["height"]), cfg["buckets"])
+        row["phash"] = ",".join(f"{h:016x}" for h in row.get("hash") or [])
+        row["cluster"] = -1
+    with_emb = [i for i, r in enumerate(items) if r.get("embedding")]
+    fit_on = [i for i in with_emb if items[i]["passed"]] or with_emb
+    if fit_on:
+        # Fit on passed rows (what training samples from), then assign every embedded row to its nearest centre.
+        _, model = kmeans_clusters(np.array([items[i]["embedding"] for i in fit_on]), clusters["k"], clusters["seed"])
+        labels = model.predict(np.array([items[i]["embedding"] for i in with_emb]))
+        for i, label in zip(with_emb, labels):
+            items[i]["cluster"] = int(label)
+    return [{c: r.get(c) for c in COLUMNS} for r in items]
+
+
+def to_frame(rows: list[dict[str, Any]]) -> pd.DataFrame:
+    df = pd.DataFrame(rows, columns=COLUMNS)
+    for col in ["scene_index", "width", "height", "bucket", "cluster", "size"]:
+        df[col] = df[col].astype("int64")
+    for col in [c for c in COLUMNS if c.endswith("_passed")] + ["passed"]:
+        df[col] = df[col].astype("boolean")
+    return df
+
+
+def _put(out: str, rel: str, data: bytes, endpoint_url: str | None, region: str) -> str:
+    if is_s3(out):
+        bucket, prefix = split_s3(out)
+        key = f"{prefix}/{rel}" if prefix else rel
+        s3_client(endpoint_url, region).put_object(Bucket=bucket, Key=key, Body=data)
+        return f"s3://{bucket}/{key}"
+    path = Path(out) / rel
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_bytes(data)
+    return str(path)
+
+
+def _clear_dataset(out: str, endpoint_url: str | None, region: str) -> None:
+    # The dataset is a pure function of the catalog: rewrite it whole so removed rows do not linger.
+    if is_s3(out):
+        bucket, prefix = split_s3(out)
+        client = s3_client(endpoint_url, region)
+        pages = client.get_paginator("list_objects_v2").paginate(Bucket=bucket, Prefix=f"{prefix}/dataset/".lstrip("/"))
+        keys = [{"Key": o["Key"]} for page in pages for o in page.get("Contents", [])]
+        for start in range(0, len(keys), 1000):
+            client.delete_objects(Bucket=bucket, Delete={"Objects": keys[start:start + 1000]})
+    else:
+        shutil.rmtree(Path(out) / "dataset", ignore_errors=True)
+
+
+def _parquet_bytes(df: pd.DataFrame) -> bytes:
+    buf = io.BytesIO()
+    pq.write_table(pa.Table.from_pandas(df, preserve_index=False), buf)
+    return buf.getvalue()
+
+
+def write_outputs(rows: list[dict[str, Any]], quarantine: list[dict[str, Any]], out: str, cfg: CurationConfig
+                  ) -> list[str]:
+    """Write the partitioned dataset and quarantine.parquet; returns the written paths / URIs."""
+    endpoint, region = cfg.endpoint_url, cfg.section("s3")["region"]
+    _clear_dataset(out, endpoint, region)
+    df = to_frame(rows)
+    written = []
+    for (bucket, source), part in df.groupby(["bucket", "source"], sort=True):
+        rel = f"dataset/{bucket}/{source}/part-00000.parquet"
+        written.append(_put(out, rel, _parquet_bytes(part), endpoint, region))
+    qdf = pd.DataFrame([{c: q[c] for c in QUARANTINE_COLUMNS} for q in quarantine], columns=QUARANTINE_COLUMNS)
+    written.append(_put(out, "quarantine.parquet", _parquet_bytes(qdf.astype("string")), endpoint, region))
+    return written
+
+
+def summarize(rows: list[dict[str, Any]], quarantine: list[dict[str, Any]]) -> dict[str, Any]:
+    reasons: Counter[str] = Counter()
+    for row in rows:
+        for reason in (row["reject_reason"] or "").split(";"):
+            if reason:
+                reasons[reason] += 1
+    passed = [r for r in rows if r["passed"]]
+    return {
+        "rows": len(rows), "images": sum(r["kind"] == "image" for r in rows),
+        "scenes": sum(r["kind"] == "video" for r in rows), "passed": len(passed), "rejected": len(rows) - len(passed),
+        "quarantined": len(quarantine), "reject_reasons": dict(sorted(reasons.items())),
+        "buckets": dict(sorted(Counter(str(r["bucket"]) for r in passed).items())),
+        "domains": dict(sorted(Counter(r["domain"] for r in passed).items())),
+    }
+
+
+def read_dataset(out: str, cfg: CurationConfig) -> pd.DataFrame:
+    """All dataset rows under ``out`` (folder or s3://), for checks and tests."""
+    if is_s3(out):
+        bucket, prefix = split_s3(out)
+        client = s3_client(cfg.endpoint_url, cfg.section("s3")["region"])
+        pages = client.get_paginator("list_objects_v2").paginate(Bucket=bucket, Prefix=f"{prefix}/dataset/".lstrip("/"))
+        keys = sorted(o["Key"] for page in pages for o in page.get("Contents", []) if o["Key"].endswith(".parquet"))
+        parts = [pq.read_table(io.BytesIO(client.get_object(Bucket=bucket, Key=k)["Body"].read())) for k in keys]
+    else:
+        parts = [pq.read_table(p) for p in sorted((Path(out) / "dataset").rglob("*.parquet"))]
+    if not parts:
+        return pd.DataFrame(columns=COLUMNS)
+    return pd.concat([p.to_pandas() for p in parts], ignore_index=True)

@@ -1,0 +1,95 @@
+"""``raw_sources``: register a folder / S3 prefix into the catalog by content hash; bad files go to quarantine."""
+
+from __future__ import annotations
+
+import hashlib
+import tempfile
+from dataclasses import dataclass, field
+from pathlib import Path, PurePosixPath
+from typing import Any
+
+from k5data.catalog import Catalog
+from k5data.config import CurationConfig
+from k5data.probe import ProbeError, probe_file
+from k5data.sources import Source, SourceObject, shard_of
+
+
+@dataclass
+class RegisterStats:
+    listed: int = 0
+    new_media: int = 0       # new content hashes
+    new_copies: int = 0      # new locations of content already in the catalog (exact byte duplicates)
+    quarantined: int = 0
+    unchanged: int = 0       # already registered / quarantined with the same version: skipped
+    sidecars: int = 0
+    reasons: dict[str, int] = field(default_factory=dict)
+
+
+def file_hash(path: Path) -> str:
+    digest = hashlib.sha256()
+    with open(path, "rb") as fh:
+        for block in iter(lambda: fh.read(1 << 20), b""):
+            digest.update(block)
+    return digest.hexdigest()
+
+
+def is_sidecar(key: str, cfg: CurationConfig) -> bool:
+    return PurePosixPath(key).suffix.lower() in cfg.section("media")["caption_extensions"]
+
+
+def register_sources(source: Source, catalog: Catalog, cfg: CurationConfig, shard: int | None = None,
+                     progress: Any = None) -> RegisterStats:
+    """Register every new or changed object of ``source`` (only those of ``shard`` when given).
+
+    Never raises for a bad file: probing problems are quarantined with their reason and the run goes on."""
+    media_cfg = cfg.section("media")
+    stats = RegisterStats()
+    known = catalog.known_versions(source.name)
+    with tempfile.TemporaryDirectory(prefix="k5-register-") as tmp:
+        for obj in source.iter_objects():
+            if is_sidecar(obj.key, cfg):
+                stats.sidecars += 1
+                continue
+            obj_shard = shard_of(obj.key, cfg["shards"])
+            if shard is not None and obj_shard != shard:
+                continue
+            stats.listed += 1
+            if progress is not None:
+                progress.update(1)
+            if known.get(obj.uri) == obj.version:
+                stats.unchanged += 1
+                continue
+            _register_one(source, catalog, obj, obj_shard, media_cfg, Path(tmp), stats)
+    return stats
+
+
+def _register_one(source: Source, catalog: Catalog, obj: SourceObject, shard: int, media_cfg: dict,
+                  tmp: Path, stats: RegisterStats) -> None:
+    where = dict(uri=obj.uri, source=source.name, key=obj.key, shard=shard, size=obj.size, version=obj.version)
+    path, temporary = None, False
+    try:
+        ext = PurePosixPath(obj.key).suffix.lower()
+        if obj.size == 0 or ext not in media_cfg["image_extensions"] + media_cfg["video_extensions"]:
+            # Decided from the listing alone: no need to download.
+            probe_file("/dev/null", obj.key, obj.size, media_cfg["image_extensions"], media_cfg["video_extensions"])
+        path, temporary = source.local_path(obj, tmp)
+        # Probe before the hash shortcut: a byte copy under a wrong name is still a mislabelled file.
+        info = probe_file(path, obj.key, obj.size, media_cfg["image_extensions"], media_cfg["video_extensions"])
+        media_id = file_hash(path)
+        new = catalog.register(media_id, info.to_dict(), **where)
+        stats.new_media += int(new)
+        stats.new_copies += int(not new)
+    except ProbeError as err:
+        _quarantine(catalog, where, str(err), stats)
+    except Exception as err:  # a broken download or an unexpected decoder error must not stop the run either
+        _quarantine(catalog, where, f"unreadable: {type(err).__name__}: {err}", stats)
+    finally:
+        if temporary and path is not None:
+            path.unlink(missing_ok=True)
+
+
+def _quarantine(catalog: Catalog, where: dict, reason: str, stats: RegisterStats) -> None:
+    catalog.quarantine(reason=reason, **where)
+    stats.quarantined += 1
+    kind = reason.split(":")[0]
+    stats.reasons[kind] = stats.reasons.get(kind, 0) + 1
