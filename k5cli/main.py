@@ -123,5 +123,17 @@ def generate(
                f"sampling {t['sample_s']:.1f}s, total {t['total_s']:.1f}s)")
 
 
+def _register_subcommands() -> None:
+    # Both modules import only click at load time, so `k5 --help` stays fast.
+    from evaluation.cli import sbs
+    from k5data.cli import curate
+
+    main.add_command(curate)  # k5 curate SRC OUT
+    main.add_command(sbs)  # k5 sbs score JUDGMENTS
+
+
+_register_subcommands()
+
+
 if __name__ == "__main__":
     sys.exit(main())
