@@ -12,6 +12,8 @@ export K5_HOME
 export MLFLOW_DISABLE_TELEMETRY ?= true
 DAGSTER_PORT ?= 3000
 MLFLOW_PORT ?= 5000
+ANNOTATION_PORT ?= 7860
+SBS_DEMO := $(K5_HOME)/sbs/demo_tiny_seed0_vs_seed1
 
 .PHONY: help venv demo test lint ui clean
 
@@ -19,7 +21,7 @@ help:
 	@echo "make demo   - create $(VENV) if needed, run the Dagster main_job once (tiny model -> 2 videos -> MLflow)"
 	@echo "make test   - run the test suite (pytest)"
 	@echo "make lint   - ruff check"
-	@echo "make ui     - Dagster UI on http://127.0.0.1:$(DAGSTER_PORT) + MLflow UI on http://127.0.0.1:$(MLFLOW_PORT)"
+	@echo "make ui     - Dagster UI on http://127.0.0.1:$(DAGSTER_PORT) + MLflow UI on http://127.0.0.1:$(MLFLOW_PORT) + annotation app on :$(ANNOTATION_PORT)"
 	@echo "make clean  - remove $(K5_HOME) and caches (keeps $(VENV))"
 
 venv: $(STAMP)
@@ -49,13 +51,18 @@ lint: venv
 ui: venv
 	@$(PY) -c "from orchestration.settings import K5Paths; K5Paths.from_env().ensure()"
 	@set -m; \
-	stop() { trap - INT TERM EXIT; kill -INT -- -$$dagster_pid 2>/dev/null; kill -TERM -- -$$mlflow_pid 2>/dev/null; wait; }; \
+	stop() { trap - INT TERM EXIT; kill -INT -- -$$dagster_pid 2>/dev/null; kill -TERM -- -$$mlflow_pid 2>/dev/null; \
+		[ -n "$$ui_pid" ] && kill -TERM -- -$$ui_pid 2>/dev/null; wait; }; \
 	trap stop INT TERM EXIT; \
 	DAGSTER_HOME="$(K5_HOME)/dagster" $(VENV)/bin/dagster dev -m orchestration.definitions \
 		-h 127.0.0.1 -p $(DAGSTER_PORT) & dagster_pid=$$!; \
 	$(VENV)/bin/mlflow ui --backend-store-uri "sqlite:///$(K5_HOME)/mlflow.db" \
 		--artifacts-destination "$(K5_HOME)/mlartifacts" --host 127.0.0.1 --port $(MLFLOW_PORT) & mlflow_pid=$$!; \
-	echo "Dagster UI: http://127.0.0.1:$(DAGSTER_PORT)   MLflow UI: http://127.0.0.1:$(MLFLOW_PORT)   (Ctrl-C stops both)"; \
+	ui_pid=; if [ -f "$(SBS_DEMO)/plan.json" ]; then \
+		$(PY) -m ui.annotation_app serve-demo "$(SBS_DEMO)" --port $(ANNOTATION_PORT) & ui_pid=$$!; \
+		echo "Annotation app: http://127.0.0.1:$(ANNOTATION_PORT)"; \
+	else echo "Annotation app: not started (no SBS batch yet: run make demo)"; fi; \
+	echo "Dagster UI: http://127.0.0.1:$(DAGSTER_PORT)   MLflow UI: http://127.0.0.1:$(MLFLOW_PORT)   (Ctrl-C stops all)"; \
 	wait -n
 
 clean:

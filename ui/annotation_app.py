@@ -266,12 +266,31 @@ def main(argv: list[str] | None = None) -> int:
     s.add_argument("--credentials", help="credentials file; default: the DB's annotators table")
     s.add_argument("--host", default="127.0.0.1")
     s.add_argument("--port", type=int, default=7860)
+    d = sub.add_parser("serve-demo", help="serve a materialized SBS batch folder with a fresh judgments DB and "
+                       "demo logins (every planned annotator, password 'demo'); used by `make ui`")
+    d.add_argument("batch", help="folder written by the sbs_batch asset (plan.json, media/)")
+    d.add_argument("--host", default="127.0.0.1")
+    d.add_argument("--port", type=int, default=7860)
     h = sub.add_parser("hash-password", help="read a password on stdin, print a credentials line")
     h.add_argument("name")
     args = parser.parse_args(argv)
     if args.cmd == "hash-password":
         password = sys.stdin.readline().rstrip("\n")
         print(f"{args.name}:{hash_password(password)}")
+        return 0
+    if args.cmd == "serve-demo":
+        batch = Path(args.batch)
+        if not (batch / "plan.json").exists():
+            parser.error(f"{batch} has no plan.json; materialize an sbs_batch first (make demo)")
+        plan = Plan.from_json((batch / "plan.json").read_text())
+        # A separate DB: the demo's own judgments.duckdb holds simulated votes and is read by the report asset.
+        store = JudgmentsStore(batch / "ui_judgments.duckdb")
+        names = sorted({a.annotator for a in plan.assignments})
+        for name in names:
+            if not store.check_password(name, "demo"):
+                store.set_password(name, "demo")
+        print(f"annotation app: log in as one of {', '.join(names)} with password 'demo'", flush=True)
+        serve(build_app(store, plan, batch / "media", store.check_password), args.host, args.port, block=True)
         return 0
     store = JudgmentsStore(args.db)
     plan = Plan.from_json(Path(args.plan).read_text()) if args.plan else None
