@@ -1,0 +1,117 @@
+"""Entry point: ``python -m k5model.training.run --stage tiny_demo --out DIR --steps N [--resume]``.
+
+Works alone (one process) or under ``torchrun --nproc-per-node K`` (gloo on CPU, nccl on GPU). Rank 0 prints one JSON
+line per step (``{"step", "loss", "grad_norm", "lr", ...}``); floats are printed with repr so they round-trip exactly.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import socket
+import sys
+from pathlib import Path
+from typing import Any
+
+import torch
+import torch.distributed as dist
+
+from k5model.checkpoint import save_transformer_folder
+from k5model.config import get_preset
+from k5model.crossdit import CrossDiT
+from k5model.training.checkpointing import latest_checkpoint, load_checkpoint, save_checkpoint
+from k5model.training.config import get_stage
+from k5model.training.parallel import apply_activation_checkpointing, apply_fsdp
+from k5model.training.trainer import SyntheticLatentSource, Trainer
+
+
+class JsonLinePrinter:
+    def on_step(self, step: int, metrics: dict[str, float]) -> None:
+        print(json.dumps({"step": step, **metrics}), flush=True)
+
+
+class PeriodicCheckpoint:
+    def __init__(self, trainer: Trainer, directory: Path, every: int, keep: int):
+        self.trainer, self.directory, self.every, self.keep = trainer, directory, every, keep
+
+    def on_step(self, step: int, metrics: dict[str, float]) -> None:
+        if self.every > 0 and step % self.every == 0:
+            save_checkpoint(self.trainer, self.directory, keep=self.keep)
+
+
+def _init_distributed() -> tuple[int, int]:
+    if "RANK" not in os.environ:  # plain `python -m`: a one-process group so the same FSDP/DCP code path runs
+        with socket.socket() as s:
+            s.bind(("127.0.0.1", 0))
+            port = s.getsockname()[1]
+        os.environ.update(RANK="0", WORLD_SIZE="1", LOCAL_RANK="0", MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
+    backend = "nccl" if torch.cuda.is_available() else "gloo"
+    dist.init_process_group(backend)
+    if backend == "nccl":
+        torch.cuda.set_device(int(os.environ["LOCAL_RANK"]))
+    return dist.get_rank(), dist.get_world_size()
+
+
+def main(argv: list[str] | None = None) -> dict[str, Any]:
+    p = argparse.ArgumentParser(description=__doc__)
+    p.add_argument("--stage", default="tiny_demo")
+    p.add_argument("--out", required=True, type=Path)
+    p.add_argument("--steps", type=int, default=None, help="train until this step (default: the stage's steps)")
+    p.add_argument("--resume", action="store_true", help="continue from the latest checkpoint in OUT/checkpoints")
+    p.add_argument("--ckpt-every", type=int, default=4)
+    p.add_argument("--keep", type=int, default=2)
+    p.add_argument("--seed", type=int, default=None)
+    p.add_argument("--bf16", action="store_true")
+    p.add_argument("--activation-checkpointing", action="store_true", help="recompute each block in backward")
+    p.add_argument("--no-export", action="store_true", help="skip writing OUT/ema/transformer at the end")
+    args = p.parse_args(argv)
+
+    rank, world = _init_distributed()
+    overrides: dict[str, Any] = {"bf16": True} if args.bf16 else {}
+    if args.activation_checkpointing:
+        overrides["activation_checkpointing"] = True
+    if args.seed is not None:
+        overrides["seed"] = args.seed
+    stage = get_stage(args.stage, **overrides)
+    steps = args.steps if args.steps is not None else stage.steps
+    device = torch.device("cuda", torch.cuda.current_device()) if torch.cuda.is_available() else torch.device("cpu")
+
+    torch.manual_seed(stage.seed)  # same initial weights on every rank before sharding
+    model = CrossDiT(get_preset(stage.model_preset, attention_type=stage.attention)).to(device)
+    if stage.activation_checkpointing:
+        apply_activation_checkpointing(model)
+    apply_fsdp(model, param_dtype=torch.bfloat16 if stage.bf16 and device.type == "cuda" else None)
+
+    cfg = model.config
+    data = SyntheticLatentSource(stage, rank=rank, in_channels=cfg.in_visual_dim, text_dim=cfg.in_text_dim,
+                                 pooled_dim=cfg.in_text_dim2)
+    trainer = Trainer(model, stage, data, data.null_condition(), rank=rank, device=device)
+    ckpt_dir = args.out / "checkpoints"
+    resumed_from = None
+    if args.resume and (latest := latest_checkpoint(ckpt_dir)) is not None:
+        resumed_from = load_checkpoint(trainer, latest)
+    if rank == 0:
+        print(json.dumps({"event": "start", "stage": stage.name, "world_size": world, "resumed_from": resumed_from}),
+              flush=True)
+        trainer.callbacks.append(JsonLinePrinter())
+    trainer.callbacks.append(PeriodicCheckpoint(trainer, ckpt_dir, args.ckpt_every, args.keep))
+
+    trainer.train(steps)
+    if args.ckpt_every > 0 and trainer.step % args.ckpt_every:
+        save_checkpoint(trainer, ckpt_dir, keep=args.keep)
+    if not args.no_export:
+        ema = trainer.ema.full_state_dict()  # collective
+        if rank == 0:
+            export = CrossDiT(cfg)
+            export.load_state_dict(ema, strict=True)
+            save_transformer_folder(export, args.out / "ema" / "transformer")
+    if rank == 0:
+        print(json.dumps({"event": "done", "step": trainer.step}), flush=True)
+    dist.barrier()
+    dist.destroy_process_group()
+    return {"step": trainer.step}
+
+
+if __name__ == "__main__":
+    main(sys.argv[1:])

@@ -1,0 +1,228 @@
+"""The training loop: AdamW + linear warm-up, grad-norm clipping, fp32 EMA, CFG text dropout, optional bf16 autocast.
+
+Deliberately free of Dagster/MLflow: tracking attaches through ``callbacks`` (objects with ``on_step(step, metrics)``).
+Every random draw of a step (timesteps, noise, text dropout, I2V choice) comes from a generator seeded by
+(seed, rank, step), so a resumed run repeats exactly what an uninterrupted run does without replaying RNG streams.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Iterable, Iterator
+from typing import Any, Protocol
+
+import numpy as np
+import torch
+import torch.distributed as dist
+import torch.nn as nn
+from torch.distributed.tensor import DTensor
+
+from k5model.flow_matching import TextCondition, drop_text_condition, flow_matching_loss
+from k5model.training.config import OptimConfig, StageConfig
+from k5model.training.parallel import clean_name
+
+
+class StepCallback(Protocol):
+    def on_step(self, step: int, metrics: dict[str, float]) -> None: ...
+
+
+def seeded_generator(*key: int) -> torch.Generator:
+    """A CPU generator whose seed mixes all of ``key`` (SeedSequence avoids collisions of naive sums)."""
+    seed = int(np.random.SeedSequence([int(k) for k in key]).generate_state(1, dtype=np.uint64)[0] >> 1)
+    return torch.Generator().manual_seed(seed)
+
+
+# ---------------------------------------------------------------------------------------------------------------------
+# Data: a deterministic synthetic latent source (tests, demo). Real sources just need the same batch dict and,
+# for exact resume, state_dict()/load_state_dict().
+
+
+class SyntheticLatentSource(Iterator[dict[str, Any]]):
+    """Endless batches of random latents + text embeddings drawn per (seed, rank, batch index).
+
+    Because a batch depends only on its index, ``state_dict`` is just the index and resume is exact."""
+
+    def __init__(self, stage: StageConfig, *, rank: int = 0, in_channels: int = 16, text_dim: int = 32,
+                 pooled_dim: int = 32, max_text_len: int = 6):
+        self.stage = stage
+        self.rank = rank
+        self.in_channels = in_channels
+        self.text_dim = text_dim
+        self.pooled_dim = pooled_dim
+        self.max_text_len = max_text_len
+        self.index = 0
+        self._res_keys = list(stage.resolutions)
+        self._res_p = torch.tensor([stage.resolutions[k] for k in self._res_keys], dtype=torch.float64)
+        self._tasks = list(stage.tasks)
+        self._task_p = torch.tensor([stage.tasks[k] for k in self._tasks], dtype=torch.float64)
+
+    def __iter__(self) -> SyntheticLatentSource:
+        return self
+
+    def __next__(self) -> dict[str, Any]:
+        g = seeded_generator(self.stage.seed, self.rank, self.index, 0)
+        self.index += 1
+        h, w = StageConfig.parse_resolution(self._res_keys[int(torch.multinomial(self._res_p, 1, generator=g))])
+        task = self._tasks[int(torch.multinomial(self._task_p, 1, generator=g))]
+        b, frames = self.stage.batch, 1 if task == "t2i" else self.stage.frames
+        x0 = torch.randn(b, frames, h, w, self.in_channels, generator=g)
+        lengths = torch.randint(1, self.max_text_len + 1, (b,), generator=g)
+        mask = torch.arange(self.max_text_len)[None] < lengths[:, None]
+        embeds = torch.randn(b, self.max_text_len, self.text_dim, generator=g) * mask[..., None]
+        pooled = torch.randn(b, self.pooled_dim, generator=g)
+        visual_cond = torch.ones(b, dtype=torch.bool) if task == "i2v" else None
+        return {"x0": x0, "text_embeds": embeds, "text_mask": mask, "pooled": pooled, "task": task,
+                "visual_cond": visual_cond}
+
+    def null_condition(self) -> TextCondition:
+        """Stand-in for the encoders' empty-prompt condition: fixed, shared by all ranks."""
+        g = seeded_generator(self.stage.seed, 2**31)
+        return TextCondition(torch.randn(1, 1, self.text_dim, generator=g), torch.ones(1, 1, dtype=torch.bool),
+                             torch.randn(1, self.pooled_dim, generator=g))
+
+    def state_dict(self) -> dict[str, int]:
+        return {"index": self.index}
+
+    def load_state_dict(self, state: dict[str, int]) -> None:
+        self.index = int(state["index"])
+
+
+# ---------------------------------------------------------------------------------------------------------------------
+# Optimisation maths (module-level so they are unit-testable on their own).
+
+
+def build_optimizer(model: nn.Module, cfg: OptimConfig) -> torch.optim.AdamW:
+    # foreach=False: the per-parameter path is what we verified to be bitwise reproducible across resume.
+    return torch.optim.AdamW(model.parameters(), lr=cfg.lr, betas=cfg.betas, eps=cfg.eps,
+                             weight_decay=cfg.weight_decay, foreach=False)
+
+
+def warmup_lr(step: int, base_lr: float, warmup_steps: int) -> float:
+    """Learning rate of optimiser step ``step`` (1-based): linear ramp base·step/warmup, then constant."""
+    if warmup_steps <= 0:
+        return base_lr
+    return base_lr * min(1.0, step / warmup_steps)
+
+
+def _local(t: torch.Tensor) -> torch.Tensor:
+    return t.to_local() if isinstance(t, DTensor) else t
+
+
+@torch.no_grad()
+def clip_gradients(params: Iterable[nn.Parameter], max_norm: float) -> float:
+    """Scale all gradients so their global L2 norm is at most ``max_norm``; returns the norm before clipping.
+
+    Under FSDP2 the per-shard norms are DTensors; ``full_tensor`` reduces them so every rank clips by the global norm."""
+    params = [p for p in params if p.grad is not None]
+    if not params:
+        return 0.0
+    total = torch.nn.utils.get_total_norm([p.grad for p in params], 2.0, foreach=False)
+    if isinstance(total, DTensor):
+        total = total.full_tensor()
+    torch.nn.utils.clip_grads_with_norm_(params, max_norm, total, foreach=False)
+    return float(total)
+
+
+class EMA:
+    """fp32 shadow of every parameter: shadow ← decay·shadow + (1 - decay)·param after each optimiser step.
+
+    Under FSDP2 the shadow holds the same shards as the parameters (DTensors), so it costs 4 bytes/param/world and
+    is saved sharded by DCP; ``full_state_dict`` gathers it only for export."""
+
+    def __init__(self, model: nn.Module, decay: float):
+        self.decay = decay
+        self.shadow: dict[str, torch.Tensor] = {
+            clean_name(n): p.detach().to(torch.float32, copy=True) for n, p in model.named_parameters()
+        }
+
+    @torch.no_grad()
+    def update(self, model: nn.Module) -> None:
+        w = 1.0 - self.decay
+        for n, p in model.named_parameters():
+            s = _local(self.shadow[clean_name(n)])
+            s.lerp_(_local(p.detach()).float(), w)  # s + w·(p - s) = decay·s + (1 - decay)·p
+
+    def state_dict(self) -> dict[str, torch.Tensor]:
+        return self.shadow
+
+    def full_state_dict(self) -> dict[str, torch.Tensor]:
+        """Unsharded CPU copy (a collective under FSDP2: every rank must call it)."""
+        return {n: (s.full_tensor() if isinstance(s, DTensor) else s).detach().cpu().clone()
+                for n, s in self.shadow.items()}
+
+
+# ---------------------------------------------------------------------------------------------------------------------
+
+
+class Trainer:
+    """Runs optimiser steps of one stage on an already-parallelised model (see ``parallel.apply_fsdp``)."""
+
+    def __init__(
+        self,
+        model: nn.Module,
+        stage: StageConfig,
+        data: Iterator[dict[str, Any]],
+        null_condition: TextCondition,
+        *,
+        callbacks: Iterable[StepCallback] = (),
+        rank: int = 0,
+        device: torch.device | str = "cpu",
+    ):
+        self.model = model
+        self.stage = stage
+        self.optim_cfg = stage.optim
+        self.data = data
+        self.null_condition = null_condition
+        self.callbacks = list(callbacks)
+        self.rank = rank
+        self.device = torch.device(device)
+        self.optimizer = build_optimizer(model, self.optim_cfg)
+        self.ema = EMA(model, stage.ema_decay)
+        self.step = 0  # optimiser steps completed
+
+    def _global_mean(self, value: torch.Tensor) -> float:
+        if dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1:
+            value = value.detach().clone()
+            dist.all_reduce(value)
+            value /= dist.get_world_size()
+        return float(value.detach())
+
+    def train_step(self) -> dict[str, float]:
+        self.model.train()
+        batch = next(self.data)
+        step = self.step + 1
+        g = seeded_generator(self.stage.seed, self.rank, step, 1)
+        cond = TextCondition(batch["text_embeds"].to(self.device), batch["text_mask"].to(self.device),
+                             batch["pooled"].to(self.device))
+        # CFG training: replace the text of a fraction of samples by the empty-prompt condition.
+        cond, dropped = drop_text_condition(cond, self.null_condition, self.stage.uncond_prob, generator=g)
+        with torch.autocast(self.device.type, dtype=torch.bfloat16, enabled=self.stage.bf16):
+            loss, _ = flow_matching_loss(
+                self.model, batch["x0"].to(self.device), cond.embeds, cond.mask, cond.pooled, generator=g,
+                shift=self.stage.timestep_shift, scheme=self.stage.timestep_scheme, visual_cond=batch["visual_cond"],
+            )
+        if not torch.isfinite(loss):
+            raise FloatingPointError(f"non-finite loss {float(loss)} at step {step}")
+        loss.backward()
+        grad_norm = clip_gradients(self.model.parameters(), self.optim_cfg.grad_clip)
+        lr = warmup_lr(step, self.optim_cfg.lr, self.optim_cfg.warmup_steps)
+        for group in self.optimizer.param_groups:
+            group["lr"] = lr
+        self.optimizer.step()
+        self.optimizer.zero_grad(set_to_none=True)
+        self.ema.update(self.model)
+        self.step = step
+        metrics = {"loss": self._global_mean(loss), "grad_norm": grad_norm, "lr": lr,
+                   "uncond_frac": self._global_mean(dropped.float().mean())}
+        if not math.isfinite(grad_norm):
+            raise FloatingPointError(f"non-finite grad norm at step {step}")
+        for cb in self.callbacks:
+            cb.on_step(step, metrics)
+        return metrics
+
+    def train(self, until_step: int) -> list[dict[str, float]]:
+        """Run steps until ``self.step == until_step`` (a resumed trainer continues where it stopped)."""
+        history = []
+        while self.step < until_step:
+            history.append(self.train_step())
+        return history
