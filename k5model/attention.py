@@ -6,6 +6,7 @@ Masks are boolean, ``True`` = may attend.
 
 from __future__ import annotations
 
+import contextlib
 from collections.abc import Sequence
 from functools import lru_cache
 
@@ -23,6 +24,15 @@ def _sdpa_priority():
     return [SDPBackend.CUDNN_ATTENTION, SDPBackend.FLASH_ATTENTION, SDPBackend.EFFICIENT_ATTENTION, SDPBackend.MATH]
 
 
+def sdpa_priority(enabled: bool = True):
+    """Context manager preferring cuDNN attention (no-op when disabled, e.g. on CPU)."""
+    if not enabled:
+        return contextlib.nullcontext()
+    from torch.nn.attention import sdpa_kernel
+
+    return sdpa_kernel(_sdpa_priority(), set_priority=True)
+
+
 def attention(
     q: torch.Tensor,
     k: torch.Tensor,
@@ -37,12 +47,12 @@ def attention(
         out = _math_attention(q, k, v, mask)
     else:
         # Flex has nothing to gain over SDPA without a sparse block structure; dense calls use SDPA.
-        if q.is_cuda:
-            from torch.nn.attention import sdpa_kernel
-
-            with sdpa_kernel(_sdpa_priority(), set_priority=True):
+        if q.is_cuda and not torch.compiler.is_compiling():
+            with sdpa_priority():
                 out = F.scaled_dot_product_attention(q, k, v, attn_mask=mask)
         else:
+            # Inside a compiled block the context manager would break the graph; CrossDiT enters it around the
+            # block loop instead, and the kernel choice is made under it when the graph is traced.
             out = F.scaled_dot_product_attention(q, k, v, attn_mask=mask)
     return out.transpose(1, 2)
 

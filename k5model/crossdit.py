@@ -408,8 +408,9 @@ class CrossDiT(nn.Module):
         key_mask = attn_ops.key_padding_mask(encoder_attention_mask)
         text_ctx = AttentionContext(self.attention_backend, mask=key_mask, rope_cast=self.rope_cast)
         t_rope = text_rope(text_rope_pos.to(text.device), cfg.head_dim)
-        for block in self.text_transformer_blocks:
-            text = self._block(block, text, time_embed, t_rope, text_ctx)
+        with attn_ops.sdpa_priority(text.is_cuda):
+            for block in self.text_transformer_blocks:
+                text = self._block(block, text, time_embed, t_rope, text_ctx)
 
         x = self.visual_embeddings(hidden_states)
         grid = x.shape[1:4]
@@ -423,8 +424,9 @@ class CrossDiT(nn.Module):
             x, v_rope = x[:, order], v_rope.index(order)
             self_ctx.nabla = self._nabla_context(nabla_params, [grid], x.device)
         cross_ctx = AttentionContext(self.attention_backend, mask=key_mask)
-        for block in self.visual_transformer_blocks:
-            x = self._block(block, x, text, time_embed, v_rope, self_ctx, cross_ctx)
+        with attn_ops.sdpa_priority(x.is_cuda):
+            for block in self.visual_transformer_blocks:
+                x = self._block(block, x, text, time_embed, v_rope, self_ctx, cross_ctx)
         if nabla_params is not None:
             x = x[:, torch.argsort(order)]
             self._record_density(self_ctx)
@@ -502,8 +504,9 @@ class CrossDiT(nn.Module):
         else:
             cross_ctx = AttentionContext(self.attention_backend,
                                          mask=attn_ops.document_mask(lengths, text_lengths, device))
-        for block in self.visual_transformer_blocks:
-            x = self._block(block, x, text, time_embed, v_rope, self_ctx, cross_ctx, lengths)
+        with attn_ops.sdpa_priority(x.is_cuda):
+            for block in self.visual_transformer_blocks:
+                x = self._block(block, x, text, time_embed, v_rope, self_ctx, cross_ctx, lengths)
         self._record_density(self_ctx)
         x = self.out_layer(x, time_embed, lengths)[0]
         outs = []
