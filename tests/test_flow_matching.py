@@ -17,14 +17,7 @@ from k5model.flow_matching import (
     velocity_target,
 )
 
-
-@pytest.fixture(autouse=True, scope="module")
-def one_thread():
-    """Tiny tensors: one intra-op thread is faster, and immune to a busy CI box (2 threads ran 6x slower there)."""
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 def tiny_model(seed: int = 0, visual_cond: bool = True) -> CrossDiT:

@@ -22,13 +22,7 @@ from k5model.pipeline import DEFAULT_VIDEO_NEGATIVE, K5Pipeline, video_scale_fac
 REPO = Path(__file__).resolve().parents[1]
 
 
-@pytest.fixture(autouse=True, scope="module")
-def one_thread():
-    """Tiny tensors: one intra-op thread is faster, and immune to a busy CI box (2 threads ran 6x slower there)."""
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 def k5(*args: str | Path) -> subprocess.CompletedProcess:
