@@ -57,6 +57,7 @@ def main() -> None:
     ap.add_argument("--seconds", type=int, default=5)
     ap.add_argument("--nabla", action="store_true")
     ap.add_argument("--no-diffusers", action="store_true")
+    ap.add_argument("--no-compile", action="store_true")
     args = ap.parse_args()
     cuda = torch.cuda.is_available() and not args.smoke
     device = torch.device("cuda" if cuda else "cpu")
@@ -85,7 +86,8 @@ def main() -> None:
     noise = torch.randn(1, frames, h, w, 16, generator=gen).to(device)
     res = {"device": torch.cuda.get_device_name() if cuda else "cpu", "torch": torch.__version__, "steps": steps,
            "nfe": 2 * steps, "latent": [frames, h, w], "attention": cfg.attention_type}
-    model.compile_blocks()
+    if not args.no_compile:
+        model.compile_blocks()
     kw = dict(latent_shape=noise.shape, cond=cond, uncond=uncond, guidance_scale=5.0, num_steps=steps, shift=10.0,
               noise=noise, progress=False)
     with torch.no_grad():
@@ -108,7 +110,8 @@ def main() -> None:
             for name, module in ref.named_modules():
                 if name.split(".")[-1] in Kandinsky5Transformer3DModel._keep_in_fp32_modules:
                     module.float()
-            ref.compile_repeated_blocks(fullgraph=False)
+            if not args.no_compile:
+                ref.compile_repeated_blocks(fullgraph=False)
             # diffusers passes no text mask: give it the unpadded texts (same as ours after masking)
             with torch.no_grad():
                 diffusers_loop(ref, noise, cond, uncond, 1, 10.0, 5.0, (1.0, 2.0, 2.0))

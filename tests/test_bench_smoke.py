@@ -1,0 +1,45 @@
+"""The CPU smoke mode of every GPU benchmark runs the same code paths (ours and the diffusers anchor) on tiny shapes."""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+def run_bench(*args: str, timeout: int = 240) -> str:
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "OUT": ""}
+    proc = subprocess.run([sys.executable, *args], cwd=ROOT, capture_output=True, text=True, timeout=timeout, env=env)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    return proc.stdout
+
+
+def last_json(out: str) -> dict:
+    start = out.rindex("\n{") + 1 if "\n{" in out else out.index("{")
+    return json.loads(out[start:])
+
+
+def test_crossdit_speed_smoke_matches_diffusers():
+    res = last_json(run_bench("bench/crossdit_speed.py", "--smoke", "--no-compile", "--train"))
+    assert res["diffusers_eager_rel_err"] < 1e-5  # same weights, same inputs, fp32 on CPU
+    assert res["ours_eager_s"] > 0 and res["train_step_s"] > 0
+
+
+def test_generation_speed_smoke_matches_diffusers_loop():
+    res = last_json(run_bench("bench/generation_speed.py", "--smoke", "--no-compile"))
+    assert res["nfe"] == 6 and res["latent_rel_diff"] < 1e-5
+
+
+def test_crossdit_gpu_check_smoke():
+    res = last_json(run_bench("bench/crossdit_gpu_check.py", "--smoke"))
+    assert res["nabla_out_rel_float32"] < 1e-5 and res["nabla_inference_out_rel_float32"] < 1e-5
+    assert res["packed_flex_vs_alone_rel_max"] < 1e-5
+
+
+def test_nabla_gpu_check_smoke():
+    res = last_json(run_bench("bench/nabla_gpu_check.py", "--smoke"))
+    assert res["bench"]["ms_nabla_fwd"] > 0
