@@ -8,10 +8,11 @@ import assets.curation
 import assets.generation
 import assets.models
 import assets.sbs
+import assets.training
 from orchestration.resources import default_resources
 
 # New asset modules go here: assets and asset checks are collected from each module.
-ASSET_MODULES = [assets.models, assets.generation, assets.curation, assets.sbs]
+ASSET_MODULES = [assets.models, assets.generation, assets.curation, assets.sbs, assets.training]
 
 all_assets = dg.load_assets_from_modules(ASSET_MODULES)
 all_asset_checks = dg.load_asset_checks_from_modules(ASSET_MODULES)
@@ -24,7 +25,7 @@ main_job = dg.define_asset_job(
     "main_job",
     selection=dg.AssetSelection.all() - CURATION_SHARDS - SBS,
     description="Every unpartitioned asset: tiny model bundle, demo generation, the curated dataset (after its "
-    "shards), and their checks.",
+    "shards), the Table 4 training stages (demo scale), and their checks.",
 )
 curation_shards_job = dg.define_asset_job(
     "curation_shards_job",
@@ -42,6 +43,8 @@ sbs_job = dg.define_asset_job(
 defs = dg.Definitions(
     assets=all_assets,
     asset_checks=all_asset_checks,
-    resources={**default_resources(), "curation": assets.curation.CurationResource()},
+    resources={**default_resources(), "curation": assets.curation.CurationResource(),
+               # training stages run as external jobs; a PipesK8sClient with GPU limits replaces this in production
+               "pipes_client": dg.PipesSubprocessClient()},
     jobs=[main_job, curation_shards_job, sbs_job],
 )

@@ -71,7 +71,7 @@ def main() -> int:
 
         gen = {k: v.value for m in result.asset_materializations_for_node("demo_generation") for k, v in m.metadata.items()}
         print(f"\nmain_job succeeded in {elapsed:.1f} s (Dagster run {result.run_id}); "
-              f"checks passed: {', '.join(c.check_name for c in checks) or 'none'}")
+              f"{len(checks)} checks passed: {', '.join(sorted({c.check_name for c in checks})) or 'none'}")
         print("\nGenerated media:")
         for uri in gen.get("media", []):
             print(f"  {_local(uri)}")

@@ -53,7 +53,32 @@ def _init_distributed() -> tuple[int, int]:
     return dist.get_rank(), dist.get_world_size()
 
 
-def main(argv: list[str] | None = None) -> dict[str, Any]:
+class JsonLineFile:
+    """metrics.jsonl beside the checkpoints: what the orchestration layer reads back and logs (rank 0 only)."""
+
+    def __init__(self, path: Path):
+        path.parent.mkdir(parents=True, exist_ok=True)
+        self.path = path
+
+    def on_step(self, step: int, metrics: dict[str, float]) -> None:
+        with self.path.open("a") as f:
+            f.write(json.dumps({"step": step, **metrics}) + "\n")
+
+
+def resolve_stage(name: str, demo: bool, **overrides: Any):
+    """A named StageConfig, or a report Table 4 row (``--demo`` scales it to the tiny preset for CPU)."""
+    from k5model.training.stages import TABLE4, demo_scaling
+
+    if name in TABLE4:
+        if not demo:
+            raise SystemExit(f"stage {name!r} is a full-scale Table 4 stage; pass --demo for its CPU-sized version "
+                             "(full-scale runs need the real data loader, not in this build yet)")
+        stage = demo_scaling(name)
+        return stage.replace(**overrides) if overrides else stage
+    return get_stage(name, **overrides)
+
+
+def main(argv: list[str] | None = None, callbacks: list[Any] | None = None) -> dict[str, Any]:
     p = argparse.ArgumentParser(description=__doc__)
     p.add_argument("--stage", default="tiny_demo")
     p.add_argument("--out", required=True, type=Path)
@@ -65,6 +90,10 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     p.add_argument("--bf16", action="store_true")
     p.add_argument("--activation-checkpointing", action="store_true", help="recompute each block in backward")
     p.add_argument("--no-export", action="store_true", help="skip writing OUT/ema/transformer at the end")
+    p.add_argument("--demo", action="store_true", help="run a Table 4 stage scaled to the tiny preset (CPU)")
+    p.add_argument("--init", type=Path, default=None,
+                   help="start from these weights (the parent stage's OUT/ema/transformer, or a released checkpoint: "
+                        "a diffusers transformer folder or an official single file)")
     args = p.parse_args(argv)
 
     rank, world = _init_distributed()
@@ -73,12 +102,16 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
         overrides["activation_checkpointing"] = True
     if args.seed is not None:
         overrides["seed"] = args.seed
-    stage = get_stage(args.stage, **overrides)
+    stage = resolve_stage(args.stage, args.demo, **overrides)
     steps = args.steps if args.steps is not None else stage.steps
     device = torch.device("cuda", torch.cuda.current_device()) if torch.cuda.is_available() else torch.device("cpu")
 
     torch.manual_seed(stage.seed)  # same initial weights on every rank before sharding
     model = CrossDiT(get_preset(stage.model_preset, attention_type=stage.attention)).to(device)
+    if args.init is not None and not (args.resume and latest_checkpoint(args.out / "checkpoints") is not None):
+        # attention settings are the stage's own: a parent trained dense may continue with NABLA
+        parent = CrossDiT.from_pretrained(args.init, config=model.config if args.init.is_file() else None)
+        model.load_state_dict(parent.state_dict(), strict=True)
     if stage.activation_checkpointing:
         apply_activation_checkpointing(model)
     apply_fsdp(model, param_dtype=torch.bfloat16 if stage.bf16 and device.type == "cuda" else None)
@@ -95,6 +128,8 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
         print(json.dumps({"event": "start", "stage": stage.name, "world_size": world, "resumed_from": resumed_from}),
               flush=True)
         trainer.callbacks.append(JsonLinePrinter())
+        trainer.callbacks.append(JsonLineFile(args.out / "metrics.jsonl"))
+        trainer.callbacks.extend(callbacks or [])
     trainer.callbacks.append(PeriodicCheckpoint(trainer, ckpt_dir, args.ckpt_every, args.keep))
 
     trainer.train(steps)
@@ -110,7 +145,7 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
         print(json.dumps({"event": "done", "step": trainer.step}), flush=True)
     dist.barrier()
     dist.destroy_process_group()
-    return {"step": trainer.step}
+    return {"step": trainer.step, "stage": stage.name, "world_size": world, "resumed_from": resumed_from}
 
 
 if __name__ == "__main__":
