@@ -142,7 +142,9 @@ def drop_text_condition(
     length = max(cond.embeds.shape[1], null_cond.embeds.shape[1])
     c = pad_text(cond, length)
     n = expand_batch(pad_text(null_cond, length), b)
-    d = drop.to(c.embeds.device)
+    dev = c.embeds.device
+    n = TextCondition(n.embeds.to(dev), n.mask.to(dev), n.pooled.to(dev))
+    d = drop.to(dev)
     embeds = torch.where(d[:, None, None], n.embeds.to(c.embeds.dtype), c.embeds)
     mask = torch.where(d[:, None], n.mask, c.mask)
     pooled = torch.where(d[:, None], n.pooled.to(c.pooled.dtype), c.pooled)

@@ -11,6 +11,7 @@ import json
 import os
 import socket
 import sys
+import time
 from pathlib import Path
 from typing import Any
 
@@ -27,8 +28,16 @@ from k5model.training.trainer import SyntheticLatentSource, Trainer
 
 
 class JsonLinePrinter:
+    """One JSON line per step on stdout, with the wall time since the previous step (the trainer reads the loss back
+    every step, so the device is synchronised and the time is real)."""
+
+    def __init__(self) -> None:
+        self.last = time.perf_counter()
+
     def on_step(self, step: int, metrics: dict[str, float]) -> None:
-        print(json.dumps({"step": step, **metrics}), flush=True)
+        now = time.perf_counter()
+        print(json.dumps({"step": step, **metrics, "step_time_s": now - self.last}), flush=True)
+        self.last = now
 
 
 class PeriodicCheckpoint:
@@ -94,10 +103,26 @@ def main(argv: list[str] | None = None, callbacks: list[Any] | None = None) -> d
     p.add_argument("--init", type=Path, default=None,
                    help="start from these weights (the parent stage's OUT/ema/transformer, or a released checkpoint: "
                         "a diffusers transformer folder or an official single file)")
+    p.add_argument("--preset", default=None, help="model preset instead of the stage's (e.g. video_lite on GPUs)")
+    p.add_argument("--latent-size", default=None, help="HxW latent size of every sample, e.g. 64x96 for 512x768")
+    p.add_argument("--frames", type=int, default=None, help="latent frames of a video sample (31 = 5 s)")
+    p.add_argument("--batch", type=int, default=None, help="samples per rank and step")
+    p.add_argument("--text-len", type=int, default=6, help="text tokens of the synthetic condition (256 = Qwen max)")
+    p.add_argument("--tasks", default=None, help="task mix override, e.g. t2v=1")
     args = p.parse_args(argv)
 
     rank, world = _init_distributed()
     overrides: dict[str, Any] = {"bf16": True} if args.bf16 else {}
+    if args.preset:
+        overrides["model_preset"] = args.preset
+    if args.latent_size:
+        overrides["resolutions"] = {args.latent_size: 1.0}
+    if args.frames:
+        overrides["frames"] = args.frames
+    if args.batch:
+        overrides["batch"] = args.batch
+    if args.tasks:
+        overrides["tasks"] = {k: float(v) for k, v in (kv.split("=") for kv in args.tasks.split(","))}
     if args.activation_checkpointing:
         overrides["activation_checkpointing"] = True
     if args.seed is not None:
@@ -118,7 +143,7 @@ def main(argv: list[str] | None = None, callbacks: list[Any] | None = None) -> d
 
     cfg = model.config
     data = SyntheticLatentSource(stage, rank=rank, in_channels=cfg.in_visual_dim, text_dim=cfg.in_text_dim,
-                                 pooled_dim=cfg.in_text_dim2)
+                                 pooled_dim=cfg.in_text_dim2, max_text_len=args.text_len)
     trainer = Trainer(model, stage, data, data.null_condition(), rank=rank, device=device)
     ckpt_dir = args.out / "checkpoints"
     resumed_from = None
@@ -142,7 +167,8 @@ def main(argv: list[str] | None = None, callbacks: list[Any] | None = None) -> d
             export.load_state_dict(ema, strict=True)
             save_transformer_folder(export, args.out / "ema" / "transformer")
     if rank == 0:
-        print(json.dumps({"event": "done", "step": trainer.step}), flush=True)
+        peak = torch.cuda.max_memory_allocated() / 2**30 if device.type == "cuda" else None
+        print(json.dumps({"event": "done", "step": trainer.step, "peak_mem_gib": peak}), flush=True)
     dist.barrier()
     dist.destroy_process_group()
     return {"step": trainer.step, "stage": stage.name, "world_size": world, "resumed_from": resumed_from}

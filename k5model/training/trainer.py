@@ -182,7 +182,8 @@ class Trainer:
 
     def _global_mean(self, value: torch.Tensor) -> float:
         if dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1:
-            value = value.detach().clone()
+            # NCCL reduces device tensors only; metrics such as the dropout fraction live on the CPU
+            value = value.detach().to(self.device, torch.float32).clone()
             dist.all_reduce(value)
             value /= dist.get_world_size()
         return float(value.detach())
@@ -199,7 +200,9 @@ class Trainer:
         with torch.autocast(self.device.type, dtype=torch.bfloat16, enabled=self.stage.bf16):
             loss, _ = flow_matching_loss(
                 self.model, batch["x0"].to(self.device), cond.embeds, cond.mask, cond.pooled, generator=g,
-                shift=self.stage.timestep_shift, scheme=self.stage.timestep_scheme, visual_cond=batch["visual_cond"],
+                shift=self.stage.timestep_shift, scheme=self.stage.timestep_scheme,
+                visual_cond=batch["visual_cond"].to(self.device) if torch.is_tensor(batch["visual_cond"])
+                else batch["visual_cond"],
             )
         if not torch.isfinite(loss):
             raise FloatingPointError(f"non-finite loss {float(loss)} at step {step}")
