@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import dagster as dg
+import torch
 from mlflow.tracking import MlflowClient
 
 from assets.training import stage_assets, stage_checks, stage_dir
@@ -40,3 +41,25 @@ def test_video_lite_chain_materializes_with_lineage(tmp_path, monkeypatch):
     assert first.data.params["init"].endswith("video_lite_t2i_lr/ema/transformer")
     assert len(client.get_metric_history(first.info.run_id, "loss")) == 3
     assert any(f.path == "transformer" for f in client.list_artifacts(first.info.run_id))
+
+
+def test_k5_train_cli_progress_and_exports(tmp_path):
+    from click.testing import CliRunner
+
+    from k5cli.main import main
+    from k5model.crossdit import CrossDiT
+
+    out = tmp_path / "run"
+    res = CliRunner().invoke(main, ["train", "video_lite_mr_10s", "--demo", "--out", str(out), "--steps", "2"])
+    assert res.exit_code == 0, res.output
+    assert "trained to step 2" in res.output
+    assert len((out / "metrics.jsonl").read_text().splitlines()) == 2
+    folder = CrossDiT.from_pretrained(out / "ema" / "transformer")
+    single = CrossDiT.from_pretrained(out / "ema" / "video_lite_mr_10s.safetensors", config=folder.config)
+    assert folder.config.attention_type == "nabla"
+    # the single file holds the same weights, rounded to bf16 except the fp32 time/modulation tensors
+    for (key, a), (key2, b) in zip(folder.state_dict().items(), single.state_dict().items()):
+        assert key == key2
+        assert torch.equal(a.to(b.dtype), b), key
+    assert single.visual_transformer_blocks[0].visual_modulation.out_layer.weight.dtype == torch.float32
+    assert single.visual_transformer_blocks[0].feed_forward.in_layer.weight.dtype == torch.bfloat16

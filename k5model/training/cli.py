@@ -78,3 +78,53 @@ def plan_cmd(stage: str, gpus: int, ref_seconds: float | None, batches: tuple[in
         notes.append("NABLA stage: Eq. 1 models dense attention, so step time is an upper bound")
     for note in notes:
         click.echo(f"note: {note}")
+
+
+class _ProgressBar:
+    """Trainer callback: a tqdm bar with ETA, the latest loss in its postfix."""
+
+    def __init__(self, total: int, initial: int = 0):
+        from tqdm.auto import tqdm
+
+        self.bar = tqdm(total=total, initial=initial, unit="step", desc="train")
+
+    def on_step(self, step: int, metrics: dict[str, float]) -> None:
+        self.bar.update(step - self.bar.n)
+        self.bar.set_postfix(loss=f"{metrics.get('loss', float('nan')):.4f}", lr=f"{metrics.get('lr', 0.0):.2e}")
+
+
+@click.command("train", context_settings={"ignore_unknown_options": True})
+@click.argument("stage")
+@click.option("--out", required=True, type=click.Path(file_okay=False), help="run folder (checkpoints, metrics, EMA)")
+@click.option("--steps", type=int, default=None, help="train until this step (default: the stage's)")
+@click.option("--demo", is_flag=True, help="a Table 4 stage scaled to the tiny preset (CPU)")
+@click.option("--nproc", type=int, default=1, show_default=True, help="processes (GPUs); >1 launches torchrun")
+@click.argument("extra", nargs=-1, type=click.UNPROCESSED)
+def train(stage: str, out: str, steps: int | None, demo: bool, nproc: int, extra: tuple[str, ...]) -> None:
+    """Train STAGE (a Table 4 stage name, or tiny_demo) with a progress bar; the same code Dagster launches.
+
+    Extra options go to ``python -m k5model.training.run`` (e.g. --resume, --init DIR, --bf16, --ckpt-every N)."""
+    import subprocess
+    import sys
+
+    argv = ["--stage", stage, "--out", out, *(["--steps", str(steps)] if steps else []), *(["--demo"] if demo else []),
+            *extra]
+    if nproc > 1:
+        # several processes: torchrun prints rank 0's JSON lines; the bar belongs to the single-process path
+        cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc-per-node", str(nproc), "-m",
+               "k5model.training.run", *argv]
+        raise SystemExit(subprocess.call(cmd))
+    import contextlib
+    import io
+
+    from k5model.training import run
+
+    target = steps
+    if target is None:
+        target = run.resolve_stage(stage, demo).steps
+    bar = _ProgressBar(total=target)
+    # the bar replaces the per-step JSON lines on the terminal (metrics.jsonl in OUT keeps them)
+    with contextlib.redirect_stdout(io.StringIO()):
+        result = run.main(argv, callbacks=[bar])
+    bar.bar.close()
+    click.echo(f"{result['stage']}: trained to step {result['step']} -> {out}")

@@ -18,7 +18,7 @@ from typing import Any
 import torch
 import torch.distributed as dist
 
-from k5model.checkpoint import save_transformer_folder
+from k5model.checkpoint import save_single_file, save_transformer_folder
 from k5model.config import get_preset
 from k5model.crossdit import CrossDiT
 from k5model.training.checkpointing import latest_checkpoint, load_checkpoint, save_checkpoint
@@ -166,6 +166,7 @@ def main(argv: list[str] | None = None, callbacks: list[Any] | None = None) -> d
             export = CrossDiT(cfg)
             export.load_state_dict(ema, strict=True)
             save_transformer_folder(export, args.out / "ema" / "transformer")
+            save_single_file(export, args.out / "ema" / f"{stage.name}.safetensors")  # official single-file layout
     if rank == 0:
         peak = torch.cuda.max_memory_allocated() / 2**30 if device.type == "cuda" else None
         print(json.dumps({"event": "done", "step": trainer.step, "peak_mem_gib": peak}), flush=True)
