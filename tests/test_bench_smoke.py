@@ -43,3 +43,12 @@ def test_crossdit_gpu_check_smoke():
 def test_nabla_gpu_check_smoke():
     res = last_json(run_bench("bench/nabla_gpu_check.py", "--smoke"))
     assert res["bench"]["ms_nabla_fwd"] > 0
+
+
+def test_loader_bench_smoke_meets_padding_target():
+    import re
+
+    out = run_bench("bench/loader.py", "--smoke")
+    packed = float(re.search(r"packed \(t_max=\d+\): ([\d.]+)% real tokens", out).group(1))
+    single = float(re.search(r"one-video-per-sample batches: ([\d.]+)% real tokens", out).group(1))
+    assert packed >= 97.0 and single < packed

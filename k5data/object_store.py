@@ -1,0 +1,72 @@
+"""Minimal object stores (local directory, S3) used by the latent shard writer and loader."""
+from __future__ import annotations
+
+import os
+import shutil
+from dataclasses import dataclass
+from pathlib import Path
+from typing import IO, Any
+
+
+@dataclass
+class LocalStore:
+    root: Path
+
+    def __post_init__(self) -> None:
+        self.root = Path(self.root)
+
+    def put_file(self, local: Path, key: str) -> None:
+        dst = self.root / key
+        dst.parent.mkdir(parents=True, exist_ok=True)
+        tmp = dst.with_name(dst.name + ".partial")
+        shutil.copyfile(local, tmp)
+        os.replace(tmp, dst)  # why: atomic rename, a crash never leaves a half-written key
+
+    def open_read(self, key: str) -> IO[bytes]:
+        return open(self.root / key, "rb")
+
+    def exists(self, key: str) -> bool:
+        return (self.root / key).is_file()
+
+    def list(self, prefix: str = "") -> list[str]:
+        base = self.root
+        out = [p.relative_to(base).as_posix() for p in base.rglob("*") if p.is_file()]
+        return sorted(k for k in out if k.startswith(prefix) and not k.endswith(".partial"))
+
+
+@dataclass
+class S3Store:
+    bucket: str
+    prefix: str = ""
+    endpoint_url: str | None = None
+    multipart_threshold: int = 8 * 1024 * 1024
+
+    def __post_init__(self) -> None:
+        import boto3
+        from boto3.s3.transfer import TransferConfig
+
+        self._s3: Any = boto3.client("s3", endpoint_url=self.endpoint_url)
+        self._cfg = TransferConfig(multipart_threshold=self.multipart_threshold,
+                                   multipart_chunksize=max(self.multipart_threshold, 5 * 1024 * 1024))
+
+    def _k(self, key: str) -> str:
+        return f"{self.prefix.rstrip('/')}/{key}" if self.prefix else key
+
+    def put_file(self, local: Path, key: str) -> None:
+        # why: S3 objects only become visible once the (multipart) upload completes; SHA256 checksums per part
+        self._s3.upload_file(str(local), self.bucket, self._k(key), Config=self._cfg,
+                             ExtraArgs={"ChecksumAlgorithm": "SHA256"})
+
+    def open_read(self, key: str) -> IO[bytes]:
+        return self._s3.get_object(Bucket=self.bucket, Key=self._k(key))["Body"]
+
+    def exists(self, key: str) -> bool:
+        r = self._s3.list_objects_v2(Bucket=self.bucket, Prefix=self._k(key))
+        return any(o["Key"] == self._k(key) for o in r.get("Contents", []))
+
+    def list(self, prefix: str = "") -> list[str]:
+        out: list[str] = []
+        strip = len(self._k(""))
+        for page in self._s3.get_paginator("list_objects_v2").paginate(Bucket=self.bucket, Prefix=self._k(prefix)):
+            out += [o["Key"][strip:] for o in page.get("Contents", [])]
+        return sorted(out)
