@@ -12,6 +12,7 @@ import dagster as dg
 import numpy as np
 
 from assets.models import tiny_model_bundle
+from k5model.media import read_video
 from orchestration.resources import MLflowResource, ObjectStoreResource
 
 MEDIA_PREFIX = "demo_generation"
@@ -172,16 +173,6 @@ def degeneracy_problems(frames: np.ndarray, latents: np.ndarray, expected_shape:
     return problems
 
 
-def _decode_mp4(path: Path) -> np.ndarray:
-    import imageio.v2 as imageio
-
-    reader = imageio.get_reader(str(path), format="FFMPEG")
-    try:
-        return np.stack([np.asarray(f) for f in reader])
-    finally:
-        reader.close()
-
-
 @dg.asset_check(asset=demo_generation, blocking=True, description="Stored clips decode to the expected shape, "
                 "are not constant, and their latents are finite.")
 def demo_generation_is_not_degenerate(
@@ -194,7 +185,7 @@ def demo_generation_is_not_degenerate(
     stats: list[dict[str, Any]] = []
     with tempfile.TemporaryDirectory() as tmp:
         for key, lkey in zip(meta["media_keys"], meta["latent_keys"]):
-            frames = _decode_mp4(object_store.get_file(key, Path(tmp) / Path(key).name)).astype(np.float32)
+            frames = read_video(object_store.get_file(key, Path(tmp) / Path(key).name)).astype(np.float32)
             latents = np.load(object_store.get_file(lkey, Path(tmp) / Path(lkey).name))
             stats.append({"key": key, "shape": list(frames.shape), "std": round(float(frames.std()), 3),
                           "latents_finite": bool(np.isfinite(latents).all())})

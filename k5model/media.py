@@ -65,3 +65,14 @@ def save_media(frames: np.ndarray, path: str | Path, *, fps: int = 24, quality: 
         Path(tmp).unlink(missing_ok=True)
         raise
     return path
+
+
+def read_video(path: str | Path) -> np.ndarray:
+    """All frames of a video file as uint8 (F, H, W, 3) — the inverse of :func:`save_media` for .mp4."""
+    import imageio.v2 as imageio
+
+    reader = imageio.get_reader(str(path), format="FFMPEG")
+    try:
+        return np.stack([np.asarray(f) for f in reader])
+    finally:
+        reader.close()

@@ -40,6 +40,16 @@ def inputs(cfg, batch=2, frames=3, height=8, width=12, text_len=7, seed=1):
     )
 
 
+def assert_packed_equals_alone(model, packed, lats, texts, t, pooled):
+    """Each packed output must equal a forward of that sample alone (its own shape, text, time, RoPE)."""
+    for i, (lat, txt) in enumerate(zip(lats, texts)):
+        alone = model(lat[None], txt[None], t[i : i + 1], pooled[i : i + 1],
+                      [torch.arange(lat.shape[0]), torch.arange(lat.shape[1] // 2), torch.arange(lat.shape[2] // 2)],
+                      torch.arange(txt.shape[0]), scale_factor=(1.0, 2.0, 2.0)).sample[0]
+        assert packed[i].shape == alone.shape
+        torch.testing.assert_close(packed[i], alone, atol=1e-5, rtol=1e-5)
+
+
 @pytest.fixture(scope="module")
 def diffusers_dir(tmp_path_factory):
     cfg = get_preset("tiny")
@@ -157,12 +167,7 @@ def test_packed_batch_equals_samples_alone():
     pooled = torch.randn(3, 32, generator=gen)
     with torch.no_grad():
         packed = model.forward_packed(lats, texts, t, pooled, scale_factor=(1.0, 2.0, 2.0))
-        for i, (lat, txt) in enumerate(zip(lats, texts)):
-            alone = model(lat[None], txt[None], t[i : i + 1], pooled[i : i + 1],
-                          [torch.arange(lat.shape[0]), torch.arange(lat.shape[1] // 2), torch.arange(lat.shape[2] // 2)],
-                          torch.arange(txt.shape[0]), scale_factor=(1.0, 2.0, 2.0)).sample[0]
-            assert packed[i].shape == alone.shape
-            torch.testing.assert_close(packed[i], alone, atol=1e-5, rtol=1e-5)
+        assert_packed_equals_alone(model, packed, lats, texts, t, pooled)
 
 
 def test_gradient_checkpointing_same_gradients():
@@ -243,11 +248,7 @@ def test_nabla_packed_equals_samples_alone():
     pooled = torch.randn(2, 32, generator=gen)
     with torch.no_grad():
         packed = model.forward_packed(lats, texts, t, pooled, scale_factor=(1.0, 2.0, 2.0))
-        for i, (lat, txt) in enumerate(zip(lats, texts)):
-            alone = model(lat[None], txt[None], t[i : i + 1], pooled[i : i + 1],
-                          [torch.arange(lat.shape[0]), torch.arange(lat.shape[1] // 2), torch.arange(lat.shape[2] // 2)],
-                          torch.arange(txt.shape[0]), scale_factor=(1.0, 2.0, 2.0)).sample[0]
-            torch.testing.assert_close(packed[i], alone, atol=1e-5, rtol=1e-5)
+        assert_packed_equals_alone(model, packed, lats, texts, t, pooled)
 
 
 def test_nabla_rejects_grid_not_multiple_of_tile():

@@ -9,7 +9,6 @@ from pathlib import Path
 from urllib.parse import unquote, urlparse
 
 import dagster as dg
-import imageio.v2 as imageio
 import numpy as np
 import pytest
 import yaml
@@ -18,7 +17,7 @@ from mlflow.tracking import MlflowClient
 from assets.generation import degeneracy_problems, demo_generation, demo_generation_is_not_degenerate
 from assets.models import tiny_model_bundle
 from evaluation.prompts import load_moviegen
-from k5model.media import save_media
+from k5model.media import read_video, save_media
 from orchestration.resources import MLflowResource, ObjectStoreResource, default_resources
 from orchestration.settings import DAGSTER_YAML, K5Paths, k5_home
 
@@ -35,14 +34,6 @@ def _file(uri: str) -> Path:
     parsed = urlparse(uri)
     assert parsed.scheme == "file", uri
     return Path(unquote(parsed.path))
-
-
-def _decode(path: Path) -> np.ndarray:
-    reader = imageio.get_reader(str(path), format="FFMPEG")
-    try:
-        return np.stack([np.asarray(f) for f in reader])
-    finally:
-        reader.close()
 
 
 def test_settings_paths_and_dagster_yaml(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
@@ -138,7 +129,7 @@ def test_materialize_demo_generation(k5_env: K5Paths, tiny_t2v_dir: Path) -> Non
     for uri in meta["media"]:
         path = _file(uri)
         assert path.is_relative_to(paths.object_store) and path.suffix == ".mp4"
-        frames = _decode(path)
+        frames = read_video(path)
         assert frames.shape == (5, 64, 64, 3) and frames.std() > 1.0
     assert meta["preview"].startswith("![filmstrip](data:image/png;base64,")
 
