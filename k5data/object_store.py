@@ -42,10 +42,12 @@ class S3Store:
     multipart_threshold: int = 8 * 1024 * 1024
 
     def __post_init__(self) -> None:
-        import boto3
         from boto3.s3.transfer import TransferConfig
 
-        self._s3: Any = boto3.client("s3", endpoint_url=self.endpoint_url)
+        from k5data.sources import s3_client
+
+        # one client recipe for the project: path-style addressing (any S3-compatible store) and retries
+        self._s3: Any = s3_client(self.endpoint_url)
         self._cfg = TransferConfig(multipart_threshold=self.multipart_threshold,
                                    multipart_chunksize=max(self.multipart_threshold, 5 * 1024 * 1024))
 
