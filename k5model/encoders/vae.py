@@ -55,6 +55,20 @@ class _VAEBase:
 class VideoVAE(_VAEBase):
     """HunyuanVideo VAE: pixels (B, 3, F, H, W) with F = 4k+1 <-> latents (B, (F-1)//4+1, H/8, W/8, 16)."""
 
+    def __init__(self, vae: torch.nn.Module):
+        super().__init__(vae)
+        self.chunked = None  # a CausalChunkEncoder once use_chunked_encoding() was called
+
+    def use_chunked_encoding(self, chunk_frames: int = 16, *, compile: bool = False,
+                             channels_last: bool = False) -> VideoVAE:
+        """Encode in causal temporal chunks with carried conv state instead of diffusers' overlapping tiles
+        (see k5model.encoders.causal_encode): every frame is encoded once, memory stays bounded by the chunk."""
+        from k5model.encoders.causal_encode import CausalChunkEncoder
+
+        self.chunked = CausalChunkEncoder(self.vae, chunk_frames=chunk_frames, compile=compile,
+                                          channels_last=channels_last)
+        return self
+
     @classmethod
     def from_pretrained(
         cls,
@@ -101,7 +115,12 @@ class VideoVAE(_VAEBase):
             raise ValueError(f"frame count must be {self.temporal_compression}k+1, got {f}")
         if h % self.spatial_compression or w % self.spatial_compression:
             raise ValueError(f"height and width must be multiples of {self.spatial_compression}, got {h}x{w}")
-        dist = self.vae.encode(pixels.to(self.device, self.dtype)).latent_dist
+        if self.chunked is not None:
+            from diffusers.models.autoencoders.vae import DiagonalGaussianDistribution
+
+            dist = DiagonalGaussianDistribution(self.chunked.encode(pixels.to(self.device, self.dtype)))
+        else:
+            dist = self.vae.encode(pixels.to(self.device, self.dtype)).latent_dist
         z = self._latents(dist, sample, generator) * self.scaling_factor
         return z.permute(0, 2, 3, 4, 1).contiguous()  # (B, C, T, h, w) -> channels-last
 

@@ -1,0 +1,89 @@
+"""HunyuanVideo VAE encoding of a 5 s 512×768 clip: diffusers (tiled default, untiled) vs our chunked causal encoder.
+
+Same process, same random weights (diffusers' default init of the production config) and the same random clip;
+fp16; median of ``--reps`` encodes after a warm-up; peak = torch.cuda.max_memory_allocated over the encodes (weights
+included). Deviation = max |latent mean − diffusers untiled latent mean| (and the same relative to the latents' max),
+so the cost of chunking is visible next to the cost of diffusers' own tiling.
+
+    python bench/vae_encode.py              # H100: 121 frames, 512x768
+    python bench/vae_encode.py --smoke      # CPU: toy VAE, 17 frames, 64x96
+"""
+
+from __future__ import annotations
+
+import argparse
+import gc
+import sys
+from pathlib import Path
+
+import torch
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+from bench.common import peak_gb, timed, write_result  # noqa: E402
+from k5model.encoders.causal_encode import CausalChunkEncoder  # noqa: E402
+
+
+def build_vae(smoke: bool):
+    from diffusers import AutoencoderKLHunyuanVideo
+
+    torch.manual_seed(0)
+    if smoke:
+        return AutoencoderKLHunyuanVideo(block_out_channels=(8, 16, 32, 32), layers_per_block=1, norm_num_groups=4)
+    return AutoencoderKLHunyuanVideo()  # the HunyuanVideo / Kandinsky 5 video VAE layout
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser()
+    ap.add_argument("--smoke", action="store_true")
+    ap.add_argument("--reps", type=int, default=3)
+    ap.add_argument("--variants", default="c16,c16_compile,c16_compile_cl,c8_compile,c32_compile",
+                    help="ours: c<chunk frames>[_compile][_cl] (cl = channels-last-3d)")
+    args = ap.parse_args()
+    cuda = torch.cuda.is_available() and not args.smoke
+    device = torch.device("cuda" if cuda else "cpu")
+    dtype = torch.float16 if cuda else torch.float32
+    frames, h, w = (121, 512, 768) if cuda else (17, 64, 96)
+    reps = args.reps if cuda else 1
+    vae = build_vae(not cuda).to(device, dtype).eval()
+    gen = torch.Generator().manual_seed(1)
+    pixels = (torch.rand(1, 3, frames, h, w, generator=gen) * 2 - 1).to(device, dtype)
+    res: dict = {"device": torch.cuda.get_device_name() if cuda else "cpu", "torch": torch.__version__,
+                 "frames": frames, "size": [h, w], "dtype": str(dtype)}
+
+    def measure(name: str, fn) -> torch.Tensor:
+        if cuda:
+            torch.cuda.synchronize()
+            torch.cuda.reset_peak_memory_stats()
+        with torch.no_grad():
+            res[f"{name}_s"] = timed(fn, reps, warmup=1)
+            out = fn()
+        res[f"{name}_peak_gb"] = peak_gb()
+        return out
+
+    with torch.no_grad():
+        untiled = measure("diffusers_untiled", lambda: vae.encode(pixels).latent_dist.mode())
+        vae.enable_tiling()
+        tiled = measure("diffusers_tiled", lambda: vae.encode(pixels).latent_dist.mode())
+        vae.disable_tiling()
+    scale = untiled.float().abs().max().item()
+    res["latent_absmax"] = scale
+    res["diffusers_tiled_max_dev"] = (tiled.float() - untiled.float()).abs().max().item()
+    for variant in args.variants.split(","):
+        parts = variant.split("_")
+        enc = CausalChunkEncoder(vae, chunk_frames=int(parts[0][1:]), compile="compile" in parts,
+                                 channels_last="cl" in parts)
+        ours = measure(f"ours_{variant}", lambda enc=enc: enc.encode(pixels)[:, : untiled.shape[1]])
+        res[f"ours_{variant}_max_dev"] = (ours.float() - untiled.float()).abs().max().item()
+        res[f"ours_{variant}_rel_max_dev"] = res[f"ours_{variant}_max_dev"] / scale
+        res[f"ours_{variant}_speedup_vs_tiled"] = res["diffusers_tiled_s"] / res[f"ours_{variant}_s"]
+        if "cl" in parts:  # back to the default layout for the next variant
+            vae.to(memory_format=torch.contiguous_format)
+        del enc, ours
+        gc.collect()
+        print({k: v for k, v in res.items() if k.startswith(f"ours_{variant}")}, flush=True)
+    write_result("vae_encode.json", res)
+
+
+if __name__ == "__main__":
+    main()
