@@ -58,6 +58,9 @@ def main() -> None:
     ap.add_argument("--nabla", action="store_true")
     ap.add_argument("--no-diffusers", action="store_true")
     ap.add_argument("--no-compile", action="store_true")
+    ap.add_argument("--residual-fp32", action="store_true", help="keep our residual streams in fp32")
+    ap.add_argument("--force-total-density", type=float, default=None,
+                    help="NABLA: pin the block density (STA included), for random weights")
     args = ap.parse_args()
     cuda = torch.cuda.is_available() and not args.smoke
     device = torch.device("cuda" if cuda else "cpu")
@@ -86,6 +89,10 @@ def main() -> None:
     noise = torch.randn(1, frames, h, w, 16, generator=gen).to(device)
     res = {"device": torch.cuda.get_device_name() if cuda else "cpu", "torch": torch.__version__, "steps": steps,
            "nfe": 2 * steps, "latent": [frames, h, w], "attention": cfg.attention_type}
+    model.residual_fp32 = args.residual_fp32
+    if args.force_total_density is not None:
+        model.nabla_force_density, model.nabla_force_total = args.force_total_density, True
+    res["residual_fp32"], res["force_total_density"] = args.residual_fp32, args.force_total_density
     if not args.no_compile:
         model.compile_blocks()
     kw = dict(latent_shape=noise.shape, cond=cond, uncond=uncond, guidance_scale=5.0, num_steps=steps, shift=10.0,
@@ -124,7 +131,8 @@ def main() -> None:
             res["latent_rel_diff"] = ((ours - theirs).norm() / theirs.norm()).item()
     print(json.dumps(res, indent=1))
     if os.environ.get("OUT"):
-        Path(os.environ["OUT"], f"generation_{args.seconds}s.json").write_text(json.dumps(res, indent=1))
+        tag = f"{args.seconds}s{'_nabla' if args.nabla else ''}{'_r32' if args.residual_fp32 else ''}"
+        Path(os.environ["OUT"], f"generation_{tag}.json").write_text(json.dumps(res, indent=1))
 
 
 if __name__ == "__main__":

@@ -25,8 +25,15 @@ def last_json(out: str) -> dict:
 
 def test_crossdit_speed_smoke_matches_diffusers():
     res = last_json(run_bench("bench/crossdit_speed.py", "--smoke", "--no-compile", "--train"))
-    assert res["diffusers_eager_rel_err"] < 1e-5  # same weights, same inputs, fp32 on CPU
-    assert res["ours_eager_s"] > 0 and res["train_step_s"] > 0
+    assert res["diffusers_rel_err"] < 1e-5  # same weights, same inputs, fp32 on CPU
+    assert res["ours_eager_s"] > 0 and res["train_sac0"]["s"] > 0 and res["train_sac1"]["s"] > 0
+
+
+def test_crossdit_speed_smoke_nabla_training():
+    res = last_json(run_bench("bench/crossdit_speed.py", "--smoke", "--no-compile", "--nabla", "--train",
+                              "--train-sac", "1"))
+    assert 0 < res["nabla_density_cdf_rule"] <= 1
+    assert res["train_sac1"]["dense"]["s"] > 0 and res["train_sac1"]["nabla_total10pct"]["s"] > 0
 
 
 def test_generation_speed_smoke_matches_diffusers_loop():
@@ -52,3 +59,9 @@ def test_loader_bench_smoke_meets_padding_target():
     packed = float(re.search(r"packed \(t_max=\d+\): ([\d.]+)% real tokens", out).group(1))
     single = float(re.search(r"one-video-per-sample batches: ([\d.]+)% real tokens", out).group(1))
     assert packed >= 97.0 and single < packed
+
+
+def test_vae_encode_bench_smoke():
+    res = last_json(run_bench("bench/vae_encode.py", "--smoke", "--variants", "c16,c8"))
+    assert res["ours_c16_max_dev"] < 1e-5  # one chunk holds all 17 frames: exact
+    assert res["ours_c8_s"] > 0 and res["diffusers_tiled_s"] > 0
