@@ -127,9 +127,11 @@ def _register_subcommands() -> None:
     # These modules import only click at load time, so `k5 --help` stays fast.
     from evaluation.cli import sbs
     from k5data.cli import curate
+    from k5data.latents_cli import latents
     from k5model.training.cli import plan_cmd, stages, train
 
     main.add_command(curate)  # k5 curate SRC OUT
+    main.add_command(latents)  # k5 latents DATASET STORE --video-vae PATH
     main.add_command(sbs)  # k5 sbs score JUDGMENTS
     main.add_command(plan_cmd)  # k5 plan STAGE --gpus N [--ref-seconds 6.30]
     main.add_command(stages)  # k5 stages (report Table 4)

@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import random
 from collections.abc import Iterator
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any
 
 import numpy as np
@@ -24,17 +24,29 @@ class PackedBatch:
     captions: list[str]
     fps: list[float]
     is_image: bool
+    source_latents: list[np.ndarray | None] = field(default_factory=list)  # editing sources (None: not a pair)
 
 
 class PackedLatentLoader:
     def __init__(self, store: Store, prefix: str, t_max: int, image_step_fraction: float, seed: int,
-                 queue_factor: float = 2.0) -> None:
+                 queue_factor: float = 2.0, *, rank: int = 0, world_size: int = 1,
+                 modalities: tuple[str, ...] | None = None, shuffle_seed: int | None = None) -> None:
+        """``rank``/``world_size``: this rank streams every world_size-th archive (disjoint archives per rank).
+        ``modalities``: only archives of these ("image", "video"); None = all. ``shuffle_seed``: archive order
+        shuffled with it before the rank split (use the same seed on every rank); None = sorted order."""
+        if not 0 <= rank < world_size:
+            raise ValueError(f"rank must be in [0, world_size={world_size}), got {rank}")
         self.store, self.prefix, self.t_max = store, prefix, t_max
         self.frac, self.seed = image_step_fraction, seed
         self.queue_factor = queue_factor  # why: a queue holding >= factor*t_max frames lets first-fit fill batches
         idx = read_index(store, prefix)
         shards = idx.column("shard").to_pylist()
-        self.shards = sorted(set(shards))  # deterministic archive order
+        keep = {sh for sh, mod in zip(shards, idx.column("modality").to_pylist())
+                if modalities is None or mod in modalities}
+        order = sorted(keep)  # deterministic archive order, optionally shuffled, split round-robin over ranks
+        if shuffle_seed is not None:
+            random.Random(shuffle_seed).shuffle(order)
+        self.shards = order[rank::world_size]
         self.shard_of = dict(zip(idx.column("sample_id").to_pylist(), shards))
         self.rng = random.Random(seed)
         self.cursor = 0  # next archive to open
@@ -94,7 +106,7 @@ class PackedLatentLoader:
                 rest.append(s)
         self.queues[key] = rest
         return PackedBatch([s.latent for s in out], [s.id for s in out], [s.caption for s in out],
-                           [s.fps for s in out], key[0])
+                           [s.fps for s in out], key[0], [s.source_latent for s in out])
 
     def state_dict(self) -> dict[str, Any]:
         return {"cursor": self.cursor, "open": self._it is not None, "consumed": self._consumed,

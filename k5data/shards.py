@@ -8,7 +8,7 @@ import tempfile
 from collections.abc import Iterable, Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import IO, Protocol
+from typing import IO, Any, Protocol
 
 import numpy as np
 import pyarrow as pa
@@ -37,6 +37,9 @@ class LatentSample:
     fps: float
     res_class: str
     scores: dict[str, float] = field(default_factory=dict)
+    # instruct editing: the source image's latent (same shape); trained with it in the condition channels, mask ones
+    source_latent: np.ndarray | None = None
+    meta: dict[str, Any] = field(default_factory=dict)  # provenance (source uri, scene times, bucket, vae, ...)
 
     @property
     def modality(self) -> str:
@@ -49,14 +52,24 @@ def _add(tar: tarfile.TarFile, name: str, data: bytes) -> None:
     tar.addfile(info, io.BytesIO(data))
 
 
+def _npy(a: np.ndarray) -> bytes:
+    buf = io.BytesIO()
+    np.save(buf, a, allow_pickle=False)
+    return buf.getvalue()
+
+
 def write_tar(samples: list[LatentSample], path: Path) -> None:
+    """Members per sample: ``<id>.npy``, ``<id>.src_npy`` (editing source, optional), then ``<id>.json`` last."""
     with tarfile.open(path, "w") as tar:
         for s in samples:
-            buf = io.BytesIO()
-            np.save(buf, s.latent, allow_pickle=False)
-            _add(tar, f"{s.id}.npy", buf.getvalue())
+            if "." in s.id or "/" in s.id:
+                raise ValueError(f"sample id {s.id!r} must not contain '.' or '/' (tar member names)")
+            _add(tar, f"{s.id}.npy", _npy(s.latent))
+            if s.source_latent is not None:
+                _add(tar, f"{s.id}.src_npy", _npy(s.source_latent))
             meta = {"id": s.id, "caption": s.caption, "fps": s.fps, "res_class": s.res_class,
-                    "scores": s.scores, "shape": list(s.latent.shape)}
+                    "scores": s.scores, "shape": list(s.latent.shape), "source": s.source_latent is not None,
+                    "meta": s.meta}
             _add(tar, f"{s.id}.json", json.dumps(meta).encode())
 
 
@@ -69,11 +82,12 @@ def read_tar(f: IO[bytes]) -> Iterator[LatentSample]:
             assert fh is not None
             sid, ext = m.name.rsplit(".", 1)
             pending.setdefault(sid, {})[ext] = fh.read()
-            if len(pending[sid]) == 2:
+            if ext == "json":  # written last: the sample is complete (older shards have no src_npy/meta)
                 d = pending.pop(sid)
                 meta = json.loads(d["json"])
+                src = np.load(io.BytesIO(d["src_npy"]), allow_pickle=False) if "src_npy" in d else None
                 yield LatentSample(sid, np.load(io.BytesIO(d["npy"]), allow_pickle=False), meta["caption"],
-                                   meta["fps"], meta["res_class"], meta["scores"])
+                                   meta["fps"], meta["res_class"], meta["scores"], src, meta.get("meta", {}))
 
 
 INDEX_SCHEMA = pa.schema([("shard", pa.string()), ("modality", pa.string()), ("res_class", pa.string()),

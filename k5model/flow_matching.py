@@ -304,3 +304,87 @@ def flow_matching_loss(
     }
     return loss, aux
 
+
+
+def flow_matching_loss_packed(
+    model: torch.nn.Module,
+    x0: Sequence[torch.Tensor],
+    text_embeds: Sequence[torch.Tensor],
+    pooled: torch.Tensor,
+    *,
+    condition: Sequence[torch.Tensor | None] | None = None,
+    clean_frames: Sequence[int] | None = None,
+    t: torch.Tensor | None = None,
+    noise: Sequence[torch.Tensor] | None = None,
+    shift: float = 1.0,
+    scheme: str = "uniform",
+    loc: float = 0.0,
+    scale: float = 1.0,
+    generator: torch.Generator | None = None,
+    scale_factor: Sequence[float] = (1.0, 2.0, 2.0),
+    dtype: torch.dtype | None = None,
+) -> tuple[torch.Tensor, dict[str, Any]]:
+    """``flow_matching_loss`` for a packed batch: N latents of different shapes in ONE ``CrossDiT.forward_packed``
+    sequence, each with its own timestep, text and condition (report §6.1.2 packing).
+
+    x0: N clean latents (T_i, H_i, W_i, 16); text_embeds: N (L_i, D) real text tokens only (no padding);
+    pooled (N, D_pool). ``condition``: per sample the 17 condition+mask channels (T_i, H_i, W_i, 17) or None (zeros:
+    T2V/T2I), only for ``visual_cond`` models; I2V gives the clean frame-0 latent with mask 1 on frame 0, editing the
+    source latent with mask ones. ``clean_frames``: per sample, leading frames kept clean in the noisy channels and
+    left out of the loss (1 for I2V, as in the batched loss). ``t`` (N,) in [0, 1] and ``noise`` default to draws
+    from ``generator`` (timesteps first, then one normal tensor per sample, in order).
+    The loss is the mean over every counted voxel and channel of the pack (each real token weighs the same).
+    Returns (loss, aux) with aux = t, noise, per-sample loss and ``tokens`` (real visual tokens after patching)."""
+    n = len(x0)
+    if n == 0 or len(text_embeds) != n or pooled.shape[0] != n:
+        raise ValueError(f"packed batch sizes disagree: {n} latents, {len(text_embeds)} texts, "
+                         f"{pooled.shape[0]} pooled vectors")
+    if any(x.ndim != 4 for x in x0):
+        raise ValueError(f"packed latents must be (T, H, W, C), got shapes {[tuple(x.shape) for x in x0]}")
+    visual_cond = bool(getattr(model, "visual_cond", False))
+    if condition is not None and len(condition) != n:
+        raise ValueError(f"{len(condition)} condition tensors for {n} latents")
+    if condition is not None and not visual_cond and any(c is not None for c in condition):
+        raise ValueError("a visual condition was given but the model has no visual-condition channels")
+    clean = list(clean_frames) if clean_frames is not None else [0] * n
+    if len(clean) != n or any(not 0 <= k < x.shape[0] for k, x in zip(clean, x0)):
+        raise ValueError(f"clean_frames {clean} must give 0 <= k < T per sample")
+    device = x0[0].device
+    x0 = [x.float() for x in x0]
+    if t is None:
+        t = sample_timesteps(n, scheme, shift, loc, scale, generator=generator)
+    t = torch.as_tensor(t, dtype=torch.float32, device=device).reshape(n)
+    if noise is None:
+        noise = [torch.randn(x.shape, generator=generator, dtype=torch.float32) for x in x0]
+    noise = [e.to(device, torch.float32) for e in noise]
+
+    inputs, targets, weights = [], [], []
+    for i, (x, e) in enumerate(zip(x0, noise)):
+        x_t = noise_latents(x[None], e[None], t[i:i + 1])[0]
+        w = torch.ones(*x.shape[:-1], 1, device=device)
+        if clean[i]:
+            x_t = torch.cat([x[:clean[i]], x_t[clean[i]:]])  # given frames: clean in the input, no loss
+            w[:clean[i]] = 0
+        if visual_cond:
+            c = condition[i] if condition is not None else None
+            c = torch.zeros(*x.shape[:-1], x.shape[-1] + 1, device=device) if c is None else c.to(device)
+            x_t = torch.cat([x_t, c.to(x_t.dtype)], dim=-1)
+        inputs.append(x_t)
+        targets.append(velocity_target(x, e))
+        weights.append(w)
+    dtype = dtype or model.dtype
+    preds = model.forward_packed(
+        [x.to(dtype) for x in inputs], [e.to(device, dtype) for e in text_embeds],
+        timestep=model_timestep(t).to(device), pooled_projections=pooled.to(device, dtype),
+        scale_factor=tuple(scale_factor),
+    )
+    sq = [(p.float() - y).pow(2) * w for p, y, w in zip(preds, targets, weights)]
+    channels = x0[0].shape[-1]
+    counts = torch.stack([w.sum() * channels for w in weights])
+    sums = torch.stack([s.sum() for s in sq])
+    loss = sums.sum() / counts.sum().clamp_min(1)
+    patch = tuple(getattr(getattr(model, "config", None), "patch_size", (1, 2, 2)))
+    tokens = sum((x.shape[0] // patch[0]) * (x.shape[1] // patch[1]) * (x.shape[2] // patch[2]) for x in x0)
+    aux = {"t": t.detach(), "noise": noise, "loss_per_sample": (sums / counts.clamp_min(1)).detach(),
+           "pred": [p.detach().float() for p in preds], "tokens": tokens}
+    return loss, aux

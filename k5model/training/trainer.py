@@ -17,7 +17,12 @@ import torch.distributed as dist
 import torch.nn as nn
 from torch.distributed.tensor import DTensor
 
-from k5model.flow_matching import TextCondition, drop_text_condition, flow_matching_loss
+from k5model.flow_matching import (
+    TextCondition,
+    drop_text_condition,
+    flow_matching_loss,
+    flow_matching_loss_packed,
+)
 from k5model.training.config import OptimConfig, StageConfig
 from k5model.training.parallel import clean_name
 
@@ -179,6 +184,7 @@ class Trainer:
         self.optimizer = build_optimizer(model, self.optim_cfg)
         self.ema = EMA(model, stage.ema_decay)
         self.step = 0  # optimiser steps completed
+        self._packed_forward_registered = False
 
     def _global_mean(self, value: torch.Tensor) -> float:
         if dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1:
@@ -188,22 +194,68 @@ class Trainer:
             value /= dist.get_world_size()
         return float(value.detach())
 
+    def _global_sum(self, value: int) -> int:
+        if dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1:
+            total = torch.tensor(float(value), device=self.device, dtype=torch.float64)
+            dist.all_reduce(total)
+            return int(total.item())
+        return int(value)
+
+    def _patch(self) -> tuple[int, ...]:
+        return tuple(getattr(getattr(self.model, "config", None), "patch_size", (1, 2, 2)))
+
+    def _packed_loss(self, batch: dict[str, Any], g: torch.Generator) -> tuple[torch.Tensor, torch.Tensor, int]:
+        """Loss of a packed batch (``batch["packed"]``: per-sample lists ``x0``, ``text_embeds``, ``condition``,
+        ``clean_frames``, see ``k5data.training_source``) through ``CrossDiT.forward_packed``; returns (loss, dropped
+        text (N,) bool, real visual tokens)."""
+        if not self._packed_forward_registered:
+            from torch.distributed.fsdp import register_fsdp_forward_method
+
+            # FSDP2 gathers the root's parameters only around forward(); register the packed entry point too
+            register_fsdp_forward_method(self.model, "forward_packed")
+            self._packed_forward_registered = True
+        dev = self.device
+        n = len(batch["x0"])
+        # CFG training: the text of a fraction of samples becomes the empty prompt's (its real tokens only).
+        dropped = torch.rand(n, generator=g) < self.stage.uncond_prob
+        null = self.null_condition
+        null_tokens = null.embeds[0] if null.mask is None else null.embeds[0][null.mask[0].bool()]
+        texts = [null_tokens.to(dev) if d else e.to(dev) for d, e in zip(dropped.tolist(), batch["text_embeds"])]
+        pooled = torch.where(dropped[:, None].to(dev), null.pooled.to(dev, batch["pooled"].dtype).expand(n, -1),
+                             batch["pooled"].to(dev))
+        condition = batch.get("condition")
+        with torch.autocast(dev.type, dtype=torch.bfloat16, enabled=self.stage.bf16):
+            loss, aux = flow_matching_loss_packed(
+                self.model, [x.to(dev) for x in batch["x0"]], texts, pooled,
+                condition=None if condition is None else [None if c is None else c.to(dev) for c in condition],
+                clean_frames=batch.get("clean_frames"), generator=g, shift=self.stage.timestep_shift,
+                scheme=self.stage.timestep_scheme,
+            )
+        return loss, dropped, int(aux["tokens"])
+
     def train_step(self) -> dict[str, float]:
         self.model.train()
         batch = next(self.data)
+        self.last_batch = batch  # read by callbacks (throughput.ThroughputMeter: tokens and FLOPs)
         step = self.step + 1
         g = seeded_generator(self.stage.seed, self.rank, step, 1)
-        cond = TextCondition(batch["text_embeds"].to(self.device), batch["text_mask"].to(self.device),
-                             batch["pooled"].to(self.device))
-        # CFG training: replace the text of a fraction of samples by the empty-prompt condition.
-        cond, dropped = drop_text_condition(cond, self.null_condition, self.stage.uncond_prob, generator=g)
-        with torch.autocast(self.device.type, dtype=torch.bfloat16, enabled=self.stage.bf16):
-            loss, _ = flow_matching_loss(
-                self.model, batch["x0"].to(self.device), cond.embeds, cond.mask, cond.pooled, generator=g,
-                shift=self.stage.timestep_shift, scheme=self.stage.timestep_scheme,
-                visual_cond=batch["visual_cond"].to(self.device) if torch.is_tensor(batch["visual_cond"])
-                else batch["visual_cond"],
-            )
+        if batch.get("packed"):
+            loss, dropped, tokens = self._packed_loss(batch, g)
+        else:
+            cond = TextCondition(batch["text_embeds"].to(self.device), batch["text_mask"].to(self.device),
+                                 batch["pooled"].to(self.device))
+            # CFG training: replace the text of a fraction of samples by the empty-prompt condition.
+            cond, dropped = drop_text_condition(cond, self.null_condition, self.stage.uncond_prob, generator=g)
+            with torch.autocast(self.device.type, dtype=torch.bfloat16, enabled=self.stage.bf16):
+                loss, _ = flow_matching_loss(
+                    self.model, batch["x0"].to(self.device), cond.embeds, cond.mask, cond.pooled, generator=g,
+                    shift=self.stage.timestep_shift, scheme=self.stage.timestep_scheme,
+                    visual_cond=batch["visual_cond"].to(self.device) if torch.is_tensor(batch["visual_cond"])
+                    else batch["visual_cond"],
+                )
+            b, t, h, w = batch["x0"].shape[:4]
+            pt, ph, pw = self._patch()
+            tokens = b * (t // pt) * (h // ph) * (w // pw)
         if not torch.isfinite(loss):
             raise FloatingPointError(f"non-finite loss {float(loss)} at step {step}")
         loss.backward()
@@ -216,7 +268,8 @@ class Trainer:
         self.ema.update(self.model)
         self.step = step
         metrics = {"loss": self._global_mean(loss), "grad_norm": grad_norm, "lr": lr,
-                   "uncond_frac": self._global_mean(dropped.float().mean())}
+                   "uncond_frac": self._global_mean(dropped.float().mean()),
+                   "tokens": self._global_sum(tokens)}  # real visual tokens of the step, all ranks
         if not math.isfinite(grad_norm):
             raise FloatingPointError(f"non-finite grad norm at step {step}")
         for cb in self.callbacks:
