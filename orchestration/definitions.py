@@ -6,13 +6,15 @@ import dagster as dg
 
 import assets.curation
 import assets.generation
+import assets.latents
 import assets.models
 import assets.sbs
 import assets.training
 from orchestration.resources import default_resources
+from orchestration.training_jobs import TrainingJobResource
 
 # New asset modules go here: assets and asset checks are collected from each module.
-ASSET_MODULES = [assets.models, assets.generation, assets.curation, assets.sbs, assets.training]
+ASSET_MODULES = [assets.models, assets.generation, assets.curation, assets.latents, assets.sbs, assets.training]
 
 all_assets = dg.load_assets_from_modules(ASSET_MODULES)
 all_asset_checks = dg.load_asset_checks_from_modules(ASSET_MODULES)
@@ -25,7 +27,7 @@ main_job = dg.define_asset_job(
     "main_job",
     selection=dg.AssetSelection.all() - CURATION_SHARDS - SBS,
     description="Every unpartitioned asset: tiny model bundle, demo generation, the curated dataset (after its "
-    "shards), the Table 4 training stages (demo scale), and their checks.",
+    "shards), its latent shards, the Table 4 training stages (demo scale), and their checks.",
 )
 curation_shards_job = dg.define_asset_job(
     "curation_shards_job",
@@ -44,7 +46,7 @@ defs = dg.Definitions(
     assets=all_assets,
     asset_checks=all_asset_checks,
     resources={**default_resources(), "curation": assets.curation.CurationResource(),
-               # training stages run as external jobs; a PipesK8sClient with GPU limits replaces this in production
-               "pipes_client": dg.PipesSubprocessClient()},
+               # training stages run as external Pipes jobs: a local subprocess, or a GPU pod with K5_PIPES=k8s
+               "training_job": TrainingJobResource.from_env()},
     jobs=[main_job, curation_shards_job, sbs_job],
 )

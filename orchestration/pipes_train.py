@@ -1,16 +1,22 @@
-"""Subprocess side of a training stage launched by Dagster Pipes.
+"""Subprocess / pod side of a training stage launched by Dagster Pipes.
 
-``python -m orchestration.pipes_train <k5model.training.run arguments>``: runs the same trainer as the ``k5`` CLI,
-streams every step's metrics back to Dagster as Pipes log lines and reports the stage's summary as materialization
-metadata. Kept outside ``k5model`` so the model library never imports Dagster code.
+``python -m orchestration.pipes_train <k5model.training.run arguments>`` (or under ``torchrun``): runs the same trainer
+as the ``k5`` CLI. Rank 0 streams every step's metrics back to Dagster as Pipes log lines, logs them live to the
+stage's MLflow run when ``K5_MLFLOW_RUN_ID`` names one (see ``orchestration.mlflow_tracking``), and reports the
+stage's summary as materialization metadata. The other ranks only train. Kept outside ``k5model`` so the model
+library never imports Dagster or MLflow code.
 """
 
 from __future__ import annotations
 
+import argparse
 import json
 import math
+import os
+import statistics
 import sys
 import time
+from pathlib import Path
 from typing import Any
 
 from dagster_pipes import PipesContext, open_dagster_pipes
@@ -24,30 +30,59 @@ class PipesStepReporter:
         self.first: dict[str, float] | None = None
         self.last: dict[str, float] = {}
         self.steps = 0
+        self.tokens_per_s: list[float] = []
         self.t0 = time.perf_counter()
 
     def on_step(self, step: int, metrics: dict[str, float]) -> None:
         self.first = self.first or dict(metrics)
         self.last = dict(metrics)
         self.steps += 1
+        if "tokens_per_s" in metrics:
+            self.tokens_per_s.append(float(metrics["tokens_per_s"]))
         self.pipes.log.info(json.dumps({"step": step, **metrics}))
 
     def summary(self) -> dict[str, Any]:
         seconds = time.perf_counter() - self.t0
         loss = self.last.get("loss", math.nan)
+        # the first step pays for warm-up (allocations, compilation): leave it out when there are others
+        rates = self.tokens_per_s[1:] or self.tokens_per_s
         return {"final_loss": float(loss), "first_loss": float((self.first or {}).get("loss", math.nan)),
                 "steps_run": self.steps, "seconds": round(seconds, 3),
-                "steps_per_s": round(self.steps / seconds, 3) if seconds > 0 else 0.0}
+                "steps_per_s": round(self.steps / seconds, 3) if seconds > 0 else 0.0,
+                "tokens_per_s": round(statistics.median(rates), 3) if rates else math.nan,
+                "peak_mem_gib": float(self.last.get("peak_mem_gib", math.nan))}
+
+
+def _out_dir(argv: list[str]) -> Path:
+    parser = argparse.ArgumentParser(add_help=False)
+    parser.add_argument("--out", type=Path, required=True)
+    return parser.parse_known_args(argv)[0].out
 
 
 def main(argv: list[str]) -> int:
     from k5model.training import run
 
+    if os.environ.get("RANK", "0") != "0":  # torchrun worker other than rank 0: train only
+        run.main(argv)
+        return 0
+    from orchestration.mlflow_tracking import MLflowStepLogger
+
     with open_dagster_pipes() as pipes:
         reporter = PipesStepReporter(pipes)
-        result = run.main(argv, callbacks=[reporter])
-        pipes.report_asset_materialization(metadata={**reporter.summary(), "stage": result["stage"],
-                                                     "step": result["step"], "world_size": result["world_size"]})
+        tracker = MLflowStepLogger.from_env(_out_dir(argv))
+        try:
+            result = run.main(argv, callbacks=[reporter, *([tracker] if tracker else [])])
+        except BaseException:
+            if tracker is not None:
+                tracker.finish(failed=True)
+            raise
+        if tracker is not None:
+            tracker.finish()
+        meta = {**reporter.summary(), "stage": result["stage"], "step": result["step"],
+                "world_size": result["world_size"]}
+        if tracker is not None:
+            meta.update(mlflow_run_id=tracker.run_id, samples_logged=len(tracker.logged_samples))
+        pipes.report_asset_materialization(metadata=meta)
     return 0
 
 

@@ -6,12 +6,10 @@ Unset fields resolve from ``orchestration.settings`` when a run uses them (not a
 
 from __future__ import annotations
 
-import shutil
 from collections.abc import Iterator
 from contextlib import contextmanager
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
-from urllib.parse import unquote, urlparse
 
 import dagster as dg
 
@@ -19,6 +17,8 @@ from orchestration.settings import K5Paths, offline_env
 
 if TYPE_CHECKING:
     import mlflow
+
+    from k5data.object_store import LocalStore, S3Store
 
 offline_env()  # before anything imports mlflow: its telemetry client reads the env at start-up
 
@@ -92,56 +92,64 @@ class MLflowResource(dg.ConfigurableResource):
         info = run.info
         return f"{self.ui_url.rstrip('/')}/#/experiments/{info.experiment_id}/runs/{info.run_id}"
 
+    # --- training stages: one run per stage, nested under one lineage run per chain and Dagster run ---------------
 
-class _LocalStore:
-    """Objects as files under a root folder; keys are relative POSIX paths."""
+    def _client(self) -> Any:
+        from mlflow.tracking import MlflowClient
 
-    def __init__(self, root: Path):
-        self.root = root
+        return MlflowClient(self.resolved_tracking_uri())
 
-    def path(self, key: str) -> Path:
-        return self.root / key
+    def lineage_run_id(self, chain: str, dagster_run_id: str) -> str:
+        """The parent run of ``chain`` for this Dagster run (created on first use; every stage run nests under it)."""
+        client, exp = self._client(), self.experiment_id()
+        found = client.search_runs([exp], filter_string=f"tags.k5_lineage = '{chain}' and "
+                                   f"tags.dagster_run_id = '{dagster_run_id}'", max_results=1)
+        if found:
+            return found[0].info.run_id
+        run = client.create_run(exp, run_name=f"{chain} lineage",
+                                tags={"k5_lineage": chain, "dagster_run_id": dagster_run_id})
+        return run.info.run_id
 
-    def put_file(self, local: Path, key: str) -> str:
-        dest = self.path(key)
-        dest.parent.mkdir(parents=True, exist_ok=True)
-        tmp = dest.with_name(f".{dest.name}.part")
-        shutil.copyfile(local, tmp)
-        tmp.replace(dest)  # atomic on one filesystem: readers never see half a file
-        return self.uri(key)
+    def start_stage_run(self, chain: str, stage: str, dagster_run_id: str, params: dict[str, Any]) -> str:
+        """Create the stage's run (status RUNNING) under the chain's lineage run, with ``params`` (the stage config).
 
-    def get_file(self, key: str, local: Path) -> Path:
-        src = self.path(key)
-        if not src.is_file():
-            raise FileNotFoundError(f"object {key!r} not found at {src}")
-        local.parent.mkdir(parents=True, exist_ok=True)
-        shutil.copyfile(src, local)
-        return local
+        Returns its id: the training job resumes it (``K5_MLFLOW_RUN_ID``) and logs step metrics, system metrics,
+        samples and the exported checkpoint into it live; ``end_stage_run`` closes it from this side."""
+        from mlflow.entities import Param
 
-    def uri(self, key: str) -> str:
-        return self.path(key).as_uri()
+        client = self._client()
+        parent = self.lineage_run_id(chain, dagster_run_id)
+        run = client.create_run(self.experiment_id(), run_name=stage,
+                                tags={"mlflow.parentRunId": parent, "k5_stage": stage, "k5_chain": chain,
+                                      "dagster_run_id": dagster_run_id})
+        client.log_batch(run.info.run_id, params=[Param(k, str(v)[:6000]) for k, v in sorted(params.items())])
+        return run.info.run_id
 
-    def exists(self, key: str) -> bool:
-        return self.path(key).is_file()
+    def end_stage_run(self, run_id: str, *, failed: bool = False) -> str:
+        """Mark a stage run FAILED (``failed``), or FINISHED if the job left it RUNNING; returns its UI link."""
+        client = self._client()
+        run = client.get_run(run_id)
+        if failed:
+            client.set_terminated(run_id, status="FAILED")
+        elif run.info.status == "RUNNING":
+            client.set_terminated(run_id, status="FINISHED")
+        return self.run_url(run)
 
 
 class ObjectStoreResource(dg.ConfigurableResource):
-    """Small blob store for pipeline outputs (media, previews). ``base_uri`` unset: ``<K5_HOME>/objects``.
-
-    Only local folders (a path or ``file://`` URI) are implemented; another scheme (``s3://bucket/prefix``) is meant
-    to add a backend class with the same four methods in ``_backend`` without changing callers.
-    """
+    """Blob store for pipeline outputs (media, previews, curated Parquet, latent shards): the ``k5data.object_store``
+    implementations. ``base_uri`` unset: the folder ``<K5_HOME>/objects``; a path or ``file://`` URI: that folder;
+    ``s3://bucket/prefix``: S3 or any S3-compatible store at ``endpoint_url`` (unset: ``$K5_S3_ENDPOINT_URL``)."""
 
     base_uri: str | None = None
+    endpoint_url: str | None = None
 
-    def _backend(self) -> _LocalStore:
-        base = self.base_uri or str(K5Paths.from_env().ensure().object_store)
-        parsed = urlparse(base)
-        if parsed.scheme in ("", "file"):
-            root = Path(unquote(parsed.path) if parsed.scheme == "file" else base).expanduser().resolve()
-            root.mkdir(parents=True, exist_ok=True)
-            return _LocalStore(root)
-        raise NotImplementedError(f"object store scheme {parsed.scheme!r} ({base}) is not supported yet; use a local path")
+    def store(self) -> LocalStore | S3Store:
+        """The underlying store (``put_file``/``get_file``/``open_read``/``exists``/``list``/``uri``), e.g. for
+        ``k5data.shards.write_shards``."""
+        from k5data.object_store import open_store
+
+        return open_store(self.base_uri or K5Paths.from_env().ensure().object_store, self.endpoint_url)
 
     @staticmethod
     def _check_key(key: str) -> str:
@@ -152,17 +160,17 @@ class ObjectStoreResource(dg.ConfigurableResource):
 
     def put_file(self, local: str | Path, key: str) -> str:
         """Copy a local file to ``key``; returns its URI."""
-        return self._backend().put_file(Path(local), self._check_key(key))
+        return self.store().put_file(Path(local), self._check_key(key))
 
     def get_file(self, key: str, local: str | Path) -> Path:
         """Copy object ``key`` to the local path ``local``; returns it."""
-        return self._backend().get_file(self._check_key(key), Path(local))
+        return self.store().get_file(self._check_key(key), Path(local))
 
     def uri(self, key: str) -> str:
-        return self._backend().uri(self._check_key(key))
+        return self.store().uri(self._check_key(key))
 
     def exists(self, key: str) -> bool:
-        return self._backend().exists(self._check_key(key))
+        return self.store().exists(self._check_key(key))
 
 
 def default_resources() -> dict[str, dg.ConfigurableResource]:

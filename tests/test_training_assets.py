@@ -9,19 +9,22 @@ from mlflow.tracking import MlflowClient
 from assets.training import stage_assets, stage_checks, stage_dir
 from k5model.training.stages import CHAINS
 from orchestration.resources import K5HomeResource, MLflowResource
+from orchestration.training_jobs import TrainingJobResource
 
 
-def test_video_lite_chain_materializes_with_lineage(tmp_path, monkeypatch):
+def test_video_lite_chain_materializes_with_lineage(tmp_path, monkeypatch, tiny_t2v_dir):
     monkeypatch.setenv("K5_HOME", str(tmp_path / "k5"))
     chain = CHAINS["video_lite"]
     keys = {f"train_{s}" for s in chain}
     selected = [a for a in stage_assets if a.key.to_user_string() in keys]
     checks = [c for c in stage_checks if next(iter(c.check_keys)).asset_key.to_user_string() in keys]
-    resources = {"k5_home": K5HomeResource(), "mlflow": MLflowResource(),
-                 "pipes_client": dg.PipesSubprocessClient()}
+    resources = {"k5_home": K5HomeResource(), "mlflow": MLflowResource(), "training_job": TrainingJobResource()}
+    # samples at the last step of every stage, with the session's tiny pipeline (not rebuilt under this K5_HOME)
+    run_config = {"ops": {key: {"config": {"sample_pipeline": str(tiny_t2v_dir)}} for key in keys}}
     result = dg.materialize([*selected, *checks], resources=resources, instance=dg.DagsterInstance.ephemeral(),
-                            raise_on_error=False)
+                            raise_on_error=False, run_config=run_config)
     assert result.success
+    assert all(result.asset_materializations_for_node(k)[0].metadata["samples_logged"].value == 1 for k in keys)
     evaluations = result.get_asset_check_evaluations()
     assert len(evaluations) == 2 * len(chain) and all(e.passed for e in evaluations)
     # each stage started from its parent's exported EMA weights, and every stage's metadata carries the MLflow link

@@ -9,7 +9,6 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import socket
 import sys
 import time
 from pathlib import Path
@@ -23,7 +22,8 @@ from k5model.config import get_preset
 from k5model.crossdit import CrossDiT
 from k5model.training.checkpointing import latest_checkpoint, load_checkpoint, save_checkpoint
 from k5model.training.config import get_stage
-from k5model.training.parallel import apply_activation_checkpointing, apply_fsdp
+from k5model.training.parallel import apply_activation_checkpointing, apply_fsdp, training_mesh
+from k5model.training.throughput import ThroughputMeter
 from k5model.training.trainer import SyntheticLatentSource, Trainer
 
 
@@ -36,7 +36,8 @@ class JsonLinePrinter:
 
     def on_step(self, step: int, metrics: dict[str, float]) -> None:
         now = time.perf_counter()
-        print(json.dumps({"step": step, **metrics, "step_time_s": now - self.last}), flush=True)
+        # ThroughputMeter's step time (optimiser step only) when it ran; else the time between two printed steps
+        print(json.dumps({"step": step, "step_time_s": now - self.last, **metrics}), flush=True)
         self.last = now
 
 
@@ -50,15 +51,15 @@ class PeriodicCheckpoint:
 
 
 def _init_distributed() -> tuple[int, int]:
-    if "RANK" not in os.environ:  # plain `python -m`: a one-process group so the same FSDP/DCP code path runs
-        with socket.socket() as s:
-            s.bind(("127.0.0.1", 0))
-            port = s.getsockname()[1]
-        os.environ.update(RANK="0", WORLD_SIZE="1", LOCAL_RANK="0", MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
     backend = "nccl" if torch.cuda.is_available() else "gloo"
-    dist.init_process_group(backend)
+    if "RANK" not in os.environ:  # plain `python -m`: a one-process group so the same FSDP/DCP code path runs
+        # An in-process store: no TCP port to pick (concurrent runs cannot race for one), and no RANK/MASTER_* left in
+        # os.environ, where subprocesses started later by the same process (tests, `k5 train`) would inherit them.
+        dist.init_process_group(backend, store=dist.HashStore(), rank=0, world_size=1)
+    else:
+        dist.init_process_group(backend)
     if backend == "nccl":
-        torch.cuda.set_device(int(os.environ["LOCAL_RANK"]))
+        torch.cuda.set_device(int(os.environ.get("LOCAL_RANK", "0")))
     return dist.get_rank(), dist.get_world_size()
 
 
@@ -74,17 +75,32 @@ class JsonLineFile:
             f.write(json.dumps({"step": step, **metrics}) + "\n")
 
 
-def resolve_stage(name: str, demo: bool, **overrides: Any):
-    """A named StageConfig, or a report Table 4 row (``--demo`` scales it to the tiny preset for CPU)."""
-    from k5model.training.stages import TABLE4, demo_scaling
+def resolve_stage(name: str, demo: bool, real_data: bool = False, **overrides: Any):
+    """A named StageConfig, or a report Table 4 row (``--demo`` scales it to the tiny preset for CPU; full scale only
+    with ``real_data``: latent shards instead of synthetic batches)."""
+    from k5model.training.stages import TABLE4, demo_scaling, get_table_stage
 
     if name in TABLE4:
-        if not demo:
+        if not demo and not real_data:
             raise SystemExit(f"stage {name!r} is a full-scale Table 4 stage; pass --demo for its CPU-sized version "
-                             "(full-scale runs need the real data loader, not in this build yet)")
-        stage = demo_scaling(name)
+                             "or --shards/--store to train it on latent shards")
+        stage = demo_scaling(name) if demo else get_table_stage(name).to_stage_config(edit_as="t2i")
         return stage.replace(**overrides) if overrides else stage
     return get_stage(name, **overrides)
+
+
+def shard_source(args: argparse.Namespace, stage: Any, rank: int, world: int, device: torch.device, cfg: Any) -> Any:
+    """``k5data.training_source.ShardLatentSource`` over --shards in --store (k5data imported only here)."""
+    from k5data.object_store import open_store
+    from k5data.training_source import ShardLatentSource, TextEncoders
+
+    text = TextEncoders.from_pretrained(args.text_encoders, device=device,
+                                        dtype=torch.bfloat16 if device.type == "cuda" else torch.float32)
+    if (text.text_dim, text.pooled_dim) != (cfg.in_text_dim, cfg.in_text_dim2):
+        raise SystemExit(f"--text-encoders {args.text_encoders}: Qwen/CLIP widths {text.text_dim}/{text.pooled_dim} "
+                         f"do not match the model's in_text_dim/in_text_dim2 {cfg.in_text_dim}/{cfg.in_text_dim2}")
+    return ShardLatentSource(open_store(args.store), args.shards, stage, text, t_max=args.t_max, rank=rank,
+                             world_size=world, visual_cond=cfg.visual_cond, device=device)
 
 
 def main(argv: list[str] | None = None, callbacks: list[Any] | None = None) -> dict[str, Any]:
@@ -98,6 +114,19 @@ def main(argv: list[str] | None = None, callbacks: list[Any] | None = None) -> d
     p.add_argument("--seed", type=int, default=None)
     p.add_argument("--bf16", action="store_true")
     p.add_argument("--activation-checkpointing", action="store_true", help="recompute each block in backward")
+    p.add_argument("--offload-activations", action="store_true",
+                   help="activation checkpointing with each block's saved inputs in pinned host memory (§6.1.3)")
+    p.add_argument("--replicate", type=int, default=1,
+                   help="HSDP: N replica groups, each sharding the model over world/N ranks (1 = plain FSDP)")
+    p.add_argument("--sample-every", type=int, default=None,
+                   help="generate the validation prompts with the EMA weights every N steps and at the last step "
+                        "(0 = last step only) into OUT/samples/step_<N>; needs --sample-pipeline")
+    p.add_argument("--sample-pipeline", type=Path, default=None,
+                   help="pipeline folder whose text encoders and VAE the samples use (its transformer is ignored)")
+    p.add_argument("--sample-prompts", type=Path, default=None, help="text file, one validation prompt a line")
+    p.add_argument("--sample-steps", type=int, default=25, help="sampler steps of a validation sample")
+    p.add_argument("--sample-cache", type=Path, default=None,
+                   help="folder keeping the validation prompts' text encodings across runs (skips the encoders)")
     p.add_argument("--no-export", action="store_true", help="skip writing OUT/ema/transformer at the end")
     p.add_argument("--demo", action="store_true", help="run a Table 4 stage scaled to the tiny preset (CPU)")
     p.add_argument("--init", type=Path, default=None,
@@ -109,7 +138,17 @@ def main(argv: list[str] | None = None, callbacks: list[Any] | None = None) -> d
     p.add_argument("--batch", type=int, default=None, help="samples per rank and step")
     p.add_argument("--text-len", type=int, default=6, help="text tokens of the synthetic condition (256 = Qwen max)")
     p.add_argument("--tasks", default=None, help="task mix override, e.g. t2v=1")
+    p.add_argument("--shards", default=None, metavar="PREFIX",
+                   help="train on the latent shards under PREFIX in --store (k5 latents) instead of synthetic batches")
+    p.add_argument("--store", default=None, metavar="URI", help="object store of --shards: folder or s3://bucket/prefix")
+    p.add_argument("--text-encoders", type=Path, default=None,
+                   help="pipeline folder whose Qwen/CLIP encoders embed the shard captions on the fly (with --shards)")
+    p.add_argument("--t-max", type=int, default=None,
+                   help="latent frames packed per step and rank (with --shards; default batch x frames)")
     args = p.parse_args(argv)
+    if args.shards and (args.store is None or args.text_encoders is None):
+        p.error("--shards needs --store URI (where the shards are) and --text-encoders DIR (a pipeline folder with "
+                "text_encoder/ and text_encoder_2/)")
 
     rank, world = _init_distributed()
     overrides: dict[str, Any] = {"bf16": True} if args.bf16 else {}
@@ -123,11 +162,13 @@ def main(argv: list[str] | None = None, callbacks: list[Any] | None = None) -> d
         overrides["batch"] = args.batch
     if args.tasks:
         overrides["tasks"] = {k: float(v) for k, v in (kv.split("=") for kv in args.tasks.split(","))}
-    if args.activation_checkpointing:
+    if args.activation_checkpointing or args.offload_activations:
         overrides["activation_checkpointing"] = True
+    if args.sample_every is not None and args.sample_pipeline is None:
+        raise SystemExit("--sample-every needs --sample-pipeline DIR (the text encoders and VAE to generate with)")
     if args.seed is not None:
         overrides["seed"] = args.seed
-    stage = resolve_stage(args.stage, args.demo, **overrides)
+    stage = resolve_stage(args.stage, args.demo, bool(args.shards), **overrides)
     steps = args.steps if args.steps is not None else stage.steps
     device = torch.device("cuda", torch.cuda.current_device()) if torch.cuda.is_available() else torch.device("cpu")
 
@@ -138,24 +179,36 @@ def main(argv: list[str] | None = None, callbacks: list[Any] | None = None) -> d
         parent = CrossDiT.from_pretrained(args.init, config=model.config if args.init.is_file() else None)
         model.load_state_dict(parent.state_dict(), strict=True)
     if stage.activation_checkpointing:
-        apply_activation_checkpointing(model)
-    apply_fsdp(model, param_dtype=torch.bfloat16 if stage.bf16 and device.type == "cuda" else None)
+        apply_activation_checkpointing(model, offload=args.offload_activations)
+    mesh = training_mesh(world, args.replicate, device.type)  # None = FSDP over all ranks; 2-D = HSDP
+    apply_fsdp(model, mesh=mesh, param_dtype=torch.bfloat16 if stage.bf16 and device.type == "cuda" else None)
 
     cfg = model.config
-    data = SyntheticLatentSource(stage, rank=rank, in_channels=cfg.in_visual_dim, text_dim=cfg.in_text_dim,
+    data = shard_source(args, stage, rank, world, device, cfg) if args.shards else SyntheticLatentSource(stage, rank=rank, in_channels=cfg.in_visual_dim, text_dim=cfg.in_text_dim,
                                  pooled_dim=cfg.in_text_dim2, max_text_len=args.text_len)
     trainer = Trainer(model, stage, data, data.null_condition(), rank=rank, device=device)
     ckpt_dir = args.out / "checkpoints"
     resumed_from = None
     if args.resume and (latest := latest_checkpoint(ckpt_dir)) is not None:
         resumed_from = load_checkpoint(trainer, latest)
+    meter = ThroughputMeter(trainer)  # every rank: its counts are reduced across ranks
+    trainer.callbacks.append(meter)
+    if args.sample_every is not None:
+        from k5model.training.samples import DEFAULT_PROMPTS, SampleGenerator, read_prompts
+
+        prompts = read_prompts(args.sample_prompts) if args.sample_prompts else list(DEFAULT_PROMPTS)
+        trainer.callbacks.append(SampleGenerator(trainer, args.sample_pipeline, args.out / "samples",
+                                                 every=args.sample_every, prompts=prompts, final_step=steps,
+                                                 num_steps=args.sample_steps, seed=stage.seed, rank=rank,
+                                                 cache_dir=args.sample_cache))
     if rank == 0:
-        print(json.dumps({"event": "start", "stage": stage.name, "world_size": world, "resumed_from": resumed_from}),
-              flush=True)
+        print(json.dumps({"event": "start", "stage": stage.name, "world_size": world, "resumed_from": resumed_from,
+                          "mesh": None if mesh is None else dict(zip(mesh.mesh_dim_names, mesh.shape))}), flush=True)
         trainer.callbacks.append(JsonLinePrinter())
         trainer.callbacks.append(JsonLineFile(args.out / "metrics.jsonl"))
         trainer.callbacks.extend(callbacks or [])
     trainer.callbacks.append(PeriodicCheckpoint(trainer, ckpt_dir, args.ckpt_every, args.keep))
+    trainer.callbacks.append(meter.end)  # the next step's clock starts after checkpoints and samples
 
     trainer.train(steps)
     if args.ckpt_every > 0 and trainer.step % args.ckpt_every:
