@@ -28,6 +28,7 @@ from bench.common import (  # noqa: E402
     diffusers_twin,
     forward_flops,
     peak_gb,
+    raise_recompile_limit,
     randomize,
     rel,
     timed,
@@ -65,12 +66,12 @@ def kernel_breakdown(fn) -> dict:
             cats["other_ms"] += ms
         kernels.append((ms, e.key[:90], e.count))
     kernels.sort(reverse=True)
-    cats["top"] = [f"{ms:.1f} ms x{n} {k}" for ms, k, n in kernels[:12]]
+    cats["top"] = [f"{ms:.1f} ms x{n} {k}" for ms, k, n in kernels[:16]]
     return cats
 
 
 def train_step(cfg, state: dict, kw: dict, device, *, save_attention: float, reps: int, compile_blocks: bool,
-               residual_fp32: bool = False, force_total_density: float | None = None) -> dict:
+               residual_fp32: bool = False, force_total_density: float | None = None, profile: bool = False) -> dict:
     """Seconds and peak memory of one optimiser step: fp32 master weights, bf16 autocast, per-block activation
     checkpointing (``save_attention`` = fraction of blocks whose attention outputs are kept), fused AdamW."""
     model = CrossDiT(cfg)
@@ -95,7 +96,10 @@ def train_step(cfg, state: dict, kw: dict, device, *, save_attention: float, rep
     if cuda:
         torch.cuda.reset_peak_memory_stats()
     seconds = timed(step, reps, warmup=2)
-    return {"s": seconds, "peak_gb": peak_gb()}
+    out = {"s": seconds, "peak_gb": peak_gb()}
+    if profile and cuda:
+        out["profile"] = kernel_breakdown(step)
+    return out
 
 
 def free_memory() -> None:
@@ -115,12 +119,17 @@ def main() -> None:
     ap.add_argument("--no-compile", action="store_true")
     ap.add_argument("--profile", action="store_true", help="kernel-time breakdown of our compiled forward")
     ap.add_argument("--train", action="store_true", help="also time training steps")
+    ap.add_argument("--profile-train", action="store_true", help="kernel-time breakdown of each training step")
     ap.add_argument("--train-sac", default="0,1", help="fractions of blocks with saved attention to time")
     ap.add_argument("--train-only", action="store_true", help="skip the forward timings")
     ap.add_argument("--residual", choices=("bf16", "fp32", "both"), default="both",
                     help="residual-stream dtype(s) of our compiled forward to time")
     ap.add_argument("--no-eager-timing", action="store_true", help="time compiled paths only")
+    ap.add_argument("--no-ref", action="store_true", help="skip the fp32 reference forward and the error columns")
     args = ap.parse_args()
+    # one compiled block code object serves every setting timed here (CDF rule, forced densities, density tracking,
+    # residual dtypes); past dynamo's default recompile limit it would silently run the blocks eagerly
+    raise_recompile_limit(64)
     cuda = torch.cuda.is_available() and not args.smoke
     device = torch.device("cuda" if cuda else "cpu")
     dtype = torch.bfloat16 if cuda else torch.float32
@@ -145,11 +154,14 @@ def main() -> None:
         with torch.no_grad():
             # reference: our plain path in fp32 (SDPA; math attention would not fit at these lengths)
             kw32 = {k: (v.float() if torch.is_tensor(v) and v.is_floating_point() else v) for k, v in kw.items()}
-            ref = ours(**kw32).sample
+            ref = None if args.no_ref else ours(**kw32).sample
             if dtype != torch.float32:
                 ours.to_mixed_precision(dtype)
             ours.track_nabla_density = args.nabla
-            res["ours_eager_rel_err"] = rel(ours(**kw).sample, ref)
+            out = ours(**kw).sample
+            if ref is not None:
+                res["ours_eager_rel_err"] = rel(out, ref)
+            del out
             ours.track_nabla_density = False
             if args.nabla:
                 res["nabla_density_cdf_rule"] = ours.last_nabla_density
@@ -163,8 +175,9 @@ def main() -> None:
                 res["diffusers"] = f"not importable: {err}"
             else:
                 with torch.no_grad():
-                    res["diffusers_rel_err" if not args.nabla else "diffusers_dense_rel_err_vs_ours_nabla"] = rel(
-                        twin(**kw).sample, ref)
+                    if ref is not None:
+                        res["diffusers_rel_err" if not args.nabla else "diffusers_dense_rel_err_vs_ours_nabla"] = rel(
+                            twin(**kw).sample, ref)
                     if args.diffusers_eager:
                         res["diffusers_eager_s"] = timed(lambda: twin(**kw), args.reps)
                     if not args.no_compile:
@@ -179,7 +192,8 @@ def main() -> None:
                 for residual_fp32 in {"bf16": (False,), "fp32": (True,), "both": (False, True)}[args.residual]:
                     tag = "ours_compiled" + ("_residual_fp32" if residual_fp32 else "")
                     ours.residual_fp32 = residual_fp32
-                    res[f"{tag}_rel_err"] = rel(ours(**kw).sample, ref)
+                    if ref is not None:
+                        res[f"{tag}_rel_err"] = rel(ours(**kw).sample, ref)
                     res[f"{tag}_s"] = timed(lambda: ours(**kw), args.reps)
                     if args.nabla:
                         for total in (False, True):
@@ -198,7 +212,10 @@ def main() -> None:
                 if not args.nabla:
                     res["ours_compiled_tflops"] = flops / best[0] / 1e12
                 if args.profile and cuda:
+                    if args.nabla:  # the forced-total setting: the sparse path the targets are about
+                        ours.nabla_force_density, ours.nabla_force_total = 0.1, True
                     res["profile_compiled_forward"] = kernel_breakdown(lambda: ours(**kw))
+                    ours.nabla_force_density, ours.nabla_force_total = None, False
         del ours
         gc.collect()
         if cuda:
@@ -206,7 +223,8 @@ def main() -> None:
 
     if args.train:
         for frac in (float(f) for f in args.train_sac.split(",")):
-            common = dict(save_attention=frac, reps=max(3, args.reps // 2), compile_blocks=not args.no_compile)
+            common = dict(save_attention=frac, reps=max(3, args.reps // 2), compile_blocks=not args.no_compile,
+                          profile=args.profile_train)
             if args.nabla:
                 dense = train_step(dense_cfg, state, kw, device, **common)
                 free_memory()

@@ -20,10 +20,10 @@ layer, head and denoising step, which 64×64 blocks of the attention matrix carr
    ``|Δt| ≤ wT//2, |Δrow| ≤ wH//2, |Δcol| ≤ wW//2`` (official 10 s models: ``wT=11, wH=wW=3``), so local context is
    always available whatever the pooled map says.
 5. Sparse kernel. On GPU the ``(B, heads, nb, nb)`` block mask becomes a FlexAttention ``BlockMask`` of 64-token
-   full blocks (no mask_mod), run with 64-wide kernel tiles, for inference. Inductor's default H100 backward tiles for
-   head_dim 64 are 128 wide and must divide the BlockMask's block size, so training uses 128-token kernel blocks (2×2
-   NABLA blocks, partial ones masked exactly by a mask_mod); :func:`enable_64_token_flex_backward` adds a 64×64
-   backward config for the opt-in ``TRAIN_WITH_64_BLOCKS`` path. On CPU (FlexAttention has no CPU backward) the block mask is expanded to a dense
+   full blocks (no mask_mod), run with 64-wide kernel tiles, forward and backward. Inductor's default H100 backward
+   tiles for head_dim 64 are 128 wide and must divide the BlockMask's block size, so
+   :func:`enable_64_token_flex_backward` adds a 64×64 backward config; where that hook is unavailable training falls
+   back to 128-token kernel blocks (2×2 NABLA blocks, partial ones masked exactly by a mask_mod). On CPU (FlexAttention has no CPU backward) the block mask is expanded to a dense
    boolean mask for SDPA.
 
 Packed sequences: several samples may be concatenated in one sequence, each in its own fractal order (so every
@@ -36,6 +36,7 @@ bool with ``True`` = computed, rows = query blocks, columns = key blocks; ``S = 
 
 from __future__ import annotations
 
+import contextlib
 import math
 import warnings
 from collections.abc import Sequence
@@ -189,10 +190,20 @@ def nabla_block_mask(
         k_row = torch.ceil(force_density * n_doc.double() - 1e-9).clamp_(min=1).to(torch.long)
         if force_total and sta is not None:
             logits = logits.masked_fill(sta.to(device=q.device, dtype=torch.bool), float("inf"))
-        inds = logits.argsort(-1, descending=True)
-        keep = torch.arange(nb, device=q.device) < k_row[:, None]
-        keep = keep.expand(B, Hh, nb, nb)
-    mask = torch.empty(B, Hh, nb, nb, dtype=torch.bool, device=q.device).scatter_(-1, inds, keep)
+        # top-k rather than a full sort (the mask is rebuilt in every layer of every forward); k from host-side sizes,
+        # an upper bound of every row's count, so nothing synchronises with the GPU
+        k_max = min(nb, math.ceil(force_density * nb - 1e-9))
+        mask = torch.zeros(B, Hh, nb, nb, dtype=torch.bool, device=q.device)
+        if same is None:
+            # every row keeps exactly k_max blocks, so the top-k need not come back sorted (sorting them was ~1 ms
+            # a layer at 10 s)
+            mask.scatter_(-1, logits.topk(k_max, dim=-1, sorted=False).indices, True)
+        else:
+            inds = logits.topk(k_max, dim=-1).indices
+            keep = (torch.arange(k_max, device=q.device) < k_row[:, None]).expand(B, Hh, nb, k_max)
+            mask.scatter_(-1, inds, keep)
+    if force_density is None:
+        mask = torch.empty(B, Hh, nb, nb, dtype=torch.bool, device=q.device).scatter_(-1, inds, keep)
 
     if sta is not None:
         mask |= sta.to(device=q.device, dtype=torch.bool)
@@ -218,9 +229,18 @@ def expand_block_mask(block_mask: torch.Tensor, block: int = BLOCK) -> torch.Ten
 
 
 def _kv_blocks(mask: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-    """(…, nq, nk) bool -> per-row count and indices of kept key blocks (kept first, ascending: stable sort)."""
-    m = mask.to(torch.int8)
-    return m.sum(-1, dtype=torch.int32), m.argsort(dim=-1, descending=True, stable=True).to(torch.int32)
+    """(…, n, m) bool -> per-row count and indices of kept columns, kept first in ascending order.
+
+    A cumulative sum and one scatter instead of a sort (the mask is rebuilt in every layer). Entries past a row's
+    count are unspecified; FlexAttention never reads them."""
+    m = mask.shape[-1]
+    count = mask.sum(-1, dtype=torch.int32)
+    # kept column j goes to slot (number of kept columns before it); the others all land in the last slot, which is
+    # past the row's count whenever any column is dropped
+    slot = torch.where(mask, mask.cumsum(-1) - 1, m - 1)
+    cols = torch.arange(m, dtype=torch.int32, device=mask.device).expand(mask.shape)
+    idx = torch.zeros(mask.shape, dtype=torch.int32, device=mask.device).scatter_(-1, slot, cols)
+    return count, idx
 
 
 def to_flex_block_mask(
@@ -229,6 +249,7 @@ def to_flex_block_mask(
     doc_ids: torch.Tensor | None = None,
     flex_block: int = BLOCK,
     exact_mask_mod: bool | None = None,
+    q_blocks: bool = True,
 ):
     """FlexAttention ``BlockMask`` from a (B, heads, nb, nb) block mask of 64-token blocks.
 
@@ -240,8 +261,9 @@ def to_flex_block_mask(
 
     The eager (uncompiled) FlexAttention, which is what runs on CPU, ignores the block structure and applies only
     mask_mod, so ``exact_mask_mod`` (default: on for CPU tensors; always on when flex_block > 64) adds the mask_mod.
+    ``q_blocks=False`` skips the query-side index, which only the backward reads.
     """
-    from torch.nn.attention.flex_attention import BlockMask
+    from torch.nn.attention.flex_attention import BlockMask, noop_mask
 
     B, Hh, nb, _ = block_mask.shape
     if seq_len != nb * BLOCK:
@@ -254,9 +276,9 @@ def to_flex_block_mask(
     if exact_mask_mod is None:
         exact_mask_mod = block_mask.device.type == "cpu"
     if r == 1:
-        partial = torch.zeros_like(block_mask)
-        full = block_mask
-        fine = block_mask
+        # every kept block is full: the partial set is empty (zeros shared by the kv and q sides)
+        partial = None
+        full = fine = block_mask
     else:
         # pad to whole kernel blocks with "not kept", so the mask_mod never indexes past the end
         nbp = -(-nb // r) * r
@@ -266,22 +288,34 @@ def to_flex_block_mask(
         full = kept == r * r
         partial = (kept > 0) & ~full
         exact_mask_mod = True
-    kv_num, kv_idx = _kv_blocks(partial)
-    full_num, full_idx = _kv_blocks(full)
-    mask_mod = None
+    mask_mod = noop_mask
     if exact_mask_mod:
 
         def mask_mod(b, h, q_idx, kv_idx):
             return fine[b, h, q_idx // BLOCK, kv_idx // BLOCK]
 
-    return BlockMask.from_kv_blocks(
-        kv_num,
-        kv_idx,
-        full_num,
-        full_idx,
-        BLOCK_SIZE=flex_block,
-        mask_mod=mask_mod,
+    # Built directly rather than through BlockMask.from_kv_blocks, whose query-side index (needed by the backward
+    # only) is derived by sorting; here each side is a cumulative sum over the mask or its transpose.
+    full_num, full_idx = _kv_blocks(full)
+    full_q_num, full_q_idx = _kv_blocks(full.transpose(-1, -2)) if q_blocks else (None, None)
+    if partial is None:
+        kv_num, kv_idx = torch.zeros_like(full_num), torch.zeros_like(full_idx)
+        q_num, q_idx = (kv_num, kv_idx) if q_blocks else (None, None)
+    else:
+        kv_num, kv_idx = _kv_blocks(partial)
+        q_num, q_idx = _kv_blocks(partial.transpose(-1, -2)) if q_blocks else (None, None)
+    return BlockMask(
         seq_lengths=(seq_len, seq_len),
+        kv_num_blocks=kv_num,
+        kv_indices=kv_idx,
+        full_kv_num_blocks=full_num,
+        full_kv_indices=full_idx,
+        q_num_blocks=q_num,
+        q_indices=q_idx,
+        full_q_num_blocks=full_q_num,
+        full_q_indices=full_q_idx,
+        BLOCK_SIZE=(flex_block, flex_block),
+        mask_mod=mask_mod,
     )
 
 
@@ -299,10 +333,9 @@ def _flex_fn(device_type: str):
 
 
 _FLEX_64_BACKWARD: bool | None = None
-# Opt-in: train through 64-token blocks too. On H100 (torch 2.11) the 64x64 backward compiled and was picked for a
-# 12k-token model check, but a 10 s video_lite training step failed in inductor's lowering of the flex backward, so the
-# verified 128-token path stays the default until that is resolved.
-TRAIN_WITH_64_BLOCKS = False
+# Train through 64-token blocks too (exact full blocks, no mask_mod). Needs the backward config below; without it the
+# 128-token fallback is used.
+TRAIN_WITH_64_BLOCKS = True
 
 
 def enable_64_token_flex_backward() -> bool:
@@ -310,35 +343,37 @@ def enable_64_token_flex_backward() -> bool:
 
     Inductor filters its backward tile configs by whether they divide the BlockMask's block size *before* applying
     user ``kernel_options``, and its only H100 config for head_dim 64 is 128 wide, so a 64-token mask finds no config.
-    We add a 64×64 config through inductor's documented choices hook (a subclass of ``InductorChoices``); configs that
-    already exist are kept, so other flex users of the process still get theirs.
+    We add a 64×64 config to the configs inductor's choices object proposes. The method is wrapped on the
+    ``InductorChoices`` class rather than installed as a per-thread handler: inductor keeps one handler per thread and
+    the backward graph is compiled on autograd's device thread, whose handler may already exist (a dense backward
+    compiled earlier in the process kept the default one, and a 10 s NABLA training step then found no config).
+    Configs that already exist are kept, so other flex users of the process still get theirs.
     """
     global _FLEX_64_BACKWARD
     if _FLEX_64_BACKWARD is not None:
         return _FLEX_64_BACKWARD
     try:
-        from torch._inductor import config as inductor_config
         from torch._inductor.choices import InductorChoices
         from torch._inductor.template_heuristics.triton import FlexBwDConfig
     except ImportError:
         _FLEX_64_BACKWARD = False
         return False
-    if not hasattr(inductor_config, "inductor_choices_class"):
+    original = getattr(InductorChoices, "get_flex_attention_bwd_configs", None)
+    if original is None:
         _FLEX_64_BACKWARD = False
         return False
-    base = inductor_config.inductor_choices_class or InductorChoices
+    if not getattr(original, "_k5_flex64", False):
+        extra = FlexBwDConfig(BLOCK, BLOCK, BLOCK, BLOCK, 3, 4)
 
-    class _Flex64Choices(base):  # type: ignore[misc, valid-type]
         def get_flex_attention_bwd_configs(self, *args, **kwargs):
-            configs = list(super().get_flex_attention_bwd_configs(*args, **kwargs))
-            extra = FlexBwDConfig(BLOCK, BLOCK, BLOCK, BLOCK, 3, 4)
-            return configs if extra in configs else [*configs, extra]
+            configs = list(original(self, *args, **kwargs))
+            device_type = kwargs.get("device_type", args[2] if len(args) > 2 else None)
+            if device_type != "cuda" or extra in configs:  # GPU kernels only; FlexAttention has no CPU backward
+                return configs
+            return [*configs, extra]
 
-    inductor_config.inductor_choices_class = _Flex64Choices
-    # the handler is created lazily per thread; drop one that already exists so the new class takes effect
-    from torch._inductor.virtualized import V
-
-    V.set_choices_handler(_Flex64Choices())
+        get_flex_attention_bwd_configs._k5_flex64 = True  # type: ignore[attr-defined]
+        InductorChoices.get_flex_attention_bwd_configs = get_flex_attention_bwd_configs
     _FLEX_64_BACKWARD = True
     return True
 
@@ -387,10 +422,15 @@ def nabla_attention(
             flex_block = FLEX_BLOCK_CUDA
         else:
             flex_block = BLOCK
-        fmask = to_flex_block_mask(block_mask, q.shape[1], doc_ids, flex_block=flex_block)
-        with warnings.catch_warnings():
-            # the CPU path is eager on purpose (a correctness reference, not a fast path)
-            warnings.filterwarnings("ignore", message=".*flex_attention called without torch.compile.*")
+        fmask = to_flex_block_mask(block_mask, q.shape[1], doc_ids, flex_block=flex_block, q_blocks=needs_grad)
+        # The CPU path is eager on purpose (a correctness reference, not a fast path), so its "called without
+        # torch.compile" warning is silenced; under compile the context manager would break the graph, and inside an
+        # activation-checkpointed block one graph break makes dynamo run the whole block eagerly (a 10 s NABLA
+        # training step measured 7.9 s with it, most of it in unfused element-wise kernels).
+        quiet = contextlib.nullcontext() if torch.compiler.is_compiling() else warnings.catch_warnings()
+        with quiet:
+            if not torch.compiler.is_compiling():
+                warnings.filterwarnings("ignore", message=".*flex_attention called without torch.compile.*")
             if kernel_options is None:
                 out = _flex_fn(q.device.type)(qt, kt, vt, block_mask=fmask)
             else:

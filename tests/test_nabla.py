@@ -330,3 +330,82 @@ def test_bad_inputs():
     q = torch.randn(1, 128, 2, 8)
     with pytest.raises(ValueError, match="backend"):
         N.nabla_attention(q, q, q, P=0.9, backend="nope")
+
+
+def test_64_token_backward_config_reaches_handlers_made_before_and_in_other_threads():
+    """The 64x64 flex backward config must reach every inductor choices handler, including one created before the hook
+    (autograd's device thread keeps the handler it made for an earlier dense backward)."""
+    import threading
+
+    choices = pytest.importorskip("torch._inductor.choices")
+    early = choices.InductorChoices()
+    if not N.enable_64_token_flex_backward():
+        pytest.skip("this torch build has no flex backward config hook")
+    method = type(early).get_flex_attention_bwd_configs
+    assert getattr(method, "_k5_flex64", False)
+    seen = []
+    thread = threading.Thread(target=lambda: seen.append(choices.InductorChoices().get_flex_attention_bwd_configs))
+    thread.start()
+    thread.join()
+    assert getattr(seen[0].__func__, "_k5_flex64", False)
+    # CPU configs are left alone (FlexAttention has no CPU backward); enabling twice wraps once
+    before = early.get_flex_attention_bwd_configs(64, torch.float32, "cpu")
+    assert N.enable_64_token_flex_backward()
+    assert early.get_flex_attention_bwd_configs(64, torch.float32, "cpu") == before
+
+
+def _dense_of(num: torch.Tensor, idx: torch.Tensor) -> torch.Tensor:
+    n = idx.shape[-1]
+    valid = torch.arange(n) < num[..., None]
+    out = torch.zeros(*idx.shape[:-1], n + 1, dtype=torch.bool)
+    return out.scatter_(-1, torch.where(valid, idx.long(), n), True)[..., :n]
+
+
+@pytest.mark.parametrize("flex_block", [64, 128])
+def test_flex_block_mask_query_side_is_the_transpose(flex_block):
+    """The backward reads the query-side index; ours comes from a cumulative sum over the transposed mask."""
+    q, k = _qk(B=2, nb=7, heads=3, D=16, seed=11)
+    m = N.nabla_block_mask(q, k, 0.6, sta=N.sta_block_mask(1, 1, 7, 1, 1, 3))
+    bm = N.to_flex_block_mask(m, 7 * N.BLOCK, flex_block=flex_block)
+    for kv_num, kv_idx, q_num, q_idx in ((bm.kv_num_blocks, bm.kv_indices, bm.q_num_blocks, bm.q_indices),
+                                         (bm.full_kv_num_blocks, bm.full_kv_indices, bm.full_q_num_blocks,
+                                          bm.full_q_indices)):
+        kv = _dense_of(kv_num, kv_idx)
+        assert torch.equal(_dense_of(q_num, q_idx), kv.transpose(-1, -2))
+        # kept indices come first, ascending, as torch's own construction orders them
+        first = torch.where(torch.arange(kv_idx.shape[-1]) < kv_num[..., None], kv_idx, torch.iinfo(torch.int32).max)
+        assert torch.equal(first.sort(-1).values, first)
+    if flex_block == 64:
+        assert torch.equal(_dense_of(bm.full_kv_num_blocks, bm.full_kv_indices), m)
+    no_q = N.to_flex_block_mask(m, 7 * N.BLOCK, flex_block=flex_block, q_blocks=False)
+    assert no_q.q_indices is None and torch.equal(no_q.full_kv_indices, bm.full_kv_indices)
+
+
+def test_forced_density_top_k_matches_a_full_sort():
+    q, k = _qk(B=1, nb=20, heads=2, D=16, seed=12)
+    sta = N.sta_block_mask(1, 4, 5, 1, 3, 3)
+    for total in (False, True):
+        m = N.nabla_block_mask(q, k, 0.9, sta=sta, force_density=0.25, force_total=total)
+        logits = q.reshape(1, 20, 64, 2, 16).mean(2).transpose(1, 2) @ k.reshape(1, 20, 64, 2, 16).mean(2).permute(
+            0, 2, 3, 1)
+        if total:
+            logits = logits.masked_fill(sta, float("inf"))
+        order = logits.argsort(-1, descending=True)[..., :5]
+        ref = torch.zeros_like(m).scatter_(-1, order, True) | sta
+        assert torch.equal(m, ref)
+
+
+@pytest.mark.parametrize("force", [None, 0.5])
+def test_nabla_attention_traces_without_graph_breaks(force):
+    """A graph break inside an activation-checkpointed compiled block makes dynamo run the whole block eagerly."""
+    q, k = _qk(B=1, nb=4, heads=2, D=16, seed=13)
+    v = torch.randn_like(q)
+    sta = N.sta_block_mask(1, 2, 2, 1, 3, 3)
+
+    def attend(q, k, v):
+        return N.nabla_attention(q, k, v, P=0.9, sta=sta, force_density=force, force_total=force is not None,
+                                 backend="flex")
+
+    with torch.no_grad():
+        explained = torch._dynamo.explain(attend)(q, k, v)
+    assert explained.graph_break_count == 0, [str(b.reason) for b in explained.break_reasons]
