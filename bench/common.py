@@ -107,3 +107,39 @@ def raise_recompile_limit(limit: int) -> None:
 
 def peak_gb() -> float:
     return torch.cuda.max_memory_allocated() / 1e9 if torch.cuda.is_available() else float("nan")
+
+
+# kernel-name fragments per category, first match wins (cuDNN's attention kernels also say "cudnn")
+TRANSFORMER_KERNELS = {
+    "attention": ("fmha", "flash", "cudnn", "attn", "attention", "sdpa", "flex"),
+    "matmul": ("gemm", "nvjet", "cutlass", "xmma", "matmul", "sm90_"),
+}
+CONV_KERNELS = {"conv": ("conv", "fprop", "implicit", "xmma", "cudnn", "sm90_"), "matmul": ("gemm", "nvjet", "cutlass"),
+                "attention": ("fmha", "flash", "attention", "sdpa")}
+
+
+def kernel_breakdown(fn: Callable[[], Any], categories: dict[str, tuple[str, ...]] | None = None,
+                     top: int = 16) -> dict:
+    """GPU kernel time of one call of ``fn`` (after one unprofiled call) per category plus the top kernels."""
+    from torch.autograd import DeviceType
+    from torch.profiler import ProfilerActivity, profile
+
+    categories = TRANSFORMER_KERNELS if categories is None else categories
+    fn()
+    torch.cuda.synchronize()
+    with profile(activities=[ProfilerActivity.CUDA]) as prof:
+        fn()
+        torch.cuda.synchronize()
+    cats = {f"{c}_ms": 0.0 for c in categories} | {"other_ms": 0.0}
+    kernels = []
+    for e in prof.key_averages():
+        if e.device_type != DeviceType.CUDA:
+            continue
+        ms = e.self_device_time_total / 1000
+        name = e.key.lower()
+        cat = next((c for c, frags in categories.items() if any(f in name for f in frags)), "other")
+        cats[f"{cat}_ms"] += ms
+        kernels.append((ms, e.key[:90], e.count))
+    kernels.sort(reverse=True)
+    cats["top"] = [f"{ms:.1f} ms x{n} {k}" for ms, k, n in kernels[:top]]
+    return cats

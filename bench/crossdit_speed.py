@@ -27,6 +27,7 @@ from bench.common import (  # noqa: E402
     build_inputs,
     diffusers_twin,
     forward_flops,
+    kernel_breakdown,
     peak_gb,
     raise_recompile_limit,
     randomize,
@@ -39,35 +40,6 @@ from k5model.training.parallel import apply_activation_checkpointing  # noqa: E4
 
 NABLA_10S = dict(attention_type="nabla", attention_P=0.9, attention_wT=11, attention_wH=3, attention_wW=3,
                  attention_add_sta=True, attention_method="topcdf")
-
-
-def kernel_breakdown(fn) -> dict:
-    """GPU kernel time of one call of ``fn`` split into attention / matmul / other, plus the top kernels."""
-    from torch.autograd import DeviceType
-    from torch.profiler import ProfilerActivity, profile
-
-    fn()
-    torch.cuda.synchronize()
-    with profile(activities=[ProfilerActivity.CUDA]) as prof:
-        fn()
-        torch.cuda.synchronize()
-    cats = {"attention_ms": 0.0, "matmul_ms": 0.0, "other_ms": 0.0}
-    kernels = []
-    for e in prof.key_averages():
-        if e.device_type != DeviceType.CUDA:
-            continue
-        ms = e.self_device_time_total / 1000
-        name = e.key.lower()
-        if any(s in name for s in ("fmha", "flash", "cudnn", "attn", "attention", "sdpa", "flex")):
-            cats["attention_ms"] += ms
-        elif any(s in name for s in ("gemm", "nvjet", "cutlass", "xmma", "matmul", "sm90_")):
-            cats["matmul_ms"] += ms
-        else:
-            cats["other_ms"] += ms
-        kernels.append((ms, e.key[:90], e.count))
-    kernels.sort(reverse=True)
-    cats["top"] = [f"{ms:.1f} ms x{n} {k}" for ms, k, n in kernels[:16]]
-    return cats
 
 
 def train_step(cfg, state: dict, kw: dict, device, *, save_attention: float, reps: int, compile_blocks: bool,
@@ -102,6 +74,13 @@ def train_step(cfg, state: dict, kw: dict, device, *, save_attention: float, rep
     return out
 
 
+# inductor options worth a try on the compiled blocks (keys of torch._inductor.config)
+INDUCTOR_VARIANTS = {
+    # compile_blocks() tunes the block sizes of the fused norm/RoPE/modulation kernels on CUDA; this turns that off
+    "nocdt": {"coordinate_descent_tuning": False},
+}
+
+
 def free_memory() -> None:
     gc.collect()
     if torch.cuda.is_available():
@@ -113,6 +92,8 @@ def main() -> None:
     ap.add_argument("--smoke", action="store_true")
     ap.add_argument("--seconds", type=int, default=5)
     ap.add_argument("--nabla", action="store_true")
+    ap.add_argument("--nabla-modes", default="cdf,forced_cdf,forced_total",
+                    help="compiled NABLA settings to time: cdf (the rule itself), forced_cdf, forced_total")
     ap.add_argument("--reps", type=int, default=5)
     ap.add_argument("--no-diffusers", action="store_true")
     ap.add_argument("--diffusers-eager", action="store_true", help="also time diffusers uncompiled")
@@ -126,6 +107,8 @@ def main() -> None:
                     help="residual-stream dtype(s) of our compiled forward to time")
     ap.add_argument("--no-eager-timing", action="store_true", help="time compiled paths only")
     ap.add_argument("--no-ref", action="store_true", help="skip the fp32 reference forward and the error columns")
+    ap.add_argument("--inductor-variants", default="",
+                    help=f"extra inductor option sets to time our compiled forward with: {','.join(INDUCTOR_VARIANTS)}")
     args = ap.parse_args()
     # one compiled block code object serves every setting timed here (CDF rule, forced densities, density tracking,
     # residual dtypes); past dynamo's default recompile limit it would silently run the blocks eagerly
@@ -165,6 +148,14 @@ def main() -> None:
             ours.track_nabla_density = False
             if args.nabla:
                 res["nabla_density_cdf_rule"] = ours.last_nabla_density
+                # densities of the forced settings, read here in eager mode: reading them synchronises and breaks the
+                # compiled graph, so the compiled timings below never track
+                for total in (False, True):
+                    ours.nabla_force_density, ours.nabla_force_total = 0.1, total
+                    ours.track_nabla_density = True
+                    ours(**kw)
+                    res[f"nabla_density_forced10pct_{'total' if total else 'cdf'}"] = ours.last_nabla_density
+                ours.nabla_force_density, ours.nabla_force_total, ours.track_nabla_density = None, False, False
             if not args.no_eager_timing:
                 res["ours_eager_s"] = timed(lambda: ours(**kw), args.reps)
 
@@ -194,23 +185,29 @@ def main() -> None:
                     ours.residual_fp32 = residual_fp32
                     if ref is not None:
                         res[f"{tag}_rel_err"] = rel(ours(**kw).sample, ref)
-                    res[f"{tag}_s"] = timed(lambda: ours(**kw), args.reps)
+                    if not args.nabla or "cdf" in args.nabla_modes.split(","):
+                        res[f"{tag}_s"] = timed(lambda: ours(**kw), args.reps)
+                    modes = args.nabla_modes.split(",")
                     if args.nabla:
-                        for total in (False, True):
+                        for total in [t for t, m in ((False, "forced_cdf"), (True, "forced_total")) if m in modes]:
                             sub = f"{tag}_forced10pct_{'total' if total else 'cdf'}"
                             ours.nabla_force_density, ours.nabla_force_total = 0.1, total
-                            ours.track_nabla_density = True
-                            ours(**kw)
-                            ours.track_nabla_density = False
-                            res[f"{sub}_density"] = ours.last_nabla_density
                             res[f"{sub}_s"] = timed(lambda: ours(**kw), args.reps)
                         ours.nabla_force_density, ours.nabla_force_total = None, False
                 ours.residual_fp32 = False
-                best = min((res[k], k) for k in ("ours_compiled_s", "ours_compiled_residual_fp32_s") if k in res)
+                best = min([(res[k], k) for k in ("ours_compiled_s", "ours_compiled_residual_fp32_s") if k in res]
+                           or [(float("nan"), "")])
                 if "diffusers_compiled_s" in res:
                     res["speedup_vs_diffusers_compiled"] = res["diffusers_compiled_s"] / best[0]
                 if not args.nabla:
                     res["ours_compiled_tflops"] = flops / best[0] / 1e12
+                for name in filter(None, args.inductor_variants.split(",")):
+                    ours.compile_blocks(options=INDUCTOR_VARIANTS[name])
+                    if args.nabla:
+                        ours.nabla_force_density, ours.nabla_force_total = 0.1, True
+                    res[f"ours_compiled_{name}{'_forced10pct_total' if args.nabla else ''}_s"] = timed(
+                        lambda: ours(**kw), args.reps)
+                    ours.nabla_force_density, ours.nabla_force_total = None, False
                 if args.profile and cuda:
                     if args.nabla:  # the forced-total setting: the sparse path the targets are about
                         ours.nabla_force_density, ours.nabla_force_total = 0.1, True
