@@ -3,9 +3,16 @@
 Same process, same random weights (diffusers' default init of the production config) and the same random clip;
 fp16; median of ``--reps`` encodes after a warm-up; peak = torch.cuda.max_memory_allocated over the encodes (weights
 included). Deviation = max |latent mean − diffusers untiled latent mean| (and the same relative to the latents' max),
-so the cost of chunking is visible next to the cost of diffusers' own tiling.
+so the cost of chunking is visible next to the cost of diffusers' own tiling. Note that diffusers' "untiled" encode
+still tiles in time (17-frame tiles, 4 overlapping frames blended) above 16 frames; ``--whole-clip`` adds the
+deviation from the true whole-clip encode (``CausalChunkEncoder.encode_whole_clip``: GroupNorm and attention over
+every frame, convolutions exact in 16-frame slices since cuDNN takes no single 121×512×768 input; about 45 GB).
+
+Variants of ours: ``c<chunk frames>[_compile][_ncdhw]``: channels-last-3d is the default layout, ``_ncdhw`` the
+previous contiguous layout; ``_compile`` compiles the GroupNorm → SiLU → buffer write.
 
     python bench/vae_encode.py              # H100: 121 frames, 512x768
+    python bench/vae_encode.py --whole-clip # + deviation from the single-chunk encode of the whole clip
     python bench/vae_encode.py --smoke      # CPU: toy VAE, 17 frames, 64x96
 """
 
@@ -20,7 +27,7 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from bench.common import peak_gb, timed, write_result  # noqa: E402
+from bench.common import CONV_KERNELS, kernel_breakdown, peak_gb, timed, write_result  # noqa: E402
 from k5model.encoders.causal_encode import CausalChunkEncoder  # noqa: E402
 
 
@@ -33,12 +40,21 @@ def build_vae(smoke: bool):
     return AutoencoderKLHunyuanVideo()  # the HunyuanVideo / Kandinsky 5 video VAE layout
 
 
+def deviation(res: dict, name: str, lat: torch.Tensor, ref: torch.Tensor) -> None:
+    """max |Δ| of the latent means and the same relative to the reference's max |latent|."""
+    res[f"{name}_max_dev"] = (lat.float() - ref).abs().max().item()
+    res[f"{name}_rel_max_dev"] = res[f"{name}_max_dev"] / ref.abs().max().item()
+
+
 def main() -> None:
     ap = argparse.ArgumentParser()
     ap.add_argument("--smoke", action="store_true")
     ap.add_argument("--reps", type=int, default=3)
-    ap.add_argument("--variants", default="c16,c16_compile,c16_compile_cl,c8_compile,c32_compile",
-                    help="ours: c<chunk frames>[_compile][_cl] (cl = channels-last-3d)")
+    ap.add_argument("--variants", default="c16,c16_compile,c8,c8_compile,c16_ncdhw",
+                    help="ours: c<chunk frames>[_compile][_ncdhw] (ncdhw = the previous contiguous layout)")
+    ap.add_argument("--whole-clip", action="store_true",
+                    help="also compare every variant with a single-chunk encode of the whole clip (needs ~45 GB)")
+    ap.add_argument("--profile", action="store_true", help="kernel-time breakdown of each of our variants")
     args = ap.parse_args()
     cuda = torch.cuda.is_available() and not args.smoke
     device = torch.device("cuda" if cuda else "cpu")
@@ -69,16 +85,31 @@ def main() -> None:
     scale = untiled.float().abs().max().item()
     res["latent_absmax"] = scale
     res["diffusers_tiled_max_dev"] = (tiled.float() - untiled.float()).abs().max().item()
+    latent_ch = untiled.shape[1]
+    whole = None
+    if args.whole_clip:  # GroupNorm and attention over every frame: what diffusers' temporal tiles approximate
+        with torch.no_grad():
+            whole = CausalChunkEncoder(vae).encode_whole_clip(pixels)[:, :latent_ch].float()
+        res["whole_clip_absmax"] = whole.abs().max().item()
+        for name, lat in (("diffusers_untiled", untiled), ("diffusers_tiled", tiled)):
+            deviation(res, f"{name}_vs_whole", lat, whole)
+        gc.collect()
+        if cuda:
+            torch.cuda.empty_cache()
     for variant in args.variants.split(","):
         parts = variant.split("_")
         enc = CausalChunkEncoder(vae, chunk_frames=int(parts[0][1:]), compile="compile" in parts,
-                                 channels_last="cl" in parts)
-        ours = measure(f"ours_{variant}", lambda enc=enc: enc.encode(pixels)[:, : untiled.shape[1]])
+                                 channels_last="ncdhw" not in parts)
+        ours = measure(f"ours_{variant}", lambda enc=enc: enc.encode(pixels)[:, :latent_ch])
         res[f"ours_{variant}_max_dev"] = (ours.float() - untiled.float()).abs().max().item()
         res[f"ours_{variant}_rel_max_dev"] = res[f"ours_{variant}_max_dev"] / scale
         res[f"ours_{variant}_speedup_vs_tiled"] = res["diffusers_tiled_s"] / res[f"ours_{variant}_s"]
-        if "cl" in parts:  # back to the default layout for the next variant
-            vae.to(memory_format=torch.contiguous_format)
+        if whole is not None:
+            deviation(res, f"ours_{variant}_vs_whole", ours, whole)
+        if args.profile and cuda:
+            with torch.no_grad():
+                res[f"ours_{variant}_profile"] = kernel_breakdown(lambda enc=enc: enc.encode(pixels), CONV_KERNELS, 20)
+        vae.to(memory_format=torch.contiguous_format)  # the encoder converted the weights: back for the next one
         del enc, ours
         gc.collect()
         print({k: v for k, v in res.items() if k.startswith(f"ours_{variant}")}, flush=True)

@@ -65,3 +65,12 @@ def test_vae_encode_bench_smoke():
     res = last_json(run_bench("bench/vae_encode.py", "--smoke", "--variants", "c16,c8"))
     assert res["ours_c16_max_dev"] < 1e-5  # one chunk holds all 17 frames: exact
     assert res["ours_c8_s"] > 0 and res["diffusers_tiled_s"] > 0
+
+
+def test_vae_conv_probe_smoke_formulations_agree():
+    res = last_json(run_bench("bench/vae_conv_probe.py", "--smoke"))
+    shapes = {k: v for k, v in res.items() if isinstance(v, dict)}
+    assert set(shapes) == {"L0_128", "L0_down", "L1_256"}  # strides (1,1,1), (1,2,2) and a second channel count
+    for row in shapes.values():
+        for tag in ("conv3d_ncdhw", "conv3d_ndhwc", "taps_conv2d", "stacked_conv2d"):
+            assert row[f"{tag}_err"] < 1e-5 and row[f"{tag}_ms"] > 0, (tag, row)

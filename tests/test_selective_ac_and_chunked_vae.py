@@ -11,7 +11,7 @@ from torch.utils._python_dispatch import TorchDispatchMode
 
 from k5model import CrossDiT, get_preset
 from k5model import nabla as N
-from k5model.encoders.causal_encode import CausalChunkEncoder, _prep, _StreamConv
+from k5model.encoders.causal_encode import CausalChunkEncoder, _StreamConv
 from k5model.training.parallel import apply_activation_checkpointing
 
 
@@ -80,7 +80,7 @@ def test_streamed_causal_conv_is_exact(stride):
     torch.manual_seed(0)
     conv = HunyuanVideoCausalConv3d(3, 5, 3, stride)
     x = torch.randn(1, 3, 17, 16, 24)
-    stream, parts, start = _StreamConv(conv, _prep), [], 0
+    stream, parts, start = _StreamConv(conv), [], 0
     for n in (5, 4, 3, 4, 1):  # uneven chunks, one too short to emit a strided output on its own
         out = stream(x[:, :, start:start + n])
         start += n

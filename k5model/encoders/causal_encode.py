@@ -9,7 +9,17 @@ exact; what still depends on the chunking is what diffusers' tiles also see only
 the mid-block attention, computed per chunk (the attention frame-causal inside the chunk, as in diffusers).
 
 We walk diffusers' own modules and reuse their weights, so any ``AutoencoderKLHunyuanVideo`` checkpoint works.
-Optional: ``torch.compile`` of the norm → SiLU → pad stages, channels-last-3d tensors and cuDNN autotuning.
+
+Speed (the convolutions are cuDNN's; everything around them is memory traffic, so we keep it to a few passes):
+
+* activations stay channels-last-3d (memory N,T,H,W,C) with channels-last conv weights, so cuDNN runs its NHWC
+  kernels without layout transposes;
+* GroupNorm statistics come from per-channel reductions (fp16: sum and sum of squares with fp32 accumulators) —
+  column reductions over the whole chunk that fill the GPU, unlike ``F.group_norm``'s one thread block per
+  (sample, group) — then scale and shift per channel in one pass and SiLU in place;
+* each causal conv's input buffer (cached frames + padded chunk) is allocated once and written in place: the
+  normalised chunk goes straight into its interior, the replicate borders are a few slice copies, no ``F.pad``
+  and no ``torch.cat``.
 """
 
 from __future__ import annotations
@@ -21,36 +31,126 @@ import torch.nn.functional as F
 from torch import nn
 
 
-def _prep(x: torch.Tensor, cache: torch.Tensor | None, front: int, spatial: tuple[int, ...], mode: str,
-          norm: tuple | None) -> torch.Tensor:
-    """A causal conv's input: [GroupNorm → SiLU →] spatial pad, after the cached frames of the previous chunk (or the
-    first frame repeated ``front`` times). Compiled, this is one fused pass writing the conv's input once."""
-    if norm is not None:
-        groups, weight, bias, eps = norm
-        x = F.silu(F.group_norm(x, groups, weight, bias, eps))
-    if any(spatial):
-        x = F.pad(x, (*spatial, 0, 0), mode=mode)
-    if cache is not None:
-        return torch.cat([cache, x], dim=2)
-    return torch.cat([x[:, :, :1]] * front + [x], dim=2) if front else x
+def group_norm_affine(x: torch.Tensor, norm: nn.GroupNorm) -> tuple[torch.Tensor, torch.Tensor]:
+    """GroupNorm of ``x`` (N, C, *) as a per-channel affine map: (scale, shift), each (N, C), in fp32 or wider.
+
+    Statistics per channel first (reduce every dim but N, C: in channels-last memory a contiguous column reduction
+    that fills the GPU, unlike ``F.group_norm``'s one thread block per (sample, group)), then per group. fp16/bf16:
+    sum and sum of squares, each read once and accumulated in fp32 (on CUDA without an fp32 copy); fp32/fp64:
+    Welford per channel, combined exactly (equal counts: mean of the channel means; mean of the channel variances
+    plus variance of the channel means). Keeping scale and shift in fp32 means a large group mean loses no
+    precision when x is fp16."""
+    n, c = x.shape[:2]
+    g = norm.num_groups
+    acc = torch.promote_types(x.dtype, torch.float32)
+    dims = tuple(range(2, x.ndim))
+    if x.dtype == acc:
+        var_c, mean_c = torch.var_mean(x, dims, correction=0)
+        mean_c, var_c = mean_c.view(n, g, -1), var_c.view(n, g, -1)
+        mean = mean_c.mean(-1, keepdim=True)
+        var = var_c.mean(-1, keepdim=True) + (mean_c - mean).square().mean(-1, keepdim=True)
+    else:
+        count = x[0, 0].numel() * (c // g)
+        mean = x.sum(dims, dtype=acc).view(n, g, -1).sum(-1, keepdim=True) / count
+        sq = torch.linalg.vector_norm(x, 2, dims, dtype=acc).square().view(n, g, -1).sum(-1, keepdim=True)
+        var = (sq / count - mean.square()).clamp_min(0)
+    scale = (var + norm.eps).rsqrt().expand(n, g, c // g)
+    if norm.affine:
+        scale = scale * norm.weight.to(acc).view(g, -1)
+    shift = -mean * scale
+    if norm.affine:
+        shift = shift + norm.bias.to(acc).view(g, -1)
+    return scale.reshape(n, c), shift.reshape(n, c)
+
+
+Norm = nn.GroupNorm | tuple[torch.Tensor, torch.Tensor]  # a GroupNorm, or its affine map already computed
+
+
+@torch.no_grad()
+def group_norm_into(x: torch.Tensor, norm: Norm, out: torch.Tensor) -> torch.Tensor:
+    """``out[...] = norm(x)``, ``out`` of any strides (e.g. the interior of a padded buffer)."""
+    scale, shift = group_norm_affine(x, norm) if isinstance(norm, nn.GroupNorm) else norm
+    shape = x.shape[:2] + (1,) * (x.ndim - 2)
+    return torch.addcmul(shift.view(shape), x, scale.view(shape), out=out)
+
+
+def group_norm(x: torch.Tensor, norm: Norm) -> torch.Tensor:
+    return group_norm_into(x, norm, torch.empty_like(x))
+
+
+def _group_norm_silu_fused(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor, groups: int, eps: float,
+                           out: torch.Tensor) -> None:
+    """GroupNorm → SiLU written into ``out``; meant for ``torch.compile``: per-channel Welford statistics in fp32 (a
+    column reduction in channels-last memory), combined exactly per group (equal counts: mean of the channel means,
+    mean of the channel variances + variance of the channel means), then one pass x·scale + shift → SiLU."""
+    n, c = x.shape[:2]
+    xf = x.float()
+    var_c, mean_c = torch.var_mean(xf, dim=tuple(range(2, x.ndim)), correction=0)
+    mean_c, var_c = mean_c.view(n, groups, -1), var_c.view(n, groups, -1)
+    mean = mean_c.mean(-1, keepdim=True)
+    var = var_c.mean(-1, keepdim=True) + (mean_c - mean).square().mean(-1, keepdim=True)
+    scale = torch.rsqrt(var + eps) * weight.float().view(groups, -1)
+    shift = (bias.float().view(groups, -1) - mean * scale).view(n, c)
+    shape = (n, c) + (1,) * (x.ndim - 2)
+    out.copy_(F.silu(xf * scale.view(shape) + shift.view(shape)))
 
 
 class _StreamConv:
-    """One causal Conv3d applied chunk by chunk: keeps the (padded) input frames the next outputs still need."""
+    """One causal Conv3d applied chunk by chunk: keeps the (padded) input frames the next outputs still need.
 
-    def __init__(self, causal_conv: nn.Module, prep):
+    ``fused``: an optional compiled GroupNorm → SiLU writer (``_group_norm_silu_fused``); without it the norm is
+    ``group_norm_into`` and the SiLU one in-place pass over the buffer's new frames."""
+
+    def __init__(self, causal_conv: nn.Module, *, memory_format: torch.memory_format = torch.channels_last_3d,
+                 fused=None):
         self.conv: nn.Conv3d = causal_conv.conv
         pw0, pw1, ph0, ph1, pt0, pt1 = causal_conv.time_causal_padding
         if pt1 != 0:
             raise ValueError(f"not a causal convolution: it pads {pt1} frames at the end")
-        self.front, self.spatial, self.mode = pt0, (pw0, pw1, ph0, ph1), causal_conv.pad_mode
+        if causal_conv.pad_mode != "replicate" and (pt0 or pw0 or pw1 or ph0 or ph1):
+            raise ValueError(f"only replicate padding is supported, got {causal_conv.pad_mode!r}")
+        self.front, self.pad = pt0, (ph0, ph1, pw0, pw1)
         self.kt, self.st = self.conv.kernel_size[0], self.conv.stride[0]
-        self.prep = prep
+        self.memory_format, self.fused = memory_format, fused
         self.cache: torch.Tensor | None = None
 
-    def __call__(self, x: torch.Tensor, norm: nn.GroupNorm | None = None) -> torch.Tensor | None:
-        gn = None if norm is None else (norm.num_groups, norm.weight, norm.bias, norm.eps)
-        buf = self.prep(x, self.cache, self.front, self.spatial, self.mode, gn)
+    def fill(self, x: torch.Tensor, norm: Norm | None = None) -> torch.Tensor:
+        """The conv's input for this chunk: cached frames (or the first frame repeated), then [SiLU(norm(x))],
+        replicate-padded in H and W."""
+        n, c, t, h, w = x.shape
+        ph0, ph1, pw0, pw1 = self.pad
+        k = self.front if self.cache is None else self.cache.shape[2]
+        buf = torch.empty((n, c, k + t, h + ph0 + ph1, w + pw0 + pw1), dtype=x.dtype, device=x.device,
+                          memory_format=self.memory_format)
+        inner = buf[:, :, k:, ph0:ph0 + h, pw0:pw0 + w]
+        act_later = False
+        if norm is None:
+            inner.copy_(x)
+        elif self.fused is not None and isinstance(norm, nn.GroupNorm) and norm.affine:
+            self.fused(x, norm.weight, norm.bias, norm.num_groups, norm.eps, inner)
+        else:
+            group_norm_into(x, norm, inner)
+            act_later = True
+        new = buf[:, :, k:]
+        # replicate borders: columns of the interior rows first, then whole rows, so corners copy the corner pixel
+        if pw0:
+            new[..., ph0:ph0 + h, :pw0].copy_(new[..., ph0:ph0 + h, pw0:pw0 + 1].expand(-1, -1, -1, -1, pw0))
+        if pw1:
+            new[..., ph0:ph0 + h, pw0 + w:].copy_(new[..., ph0:ph0 + h, pw0 + w - 1:pw0 + w].expand(-1, -1, -1, -1, pw1))
+        if ph0:
+            new[:, :, :, :ph0].copy_(new[:, :, :, ph0:ph0 + 1].expand(-1, -1, -1, ph0, -1))
+        if ph1:
+            new[:, :, :, ph0 + h:].copy_(new[:, :, :, ph0 + h - 1:ph0 + h].expand(-1, -1, -1, ph1, -1))
+        if act_later:  # SiLU commutes with replication: one pass over the new frames, borders included
+            F.silu(new, inplace=True)
+        if self.cache is not None:
+            buf[:, :, :k].copy_(self.cache)
+        elif k:  # causal start: the first frame repeated in front
+            buf[:, :, :k].copy_(buf[:, :, k:k + 1].expand(-1, -1, k, -1, -1))
+        return buf
+
+    def run(self, buf: torch.Tensor) -> torch.Tensor | None:
+        """Convolve a filled buffer and keep its trailing frames as the next chunk's cache (None: too few frames)."""
         n = (buf.shape[2] - self.kt) // self.st + 1 if buf.shape[2] >= self.kt else 0
         # a copy: a view would keep the whole chunk-sized buffer alive until the next chunk
         self.cache = buf[:, :, n * self.st:].clone()
@@ -58,45 +158,96 @@ class _StreamConv:
             return None
         return self.conv(buf[:, :, : (n - 1) * self.st + self.kt])
 
+    def __call__(self, x: torch.Tensor, norm: Norm | None = None) -> torch.Tensor | None:
+        if norm is None and self.kt == 1 and not any(self.pad):  # a 1×1×1 conv (residual shortcut): no state
+            return self.conv(x)
+        return self.run(self.fill(x, norm))
+
+
+class _WholeConv:
+    """A causal conv over the whole clip, GroupNorm statistics of the whole clip, convolved in temporal slices with
+    carried state (exact): cuDNN takes no input of 2^31 elements or more per sample, a 121×512×768 clip has 6·10^9
+    at the first level. Same ``fill``/``run`` interface as ``_StreamConv``."""
+
+    def __init__(self, causal_conv: nn.Module, *, memory_format: torch.memory_format, slice_frames: int):
+        self.stream = _StreamConv(causal_conv, memory_format=memory_format)
+        self.slice = slice_frames
+
+    def fill(self, x: torch.Tensor, norm: nn.GroupNorm | None = None) -> tuple:
+        return x, None if norm is None else group_norm_affine(x, norm)
+
+    def run(self, pending: tuple) -> torch.Tensor:
+        x, norm = pending
+        s = self.stream
+        s.cache, out, pos = None, None, 0
+        for start in range(0, x.shape[2], self.slice):
+            y = s(x[:, :, start:start + self.slice], norm)
+            if y is None:
+                continue
+            if out is None:  # written in place: a cat of the slices would double the peak
+                t_out = (x.shape[2] + s.front - s.kt) // s.st + 1
+                out = torch.empty(y.shape[:2] + (t_out,) + y.shape[3:], dtype=y.dtype, device=y.device,
+                                  memory_format=s.memory_format)
+            out[:, :, pos:pos + y.shape[2]] = y
+            pos += y.shape[2]
+        return out
+
+    def __call__(self, x: torch.Tensor, norm: nn.GroupNorm | None = None) -> torch.Tensor:
+        return self.run(self.fill(x, norm))
+
 
 class CausalChunkEncoder:
-    """``encode(pixels)`` of an ``AutoencoderKLHunyuanVideo`` in temporal chunks; returns the posterior moments."""
+    """``encode(pixels)`` of an ``AutoencoderKLHunyuanVideo`` in temporal chunks; returns the posterior moments.
+
+    ``channels_last`` (default): channels-last-3d activations and conv weights (the encoder's weights are converted
+    in place; ``False`` converts them back to contiguous). ``compile``: ``torch.compile`` the GroupNorm → SiLU →
+    buffer write (fp32 Welford statistics, one fused pointwise pass); the eager path is the default."""
 
     def __init__(self, vae: nn.Module, *, chunk_frames: int = 16, compile: bool = False,
-                 channels_last: bool = False, cudnn_benchmark: bool = True):
+                 channels_last: bool = True, cudnn_benchmark: bool = True):
         if chunk_frames % vae.config.temporal_compression_ratio:
             raise ValueError(f"chunk_frames must be a multiple of {vae.config.temporal_compression_ratio}, "
                              f"got {chunk_frames}")
         self.vae, self.chunk = vae, chunk_frames
-        self.channels_last, self.cudnn_benchmark = channels_last, cudnn_benchmark
-        # dynamic shapes: one compiled graph serves every level and chunk length instead of ~30 static variants
-        self.prep = torch.compile(_prep, dynamic=True) if compile else _prep
-        if channels_last:
-            vae.encoder.to(memory_format=torch.channels_last_3d)
-            vae.quant_conv.to(memory_format=torch.channels_last_3d)
+        self.channels_last, self.cudnn_benchmark, self.compile = channels_last, cudnn_benchmark, compile
+        self.memory_format = torch.channels_last_3d if channels_last else torch.contiguous_format
+        # static shapes would need ~30 variants (levels × chunk lengths × cache sizes); automatic dynamic needs few
+        self.fused = torch.compile(_group_norm_silu_fused, fullgraph=True) if compile else None
+        vae.encoder.to(memory_format=self.memory_format)
+        vae.quant_conv.to(memory_format=self.memory_format)
 
     # -- building blocks ------------------------------------------------------------------------------------------
     def _resnet(self, block: nn.Module, x: torch.Tensor, convs: dict) -> torch.Tensor:
         h = convs[id(block.conv1)](x, block.norm1)
-        h = convs[id(block.conv2)](h, block.norm2)
+        conv2 = convs[id(block.conv2)]
+        buf = conv2.fill(h, block.norm2)
+        del h  # conv1's output is in buf now: free it before conv2 runs (peak = x + buf + output)
+        h = conv2.run(buf)
+        del buf
         res = x if block.conv_shortcut is None else convs[id(block.conv_shortcut)](x)
-        return h + res
+        return h.add_(res)
 
     def _attention(self, attn: nn.Module, x: torch.Tensor) -> torch.Tensor:
         """diffusers' mid-block attention over this chunk's latent frames, frame-causal, without a dense mask:
         the queries of frame f attend to frames 0..f, so each frame is one unmasked attention call."""
         b, c, t, h, w = x.shape
-        tokens = x.permute(0, 2, 3, 4, 1).reshape(b, t * h * w, c)
-        normed = attn.group_norm(tokens.transpose(1, 2)).transpose(1, 2)
+        tokens = x.permute(0, 2, 3, 4, 1).reshape(b, t * h * w, c)  # a view when x is channels-last
+        normed = group_norm(x, attn.group_norm).permute(0, 2, 3, 4, 1).reshape(b, t * h * w, c)
         heads = attn.heads
         q, k, v = (lin(normed).unflatten(-1, (heads, -1)).transpose(1, 2)
                    for lin in (attn.to_q, attn.to_k, attn.to_v))
+        del normed
         hw = h * w
-        out = torch.cat([F.scaled_dot_product_attention(q[:, :, f * hw:(f + 1) * hw], k[:, :, : (f + 1) * hw],
-                                                        v[:, :, : (f + 1) * hw]) for f in range(t)], dim=2)
+        out = torch.empty_like(q)
+        for f in range(t):
+            out[:, :, f * hw:(f + 1) * hw] = F.scaled_dot_product_attention(
+                q[:, :, f * hw:(f + 1) * hw], k[:, :, : (f + 1) * hw], v[:, :, : (f + 1) * hw])
         out = attn.to_out[0](out.transpose(1, 2).flatten(2))
-        out = (out + tokens) / attn.rescale_output_factor if attn.residual_connection else out
-        return out.reshape(b, t, h, w, c).permute(0, 4, 1, 2, 3)
+        if attn.residual_connection:
+            out = out.add_(tokens)
+        if attn.rescale_output_factor != 1:
+            out = out.div_(attn.rescale_output_factor)
+        return out.reshape(b, t, h, w, c).permute(0, 4, 1, 2, 3)  # channels-last in memory
 
     def _chunk(self, x: torch.Tensor, convs: dict) -> torch.Tensor | None:
         enc = self.vae.encoder
@@ -126,17 +277,34 @@ class CausalChunkEncoder:
         groups), then ``chunk_frames`` at a time; each chunk's output goes straight into the result."""
         if pixels.ndim != 5:
             raise ValueError(f"expected pixels (B, 3, F, H, W), got {tuple(pixels.shape)}")
-        convs = {id(m): _StreamConv(m, self.prep) for m in self.vae.encoder.modules() if hasattr(m, "time_causal_padding")}
-        if self.channels_last:
-            pixels = pixels.contiguous(memory_format=torch.channels_last_3d)
-        bench = (torch.backends.cudnn.flags(enabled=True, benchmark=True) if self.cudnn_benchmark and pixels.is_cuda
-                 else contextlib.nullcontext())
+        convs = {id(m): _StreamConv(m, memory_format=self.memory_format, fused=self.fused)
+                 for m in self.vae.encoder.modules() if hasattr(m, "time_causal_padding")}
+        stack = contextlib.ExitStack()
+        if self.cudnn_benchmark and pixels.is_cuda:
+            stack.enter_context(torch.backends.cudnn.flags(enabled=True, benchmark=True))
+        if self.compile:  # each level and chunk length is a new shape; let dynamo keep them all
+            cfg = torch._dynamo.config
+            old = not hasattr(cfg, "recompile_limit")  # the names before torch 2.6
+            stack.enter_context(cfg.patch({"cache_size_limit" if old else "recompile_limit": 64,
+                                           f"accumulated_{'cache_size' if old else 'recompile'}_limit": 1024}))
         outs, start = [], 0
-        with bench:
+        with stack:
             while start < pixels.shape[2]:
                 stop = start + self.chunk + (1 if start == 0 else 0)
                 out = self._chunk(pixels[:, :, start:stop], convs)
                 if out is not None:
                     outs.append(out)
                 start = stop
-        return torch.cat(outs, dim=2)
+        return torch.cat(outs, dim=2).contiguous()
+
+    @torch.no_grad()
+    def encode_whole_clip(self, pixels: torch.Tensor, slice_frames: int = 16) -> torch.Tensor:
+        """The reference the chunks approximate: GroupNorm statistics and the mid-block attention over the whole
+        clip (diffusers' encode without any tiling), the convolutions run in ``slice_frames`` slices (exact).
+        Memory grows with the clip (about 45 GB at 121×512×768 fp16)."""
+        convs = {id(m): _WholeConv(m, memory_format=self.memory_format, slice_frames=slice_frames)
+                 for m in self.vae.encoder.modules() if hasattr(m, "time_causal_padding")}
+        bench = (torch.backends.cudnn.flags(enabled=True, benchmark=True) if self.cudnn_benchmark and pixels.is_cuda
+                 else contextlib.nullcontext())
+        with bench:
+            return self._chunk(pixels, convs).contiguous()
