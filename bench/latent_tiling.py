@@ -1,7 +1,8 @@
 """Tile plans of ``k5data.latents.VIDEO_TILING`` against diffusers' default tiling of the HunyuanVideo VAE encoder.
 
-For each resolution: encode seconds, peak GPU memory and the max / mean latent deviation from a reference encode
-(whole frames in 16-frame temporal tiles; with ``--untiled-ref`` the whole clip at once, where it fits). Random weights
+For each resolution: encode seconds, peak GPU memory and the max / mean latent deviation (scaled latents) from a
+reference encode (whole frames in diffusers' 16-frame temporal tiles; with ``--untiled-ref`` the whole clip at once,
+where it fits). A plan with ``chunk_frames`` runs the chunked causal encoder. Random weights
 at the real HunyuanVideo VAE size, fp16, 121 frames (5 s at 24 fps). Results are in the VIDEO_TILING comment::
 
     python bench/latent_tiling.py --sizes 256x384,512x768,1280x768,1408x640 --frames 121 --repeats 1   # GPU
@@ -26,13 +27,15 @@ def _vae(tiny: bool, dtype: torch.dtype, device: str) -> torch.nn.Module:
     return AutoencoderKLHunyuanVideo(latent_channels=16, **kw).to(device, dtype).eval()
 
 
-def _encode(vae: torch.nn.Module, x: torch.Tensor, device: str) -> tuple[torch.Tensor, float, float]:
+def _encode(video, x: torch.Tensor, device: str) -> tuple[torch.Tensor, float, float]:
+    """Scaled latents of ``video`` (a VideoVAE: chunked, or diffusers' encode with its tiling attributes), seconds,
+    peak GiB."""
     if device == "cuda":
         torch.cuda.synchronize()
         torch.cuda.reset_peak_memory_stats()
     t0 = time.perf_counter()
     with torch.inference_mode():
-        z = vae.encode(x).latent_dist.mode()
+        z = video.encode(x)
     if device == "cuda":
         torch.cuda.synchronize()
     peak = torch.cuda.max_memory_allocated() / 2**30 if device == "cuda" else 0.0
@@ -41,6 +44,7 @@ def _encode(vae: torch.nn.Module, x: torch.Tensor, device: str) -> tuple[torch.T
 
 def main() -> None:
     from k5data.latents import TilePlan, tile_plan
+    from k5model.encoders.vae import VideoVAE
 
     p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     p.add_argument("--sizes", default="256x384,512x768,1280x768")
@@ -53,6 +57,7 @@ def main() -> None:
     args = p.parse_args()
     dtype = torch.float16 if args.device == "cuda" else torch.float32
     vae = _vae(args.tiny, dtype, args.device)
+    video = VideoVAE(vae)
     for size in args.sizes.split(","):
         h, w = (int(v) for v in size.split("x"))
         x = torch.rand(1, 3, args.frames, h, w, generator=torch.Generator().manual_seed(1)).mul(2).sub(1)
@@ -62,15 +67,17 @@ def main() -> None:
             plans["untiled"] = None
         results = {}
         for name, plan in plans.items():
-            if name == "untiled":
+            if plan is not None:
+                plan.configure(video, h, w)
+            elif name == "untiled":
+                video.use_diffusers_encoding()
                 vae.use_framewise_encoding = vae.use_tiling = False
-            elif plan is None:  # exactly diffusers' enable_tiling() defaults: 256-px tiles every 192, 16 frames every 12
+            else:  # exactly diffusers' enable_tiling() defaults: 256-px tiles every 192, 16 frames every 12
+                video.use_diffusers_encoding()
                 vae.use_framewise_encoding = True
                 vae.enable_tiling(256, 256, 16, 192, 192, 12)
-            else:
-                plan.apply(vae, h, w)
-            _encode(vae, x, args.device)  # warm-up (cuDNN autotune, allocator)
-            best = min((_encode(vae, x, args.device) for _ in range(args.repeats)), key=lambda r: r[1])
+            _encode(video, x, args.device)  # warm-up (cuDNN autotune, allocator)
+            best = min((_encode(video, x, args.device) for _ in range(args.repeats)), key=lambda r: r[1])
             results[name] = best
         ref_name = "untiled" if args.untiled_ref else "whole_frames_16f"
         ref = results[ref_name][0]

@@ -168,12 +168,17 @@ def test_buckets_crop_frames_and_tile_plans(tiny_t2v_dir: Path) -> None:
     tile_plan(1280, 768).apply(vae, 1280, 768)  # Pro size: 2 tiles along the long side instead of diffusers' 28
     assert vae.use_tiling and (vae.tile_sample_stride_height, vae.tile_sample_min_height) == (640, 704)
     assert (vae.tile_sample_stride_width, vae.tile_sample_min_width) == (768, 768)
-    tile_plan(512, 768).apply(vae, 512, 768)  # Lite: whole frames, 16-frame temporal tiles
+    assert tile_plan(512, 768).chunk_frames == 16 and tile_plan(640, 640).chunk_frames == 16  # Lite: causal chunks
+    TilePlan(1, 1, 16, 12).apply(vae, 512, 768)  # whole frames, diffusers' 16-frame temporal tiles
     assert not vae.use_tiling and vae.tile_sample_min_num_frames == 16
     tile_plan(256, 384).apply(vae, 256, 384)  # low res: the whole clip at once (fastest on an H100, and exact)
     assert not vae.use_tiling and not vae.use_framewise_encoding and tile_plan(32, 48).frames is None
     with pytest.raises(ValueError, match="tile plan"):
         TilePlan(frames=10)
+    with pytest.raises(ValueError, match="whole frames"):
+        TilePlan(2, 1, chunk_frames=8)
+    with pytest.raises(ValueError, match="multiple of 4"):
+        TilePlan(chunk_frames=6)
 
     # a plan that really tiles (2x2 spatial, 4-frame temporal tiles) still encodes to the untiled latent shape
     import torch
@@ -184,6 +189,31 @@ def test_buckets_crop_frames_and_tile_plans(tiny_t2v_dir: Path) -> None:
     TilePlan(2, 2, frames=4, frames_stride=4, overlap=16).apply(vae, 64, 64)
     z = wrapped.encode(torch.rand(1, 3, 9, 64, 64) * 2 - 1)
     assert z.shape == (1, 3, 8, 8, 16) and torch.isfinite(z).all()
+
+
+def test_video_plans_switch_between_chunked_and_diffusers_encoding(tiny_t2v_dir: Path) -> None:
+    import torch
+
+    from k5model.encoders.vae import VideoVAE
+
+    video = VideoVAE.from_pretrained(tiny_t2v_dir, tiling=False)
+    x = torch.rand(1, 3, 17, 64, 64, generator=torch.Generator().manual_seed(0)) * 2 - 1
+    TilePlan(frames=None).configure(video, 64, 64)  # diffusers, the whole clip at once: exact
+    whole = video.encode(x)
+    TilePlan(chunk_frames=16).configure(video, 64, 64)  # one chunk holds all 17 frames: the same encode
+    chunked = video.chunked
+    assert chunked is not None and chunked.chunk == 16
+    assert torch.allclose(video.encode(x), whole, atol=1e-5)
+    assert video.vae.encoder.conv_in.conv.weight.is_contiguous(memory_format=torch.channels_last_3d)
+    TilePlan(chunk_frames=16).configure(video, 64, 64)
+    assert video.chunked is chunked  # same plan again: the encoder is kept
+    TilePlan(chunk_frames=4).configure(video, 64, 64)
+    short = video.encode(x)
+    assert video.chunked.chunk == 4 and short.shape == whole.shape
+    assert 0 < (short - whole).abs().max() < 0.5 * whole.abs().max()  # per-chunk GroupNorm: close, not equal
+    TilePlan(frames=None).configure(video, 64, 64)  # back to diffusers: contiguous weights, the same latents
+    assert video.chunked is None and video.vae.encoder.conv_in.conv.weight.is_contiguous()
+    assert torch.equal(video.encode(x), whole)
 
 
 # --------------------------------------------------------------------------------------------------------------------

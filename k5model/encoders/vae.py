@@ -60,13 +60,23 @@ class VideoVAE(_VAEBase):
         self.chunked = None  # a CausalChunkEncoder once use_chunked_encoding() was called
 
     def use_chunked_encoding(self, chunk_frames: int = 16, *, compile: bool = False,
-                             channels_last: bool = False) -> VideoVAE:
+                             channels_last: bool = True) -> VideoVAE:
         """Encode in causal temporal chunks with carried conv state instead of diffusers' overlapping tiles
         (see k5model.encoders.causal_encode): every frame is encoded once, memory stays bounded by the chunk."""
         from k5model.encoders.causal_encode import CausalChunkEncoder
 
-        self.chunked = CausalChunkEncoder(self.vae, chunk_frames=chunk_frames, compile=compile,
-                                          channels_last=channels_last)
+        c = self.chunked
+        if c is None or (c.chunk, c.compile, c.channels_last) != (chunk_frames, compile, channels_last):
+            self.chunked = CausalChunkEncoder(self.vae, chunk_frames=chunk_frames, compile=compile,
+                                              channels_last=channels_last)
+        return self
+
+    def use_diffusers_encoding(self) -> VideoVAE:
+        """Back to diffusers' own encode (its tiling attributes apply); the encoder's weights contiguous again."""
+        if self.chunked is not None:
+            self.chunked = None
+            self.vae.encoder.to(memory_format=torch.contiguous_format)
+            self.vae.quant_conv.to(memory_format=torch.contiguous_format)
         return self
 
     @classmethod
