@@ -32,34 +32,38 @@ from torch import nn
 
 
 def group_norm_affine(x: torch.Tensor, norm: nn.GroupNorm) -> tuple[torch.Tensor, torch.Tensor]:
-    """GroupNorm of ``x`` (N, C, *) as a per-channel affine map: (scale, shift), each (N, C), in fp32 or wider.
+    """GroupNorm of ``x`` (N, C, *) as a per-channel affine map: (scale, shift), each (N, C), in fp32 or wider."""
+    weight, bias = (norm.weight, norm.bias) if norm.affine else (None, None)
+    return _affine_map(x, norm.num_groups, weight, bias, norm.eps)
 
-    Statistics per channel first (reduce every dim but N, C: in channels-last memory a contiguous column reduction
+
+def _affine_map(x: torch.Tensor, groups: int, weight: torch.Tensor | None, bias: torch.Tensor | None,
+                eps: float) -> tuple[torch.Tensor, torch.Tensor]:
+    """Statistics per channel first (reduce every dim but N, C: in channels-last memory a contiguous column reduction
     that fills the GPU, unlike ``F.group_norm``'s one thread block per (sample, group)), then per group. fp16/bf16:
     sum and sum of squares, each read once and accumulated in fp32 (on CUDA without an fp32 copy); fp32/fp64:
     Welford per channel, combined exactly (equal counts: mean of the channel means; mean of the channel variances
     plus variance of the channel means). Keeping scale and shift in fp32 means a large group mean loses no
     precision when x is fp16."""
     n, c = x.shape[:2]
-    g = norm.num_groups
     acc = torch.promote_types(x.dtype, torch.float32)
     dims = tuple(range(2, x.ndim))
     if x.dtype == acc:
         var_c, mean_c = torch.var_mean(x, dims, correction=0)
-        mean_c, var_c = mean_c.view(n, g, -1), var_c.view(n, g, -1)
+        mean_c, var_c = mean_c.view(n, groups, -1), var_c.view(n, groups, -1)
         mean = mean_c.mean(-1, keepdim=True)
         var = var_c.mean(-1, keepdim=True) + (mean_c - mean).square().mean(-1, keepdim=True)
     else:
-        count = x[0, 0].numel() * (c // g)
-        mean = x.sum(dims, dtype=acc).view(n, g, -1).sum(-1, keepdim=True) / count
-        sq = torch.linalg.vector_norm(x, 2, dims, dtype=acc).square().view(n, g, -1).sum(-1, keepdim=True)
+        count = x[0, 0].numel() * (c // groups)
+        mean = x.sum(dims, dtype=acc).view(n, groups, -1).sum(-1, keepdim=True) / count
+        sq = torch.linalg.vector_norm(x, 2, dims, dtype=acc).square().view(n, groups, -1).sum(-1, keepdim=True)
         var = (sq / count - mean.square()).clamp_min(0)
-    scale = (var + norm.eps).rsqrt().expand(n, g, c // g)
-    if norm.affine:
-        scale = scale * norm.weight.to(acc).view(g, -1)
+    scale = (var + eps).rsqrt().expand(n, groups, c // groups)
+    if weight is not None:
+        scale = scale * weight.to(acc).view(groups, -1)
     shift = -mean * scale
-    if norm.affine:
-        shift = shift + norm.bias.to(acc).view(g, -1)
+    if bias is not None:
+        shift = shift + bias.to(acc).view(groups, -1)
     return scale.reshape(n, c), shift.reshape(n, c)
 
 
@@ -80,18 +84,12 @@ def group_norm(x: torch.Tensor, norm: Norm) -> torch.Tensor:
 
 def _group_norm_silu_fused(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor, groups: int, eps: float,
                            out: torch.Tensor) -> None:
-    """GroupNorm → SiLU written into ``out``; meant for ``torch.compile``: per-channel Welford statistics in fp32 (a
-    column reduction in channels-last memory), combined exactly per group (equal counts: mean of the channel means,
-    mean of the channel variances + variance of the channel means), then one pass x·scale + shift → SiLU."""
-    n, c = x.shape[:2]
+    """GroupNorm → SiLU written into ``out``; meant for ``torch.compile``: fp32 statistics (Welford per channel,
+    combined per group), then one pass x·scale + shift → SiLU. Tensors, not the module, are the arguments, so one
+    compiled graph serves every GroupNorm of the encoder."""
     xf = x.float()
-    var_c, mean_c = torch.var_mean(xf, dim=tuple(range(2, x.ndim)), correction=0)
-    mean_c, var_c = mean_c.view(n, groups, -1), var_c.view(n, groups, -1)
-    mean = mean_c.mean(-1, keepdim=True)
-    var = var_c.mean(-1, keepdim=True) + (mean_c - mean).square().mean(-1, keepdim=True)
-    scale = torch.rsqrt(var + eps) * weight.float().view(groups, -1)
-    shift = (bias.float().view(groups, -1) - mean * scale).view(n, c)
-    shape = (n, c) + (1,) * (x.ndim - 2)
+    scale, shift = _affine_map(xf, groups, weight, bias, eps)
+    shape = x.shape[:2] + (1,) * (x.ndim - 2)
     out.copy_(F.silu(xf * scale.view(shape) + shift.view(shape)))
 
 
