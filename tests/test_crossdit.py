@@ -277,3 +277,15 @@ def test_nabla_matches_diffusers_nabla():
         ref = ref_model(**kw, sparse_params=sparse).sample
         torch.testing.assert_close(ours(**kw, sparse_params=sparse).sample, ref, atol=1e-5, rtol=0)
         torch.testing.assert_close(ours(**kw).sample, ref, atol=1e-5, rtol=0)  # params from our own config
+
+
+def test_block_compile_kwargs_tune_cuda_kernels_only():
+    from k5model.crossdit import block_compile_kwargs
+
+    tuned = {"options": {"coordinate_descent_tuning": True}}
+    assert block_compile_kwargs(torch.device("cuda")) == tuned
+    assert block_compile_kwargs("cuda:1", dynamic=False) == {"dynamic": False, **tuned}
+    assert block_compile_kwargs("cuda", options={"coordinate_descent_tuning": False, "max_autotune": True}) == {
+        "options": {"coordinate_descent_tuning": False, "max_autotune": True}}  # the caller's options win
+    assert block_compile_kwargs("cuda", mode="max-autotune") == {"mode": "max-autotune"}  # mode excludes options
+    assert block_compile_kwargs("cpu") == {} and block_compile_kwargs("cpu", fullgraph=True) == {"fullgraph": True}
