@@ -110,6 +110,7 @@ def main() -> None:
     ap.add_argument("--inductor-variants", default="",
                     help=f"extra inductor option sets to time our compiled forward with: {','.join(INDUCTOR_VARIANTS)}")
     args = ap.parse_args()
+    modes = args.nabla_modes.split(",")
     # one compiled block code object serves every setting timed here (CDF rule, forced densities, density tracking,
     # residual dtypes); past dynamo's default recompile limit it would silently run the blocks eagerly
     raise_recompile_limit(64)
@@ -185,9 +186,8 @@ def main() -> None:
                     ours.residual_fp32 = residual_fp32
                     if ref is not None:
                         res[f"{tag}_rel_err"] = rel(ours(**kw).sample, ref)
-                    if not args.nabla or "cdf" in args.nabla_modes.split(","):
+                    if not args.nabla or "cdf" in modes:
                         res[f"{tag}_s"] = timed(lambda: ours(**kw), args.reps)
-                    modes = args.nabla_modes.split(",")
                     if args.nabla:
                         for total in [t for t, m in ((False, "forced_cdf"), (True, "forced_total")) if m in modes]:
                             sub = f"{tag}_forced10pct_{'total' if total else 'cdf'}"

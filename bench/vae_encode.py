@@ -28,7 +28,7 @@ import torch
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from bench.common import CONV_KERNELS, kernel_breakdown, peak_gb, timed, write_result  # noqa: E402
-from k5model.encoders.causal_encode import CausalChunkEncoder  # noqa: E402
+from k5model.encoders.causal_encode import CausalChunkEncoder, set_encoder_memory_format  # noqa: E402
 
 
 def build_vae(smoke: bool):
@@ -82,9 +82,9 @@ def main() -> None:
         vae.enable_tiling()
         tiled = measure("diffusers_tiled", lambda: vae.encode(pixels).latent_dist.mode())
         vae.disable_tiling()
-    scale = untiled.float().abs().max().item()
-    res["latent_absmax"] = scale
-    res["diffusers_tiled_max_dev"] = (tiled.float() - untiled.float()).abs().max().item()
+    untiled = untiled.float()
+    res["latent_absmax"] = untiled.abs().max().item()
+    deviation(res, "diffusers_tiled", tiled, untiled)
     latent_ch = untiled.shape[1]
     whole = None
     if args.whole_clip:  # GroupNorm and attention over every frame: what diffusers' temporal tiles approximate
@@ -101,15 +101,14 @@ def main() -> None:
         enc = CausalChunkEncoder(vae, chunk_frames=int(parts[0][1:]), compile="compile" in parts,
                                  channels_last="ncdhw" not in parts)
         ours = measure(f"ours_{variant}", lambda enc=enc: enc.encode(pixels)[:, :latent_ch])
-        res[f"ours_{variant}_max_dev"] = (ours.float() - untiled.float()).abs().max().item()
-        res[f"ours_{variant}_rel_max_dev"] = res[f"ours_{variant}_max_dev"] / scale
+        deviation(res, f"ours_{variant}", ours, untiled)
         res[f"ours_{variant}_speedup_vs_tiled"] = res["diffusers_tiled_s"] / res[f"ours_{variant}_s"]
         if whole is not None:
             deviation(res, f"ours_{variant}_vs_whole", ours, whole)
         if args.profile and cuda:
             with torch.no_grad():
                 res[f"ours_{variant}_profile"] = kernel_breakdown(lambda enc=enc: enc.encode(pixels), CONV_KERNELS, 20)
-        vae.to(memory_format=torch.contiguous_format)  # the encoder converted the weights: back for the next one
+        set_encoder_memory_format(vae, torch.contiguous_format)  # the encoder converted the weights: back for the next
         del enc, ours
         gc.collect()
         print({k: v for k, v in res.items() if k.startswith(f"ours_{variant}")}, flush=True)

@@ -194,6 +194,13 @@ class _WholeConv:
         return self.run(self.fill(x, norm))
 
 
+def set_encoder_memory_format(vae: nn.Module, memory_format: torch.memory_format) -> None:
+    """Convert the encoder's weights (and the quant conv's) in place: channels-last-3d for the chunked encoder,
+    contiguous again for diffusers' own encode."""
+    vae.encoder.to(memory_format=memory_format)
+    vae.quant_conv.to(memory_format=memory_format)
+
+
 class CausalChunkEncoder:
     """``encode(pixels)`` of an ``AutoencoderKLHunyuanVideo`` in temporal chunks; returns the posterior moments.
 
@@ -211,8 +218,7 @@ class CausalChunkEncoder:
         self.memory_format = torch.channels_last_3d if channels_last else torch.contiguous_format
         # static shapes would need ~30 variants (levels × chunk lengths × cache sizes); automatic dynamic needs few
         self.fused = torch.compile(_group_norm_silu_fused, fullgraph=True) if compile else None
-        vae.encoder.to(memory_format=self.memory_format)
-        vae.quant_conv.to(memory_format=self.memory_format)
+        set_encoder_memory_format(vae, self.memory_format)
 
     # -- building blocks ------------------------------------------------------------------------------------------
     def _resnet(self, block: nn.Module, x: torch.Tensor, convs: dict) -> torch.Tensor:
@@ -266,6 +272,18 @@ class CausalChunkEncoder:
         x = convs[id(enc.conv_out)](x, enc.conv_norm_out)
         return self.vae.quant_conv(x)
 
+    def _settings(self, pixels: torch.Tensor) -> contextlib.ExitStack:
+        """cuDNN autotuning on GPU; with ``compile``, room for dynamo to keep every level and chunk length's graph."""
+        stack = contextlib.ExitStack()
+        if self.cudnn_benchmark and pixels.is_cuda:
+            stack.enter_context(torch.backends.cudnn.flags(enabled=True, benchmark=True))
+        if self.compile:
+            cfg = torch._dynamo.config
+            old = not hasattr(cfg, "recompile_limit")  # the names before torch 2.6
+            stack.enter_context(cfg.patch({"cache_size_limit" if old else "recompile_limit": 64,
+                                           f"accumulated_{'cache_size' if old else 'recompile'}_limit": 1024}))
+        return stack
+
     # -- public -----------------------------------------------------------------------------------------------------
     @torch.no_grad()
     def encode(self, pixels: torch.Tensor) -> torch.Tensor:
@@ -277,16 +295,8 @@ class CausalChunkEncoder:
             raise ValueError(f"expected pixels (B, 3, F, H, W), got {tuple(pixels.shape)}")
         convs = {id(m): _StreamConv(m, memory_format=self.memory_format, fused=self.fused)
                  for m in self.vae.encoder.modules() if hasattr(m, "time_causal_padding")}
-        stack = contextlib.ExitStack()
-        if self.cudnn_benchmark and pixels.is_cuda:
-            stack.enter_context(torch.backends.cudnn.flags(enabled=True, benchmark=True))
-        if self.compile:  # each level and chunk length is a new shape; let dynamo keep them all
-            cfg = torch._dynamo.config
-            old = not hasattr(cfg, "recompile_limit")  # the names before torch 2.6
-            stack.enter_context(cfg.patch({"cache_size_limit" if old else "recompile_limit": 64,
-                                           f"accumulated_{'cache_size' if old else 'recompile'}_limit": 1024}))
         outs, start = [], 0
-        with stack:
+        with self._settings(pixels):
             while start < pixels.shape[2]:
                 stop = start + self.chunk + (1 if start == 0 else 0)
                 out = self._chunk(pixels[:, :, start:stop], convs)
@@ -302,7 +312,5 @@ class CausalChunkEncoder:
         Memory grows with the clip (about 45 GB at 121×512×768 fp16)."""
         convs = {id(m): _WholeConv(m, memory_format=self.memory_format, slice_frames=slice_frames)
                  for m in self.vae.encoder.modules() if hasattr(m, "time_causal_padding")}
-        bench = (torch.backends.cudnn.flags(enabled=True, benchmark=True) if self.cudnn_benchmark and pixels.is_cuda
-                 else contextlib.nullcontext())
-        with bench:
+        with self._settings(pixels):
             return self._chunk(pixels, convs).contiguous()

@@ -74,9 +74,10 @@ class VideoVAE(_VAEBase):
     def use_diffusers_encoding(self) -> VideoVAE:
         """Back to diffusers' own encode (its tiling attributes apply); the encoder's weights contiguous again."""
         if self.chunked is not None:
+            from k5model.encoders.causal_encode import set_encoder_memory_format
+
             self.chunked = None
-            self.vae.encoder.to(memory_format=torch.contiguous_format)
-            self.vae.quant_conv.to(memory_format=torch.contiguous_format)
+            set_encoder_memory_format(self.vae, torch.contiguous_format)
         return self
 
     @classmethod
