@@ -23,6 +23,7 @@ import torch.nn.functional as F
 from torch.utils.checkpoint import checkpoint
 
 from k5model import attention as attn_ops
+from k5model import kernels
 from k5model.config import CrossDiTConfig, get_preset
 
 
@@ -38,9 +39,10 @@ def _nabla():
 KEEP_FP32 = ("time_embeddings", "modulation", "visual_modulation", "text_modulation")
 
 
-def sinusoid_freqs(dim: int, max_period: float = 10000.0) -> torch.Tensor:
-    """exp(-ln(max_period) * i / dim), i < dim, in fp32."""
-    return torch.exp(-math.log(max_period) * torch.arange(dim, dtype=torch.float32) / dim)
+def sinusoid_freqs(dim: int, max_period: float = 10000.0, device: torch.device | None = None) -> torch.Tensor:
+    """exp(-ln(max_period) * i / dim), i < dim, in fp32, built on ``device`` (no host copy inside a forward, which
+    CUDA graph capture would refuse)."""
+    return torch.exp(-math.log(max_period) * torch.arange(dim, dtype=torch.float32, device=device) / dim)
 
 
 @dataclass
@@ -71,7 +73,7 @@ def apply_rope(x: torch.Tensor, rope: Rope, cast: torch.dtype | None = None) -> 
 
 
 def text_rope(positions: torch.Tensor, head_dim: int) -> Rope:
-    args = torch.outer(positions.float(), sinusoid_freqs(head_dim // 2).to(positions.device))
+    args = torch.outer(positions.float(), sinusoid_freqs(head_dim // 2, device=positions.device))
     return Rope(args.cos()[None, :, None], args.sin()[None, :, None])
 
 
@@ -82,7 +84,7 @@ def visual_rope(
     grids = []
     sizes = [len(p) for p in positions]
     for axis, (pos, dim, scale) in enumerate(zip(positions, axes_dims, scale_factor)):
-        args = torch.outer(pos.float(), sinusoid_freqs(dim // 2).to(pos.device)) / scale
+        args = torch.outer(pos.float(), sinusoid_freqs(dim // 2, device=pos.device)) / scale
         view = [1, 1, 1, dim // 2]
         view[axis] = sizes[axis]
         grids.append(args.view(view).expand(*sizes, dim // 2))
@@ -106,7 +108,7 @@ class TimeEmbeddings(nn.Module):
         self.out_layer = nn.Linear(time_dim, time_dim)
 
     def forward(self, t: torch.Tensor) -> torch.Tensor:
-        args = torch.outer(t.float(), sinusoid_freqs(self.model_dim // 2).to(t.device))
+        args = torch.outer(t.float(), sinusoid_freqs(self.model_dim // 2, device=t.device))
         emb = torch.cat([args.cos(), args.sin()], dim=-1).to(self.in_layer.weight.dtype)
         return self.out_layer(F.silu(self.in_layer(emb)))
 
@@ -190,12 +192,18 @@ class Attention(nn.Module):
         q = self.to_query(x).unflatten(-1, (self.num_heads, -1))
         k = self.to_key(src).unflatten(-1, (self.num_heads, -1))
         v = self.to_value(src).unflatten(-1, (self.num_heads, -1))
-        # q/k RMSNorm in fp32 for stability (official)
-        q = self.query_norm(q.float()).to(v.dtype)
-        k = self.key_norm(k.float()).to(v.dtype)
-        if rope is not None:
-            q = apply_rope(q, rope, ctx.rope_cast)
-            k = apply_rope(k, rope, ctx.rope_cast)
+        if ctx.rope_cast is None and kernels.usable(q, pow2_last_dim=True):
+            # GPU inference: one Triton pass per tensor, same values (see k5model.kernels)
+            tables = (rope.cos, rope.sin) if rope is not None else ()
+            q = kernels.rms_norm_rope(q, self.query_norm.weight, self.query_norm.eps, *tables)
+            k = kernels.rms_norm_rope(k, self.key_norm.weight, self.key_norm.eps, *tables)
+        else:
+            # q/k RMSNorm in fp32 for stability (official)
+            q = self.query_norm(q.float()).to(v.dtype)
+            k = self.key_norm(k.float()).to(v.dtype)
+            if rope is not None:
+                q = apply_rope(q, rope, ctx.rope_cast)
+                k = apply_rope(k, rope, ctx.rope_cast)
         if ctx.nabla is not None:
             nb = _nabla()
             out, block_mask = nb.nabla_attention(
@@ -220,7 +228,9 @@ class FeedForward(nn.Module):
         self.out_layer = nn.Linear(ff_dim, dim, bias=False)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return self.out_layer(F.gelu(self.in_layer(x)))
+        hidden = self.in_layer(x)
+        # GPU inference: the Triton exact GELU (see k5model.kernels), else inductor's / eager's
+        return self.out_layer(kernels.gelu(hidden) if kernels.usable(hidden) else F.gelu(hidden))
 
 
 class TextBlock(nn.Module):
