@@ -41,6 +41,12 @@ def test_generation_speed_smoke_matches_diffusers_loop():
     assert res["nfe"] == 6 and res["latent_rel_diff"] < 1e-5
 
 
+def test_dense_forward_probe_smoke():
+    res = last_json(run_bench("bench/dense_forward_probe.py", "--smoke"))
+    assert res["qk_prep_compiled_composite"]["ms"] > 0 and res["gelu"]["ms"] > 0
+    assert res["forward_composite_s"] > 0 and res["forward_host_s"] > 0
+
+
 def test_crossdit_gpu_check_smoke():
     res = last_json(run_bench("bench/crossdit_gpu_check.py", "--smoke"))
     assert res["nabla_out_rel_float32"] < 1e-5 and res["nabla_inference_out_rel_float32"] < 1e-5
