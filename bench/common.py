@@ -63,6 +63,17 @@ def forward_flops(cfg, tokens: int, text_len: int) -> float:
     return cfg.num_visual_blocks * per_block
 
 
+def video_setup(smoke: bool, seconds: int):
+    """(cuda, device, dtype, preset config, (latent frames, h, w, text tokens)) of a benchmark: video_lite at
+    512×768 for ``seconds`` in bf16 on a GPU, the tiny preset in fp32 on CPU (``smoke`` forces CPU)."""
+    from k5model import get_preset
+
+    cuda = torch.cuda.is_available() and not smoke
+    shape = (seconds * 24 // 4 + 1, 64, 96, 256) if cuda else (3, 16, 16, 8)
+    return (cuda, torch.device("cuda" if cuda else "cpu"), torch.bfloat16 if cuda else torch.float32,
+            get_preset("video_lite" if cuda else "tiny"), shape)
+
+
 def build_inputs(cfg, frames: int, h: int, w: int, text_len: int, device, dtype, seed: int = 0) -> dict[str, Any]:
     """Keyword arguments of one CrossDiT / diffusers forward on a (frames, h, w) latent (512×768 ↔ 64×96)."""
     gen = torch.Generator().manual_seed(seed)

@@ -23,8 +23,8 @@ import torch.nn.functional as F
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from bench.common import build_inputs, randomize, timed, write_result  # noqa: E402
-from k5model import CrossDiT, get_preset, kernels  # noqa: E402
+from bench.common import build_inputs, randomize, timed, video_setup, write_result  # noqa: E402
+from k5model import CrossDiT, kernels  # noqa: E402
 from k5model import attention as attn_ops  # noqa: E402
 from k5model.crossdit import Rope, apply_rope  # noqa: E402
 
@@ -65,11 +65,7 @@ def main() -> None:
     ap.add_argument("--seconds", type=int, default=5)
     ap.add_argument("--skip-forward", action="store_true")
     args = ap.parse_args()
-    cuda = torch.cuda.is_available() and not args.smoke
-    device = torch.device("cuda" if cuda else "cpu")
-    dtype = torch.bfloat16 if cuda else torch.float32
-    cfg = get_preset("video_lite" if cuda else "tiny")
-    frames, h, w, text_len = (args.seconds * 24 // 4 + 1, 64, 96, 256) if cuda else (3, 16, 16, 8)
+    cuda, device, dtype, cfg, (frames, h, w, text_len) = video_setup(args.smoke, args.seconds)
     reps = args.reps if cuda else 2
     s, heads, hd = frames * h * w // 4, cfg.model_dim // cfg.head_dim, cfg.head_dim
     res: dict = {"device": torch.cuda.get_device_name() if cuda else "cpu", "torch": torch.__version__,

@@ -23,7 +23,8 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from k5model import CrossDiT, get_preset  # noqa: E402
+from bench.common import video_setup  # noqa: E402
+from k5model import CrossDiT  # noqa: E402
 from k5model.sampling import sample, sampling_grid  # noqa: E402
 
 
@@ -62,11 +63,7 @@ def main() -> None:
     ap.add_argument("--force-total-density", type=float, default=None,
                     help="NABLA: pin the block density (STA included), for random weights")
     args = ap.parse_args()
-    cuda = torch.cuda.is_available() and not args.smoke
-    device = torch.device("cuda" if cuda else "cpu")
-    dtype = torch.bfloat16 if cuda else torch.float32
-    cfg = get_preset("video_lite" if cuda else "tiny")
-    frames, h, w, text_len = (args.seconds * 24 // 4 + 1, 64, 96, 256) if cuda else (3, 16, 16, 8)
+    cuda, device, dtype, cfg, (frames, h, w, text_len) = video_setup(args.smoke, args.seconds)
     steps = args.steps if cuda else 3
     if args.nabla:
         cfg = cfg.replace(attention_type="nabla", attention_P=0.9, attention_wT=11, attention_wH=3, attention_wW=3,
