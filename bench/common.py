@@ -109,13 +109,6 @@ def write_result(name: str, res: dict[str, Any]) -> None:
         Path(os.environ["OUT"], name).write_text(json.dumps(res, indent=1))
 
 
-def raise_recompile_limit(limit: int) -> None:
-    """Let dynamo keep ``limit`` compiled variants per code object (the name changed across torch versions)."""
-    cfg = torch._dynamo.config
-    name = "recompile_limit" if hasattr(cfg, "recompile_limit") else "cache_size_limit"
-    setattr(cfg, name, max(getattr(cfg, name), limit))
-
-
 def peak_gb() -> float:
     return torch.cuda.max_memory_allocated() / 1e9 if torch.cuda.is_available() else float("nan")
 

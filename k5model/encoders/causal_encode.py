@@ -30,6 +30,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from k5model.dynamo_limits import recompile_limits
+
 
 def group_norm_affine(x: torch.Tensor, norm: nn.GroupNorm) -> tuple[torch.Tensor, torch.Tensor]:
     """GroupNorm of ``x`` (N, C, *) as a per-channel affine map: (scale, shift), each (N, C), in fp32 or wider."""
@@ -278,10 +280,7 @@ class CausalChunkEncoder:
         if self.cudnn_benchmark and pixels.is_cuda:
             stack.enter_context(torch.backends.cudnn.flags(enabled=True, benchmark=True))
         if self.compile:
-            cfg = torch._dynamo.config
-            old = not hasattr(cfg, "recompile_limit")  # the names before torch 2.6
-            stack.enter_context(cfg.patch({"cache_size_limit" if old else "recompile_limit": 64,
-                                           f"accumulated_{'cache_size' if old else 'recompile'}_limit": 1024}))
+            stack.enter_context(recompile_limits(64, 1024))
         return stack
 
     # -- public -----------------------------------------------------------------------------------------------------
