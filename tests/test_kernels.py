@@ -7,8 +7,7 @@ import torch
 from k5model import kernels
 from k5model.crossdit import Attention, AttentionContext, FeedForward, Rope, apply_rope
 
-pytestmark = pytest.mark.skipif(not (torch.cuda.is_available() and kernels.TRITON_AVAILABLE),
-                                reason="needs CUDA and Triton")
+gpu = pytest.mark.skipif(not (torch.cuda.is_available() and kernels.TRITON_AVAILABLE), reason="needs CUDA and Triton")
 
 
 def composite(x, weight, rope):
@@ -16,6 +15,7 @@ def composite(x, weight, rope):
     return y if rope is None else apply_rope(y, rope)
 
 
+@gpu
 @pytest.mark.parametrize("batch,rope_batch,tokens,heads,head_dim,dtype", [
     (1, 1, 1000, 28, 64, torch.bfloat16),   # row count not a multiple of the kernel's block
     (2, 1, 257, 14, 128, torch.bfloat16),   # CFG batch sharing one table
@@ -41,6 +41,7 @@ def test_kernel_matches_composite(batch, rope_batch, tokens, heads, head_dim, dt
         torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-5)
 
 
+@gpu
 def test_gelu_matches_exact_gelu():
     gen = torch.Generator(device="cuda").manual_seed(0)
     x = torch.randn(3, 1001, 97, device="cuda", generator=gen) * 4  # size no multiple of any block
@@ -54,6 +55,7 @@ def test_gelu_matches_exact_gelu():
     assert (got != want)[away_from_tail].float().mean().item() < 1e-3
 
 
+@gpu
 def test_attention_and_mlp_use_kernels_without_grad_and_composite_with_grad():
     torch.manual_seed(0)
     attn = Attention(256, 64).cuda().to(torch.bfloat16)
@@ -75,3 +77,13 @@ def test_attention_and_mlp_use_kernels_without_grad_and_composite_with_grad():
     out = attn(x.requires_grad_(), ctx, rope=rope)  # grad path: composite, differentiable
     out.float().square().mean().backward()
     assert attn.to_query.weight.grad is not None and torch.isfinite(attn.to_query.weight.grad).all()
+
+
+def test_bad_shapes_are_named_before_any_kernel_runs():
+    x = torch.zeros(1, 10, 2, 48)
+    with pytest.raises(ValueError, match="power-of-two head_dim, got 48"):
+        kernels.rms_norm_rope(x, torch.ones(48), None)
+    x = torch.zeros(2, 10, 2, 64)
+    with pytest.raises(ValueError, match="RoPE tables cover 7 tokens, q/k has 2x10"):
+        kernels.rms_norm_rope(x, torch.ones(64), None, torch.zeros(1, 7, 1, 32), torch.zeros(1, 7, 1, 32))
+    assert not kernels.usable(x) and not kernels.usable(torch.zeros(1, 2, 48), pow2_last_dim=True)
