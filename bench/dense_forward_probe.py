@@ -26,7 +26,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 from bench.common import build_inputs, randomize, timed, video_setup, write_result  # noqa: E402
 from k5model import CrossDiT, kernels  # noqa: E402
 from k5model import attention as attn_ops  # noqa: E402
-from k5model.crossdit import Rope, apply_rope  # noqa: E402
+from k5model.crossdit import Rope, norm_and_rope  # noqa: E402
 
 
 def sdpa_ms(q, k, v, backend, reps: int) -> float:
@@ -39,9 +39,7 @@ def sdpa_ms(q, k, v, backend, reps: int) -> float:
 
 def qk_prep(q, k, wq, wk, rope: Rope):
     """The model's composite q/k path (Attention.forward without the Triton kernel)."""
-    q = F.rms_norm(q.float(), q.shape[-1:], wq).to(q.dtype)
-    k = F.rms_norm(k.float(), k.shape[-1:], wk).to(k.dtype)
-    return apply_rope(q, rope), apply_rope(k, rope)
+    return norm_and_rope(q, wq, None, rope), norm_and_rope(k, wk, None, rope)
 
 
 def graph_forward(model, kw):

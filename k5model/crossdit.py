@@ -72,6 +72,14 @@ def apply_rope(x: torch.Tensor, rope: Rope, cast: torch.dtype | None = None) -> 
     return out.to(x.dtype)
 
 
+def norm_and_rope(x: torch.Tensor, weight: torch.Tensor, eps: float | None, rope: Rope | None = None,
+                  cast: torch.dtype | None = None) -> torch.Tensor:
+    """The composite q/k path: RMSNorm in fp32 for stability (official), rounded to x's dtype, then RoPE.
+    ``k5model.kernels.rms_norm_rope`` is the same in one GPU pass."""
+    y = F.rms_norm(x.float(), x.shape[-1:], weight, eps).to(x.dtype)
+    return y if rope is None else apply_rope(y, rope, cast)
+
+
 def text_rope(positions: torch.Tensor, head_dim: int) -> Rope:
     args = torch.outer(positions.float(), sinusoid_freqs(head_dim // 2, device=positions.device))
     return Rope(args.cos()[None, :, None], args.sin()[None, :, None])
@@ -198,12 +206,8 @@ class Attention(nn.Module):
             q = kernels.rms_norm_rope(q, self.query_norm.weight, self.query_norm.eps, *tables)
             k = kernels.rms_norm_rope(k, self.key_norm.weight, self.key_norm.eps, *tables)
         else:
-            # q/k RMSNorm in fp32 for stability (official)
-            q = self.query_norm(q.float()).to(v.dtype)
-            k = self.key_norm(k.float()).to(v.dtype)
-            if rope is not None:
-                q = apply_rope(q, rope, ctx.rope_cast)
-                k = apply_rope(k, rope, ctx.rope_cast)
+            q = norm_and_rope(q, self.query_norm.weight, self.query_norm.eps, rope, ctx.rope_cast)
+            k = norm_and_rope(k, self.key_norm.weight, self.key_norm.eps, rope, ctx.rope_cast)
         if ctx.nabla is not None:
             nb = _nabla()
             out, block_mask = nb.nabla_attention(

@@ -5,14 +5,9 @@ import pytest
 import torch
 
 from k5model import kernels
-from k5model.crossdit import Attention, AttentionContext, FeedForward, Rope, apply_rope
+from k5model.crossdit import Attention, AttentionContext, FeedForward, Rope, norm_and_rope
 
 gpu = pytest.mark.skipif(not (torch.cuda.is_available() and kernels.TRITON_AVAILABLE), reason="needs CUDA and Triton")
-
-
-def composite(x, weight, rope):
-    y = torch.nn.functional.rms_norm(x.float(), x.shape[-1:], weight).to(x.dtype)
-    return y if rope is None else apply_rope(y, rope)
 
 
 @gpu
@@ -30,7 +25,7 @@ def test_kernel_matches_composite(batch, rope_batch, tokens, heads, head_dim, dt
     if rope_batch:
         angles = torch.rand(rope_batch, tokens, 1, head_dim // 2, device="cuda", generator=gen) * 6.3
         rope = Rope(angles.cos(), angles.sin())
-    want = composite(x, weight, rope)
+    want = norm_and_rope(x, weight, None, rope)
     got = kernels.rms_norm_rope(x, weight, None, *((rope.cos, rope.sin) if rope else ()))
     assert got.dtype == x.dtype and got.shape == x.shape
     if dtype == torch.bfloat16:
