@@ -10,11 +10,11 @@ from urllib.parse import unquote, urlparse
 
 import dagster as dg
 
-from k5data.catalog import Catalog
-from k5data.config import CurationConfig, load_config
-from k5data.curate import finalize, score_pending
-from k5data.output import read_dataset
-from k5data.register import register_sources
+from k5data.curation.catalog import Catalog
+from k5data.curation.config import CurationConfig, load_config
+from k5data.curation.curate import finalize, score_pending
+from k5data.curation.output import read_dataset
+from k5data.curation.register import register_sources
 from k5data.sources import Source
 from orchestration.resources import K5HomeResource, ObjectStoreResource
 
@@ -25,7 +25,7 @@ SHARDS = dg.StaticPartitionsDefinition([str(i) for i in range(load_config()["sha
 class CurationResource(dg.ConfigurableResource):
     """Where curation reads and writes. ``source`` unset: the sample corpus, built under ``<K5_HOME>/corpus``.
     ``out`` unset: the object store resource (``curation/`` prefix); or a folder / ``s3://`` URI written directly.
-    ``config_path``: YAML merged over ``k5data/configs/curation.yaml``; ``endpoint_url``: S3-compatible store."""
+    ``config_path``: YAML merged over ``k5data/curation/configs/curation.yaml``; ``endpoint_url``: S3-compatible store."""
 
     source: str | None = None
     out: str | None = None
@@ -38,7 +38,7 @@ class CurationResource(dg.ConfigurableResource):
     def resolved_source(self, home: K5HomeResource) -> str:
         if self.source:
             return self.source
-        from k5data.corpus import build_sample_corpus
+        from k5data.curation.corpus import build_sample_corpus
 
         folder = home.paths.home / "corpus" / "sample"
         if not (folder / "bikes.mp4").exists():

@@ -1,5 +1,5 @@
 """Latent assets (report §6.1.1, group ``latents``): the passed rows of ``curated_dataset`` VAE-encoded into tar shards
-with a Parquet index in the object store (``k5data.latents``), and a check that the index is complete and loads.
+with a Parquet index in the object store (``k5data.latents.encode``), and a check that the index is complete and loads.
 
 ``make demo`` encodes at demo sizes (buckets / 8, 2 s clips at 12 fps) with the tiny bundle's HunyuanVideo VAE
 (images as 1-frame videos: the tiny bundle is a T2V pipeline, and a video model's T2I steps need that latent space);
@@ -30,7 +30,7 @@ class LatentShardsConfig(dg.Config):
 
 
 def _latent_config(config: LatentShardsConfig) -> Any:
-    from k5data.latents import LatentConfig
+    from k5data.latents.encode import LatentConfig
 
     overrides = {k: v for k, v in {"fps": config.fps, "max_seconds": config.max_seconds}.items() if v is not None}
     overrides.update(device=config.device, vae_dtype=config.vae_dtype, compile=config.compile, progress=False)
@@ -39,7 +39,7 @@ def _latent_config(config: LatentShardsConfig) -> Any:
 
 def _curated_rows(context: dg.AssetExecutionContext | dg.AssetCheckExecutionContext,
                   curation: CurationResource) -> Any:
-    from k5data.output import read_dataset
+    from k5data.curation.output import read_dataset
 
     return read_dataset(str(latest_metadata(context, curated_dataset.key)["path"]), curation.config())
 
@@ -54,8 +54,8 @@ def _curated_rows(context: dg.AssetExecutionContext | dg.AssetCheckExecutionCont
 )
 def latent_shards(context: dg.AssetExecutionContext, config: LatentShardsConfig, curation: CurationResource,
                   object_store: ObjectStoreResource) -> dg.MaterializeResult:
-    from k5data.latents import LatentEncoders, encode_dataset
-    from k5data.shards import read_index
+    from k5data.latents.encode import LatentEncoders, encode_dataset
+    from k5data.latents.shards import read_index
 
     cfg = _latent_config(config)
     video_vae = config.video_vae or str(upstream_path(context, tiny_model_bundle.key))
@@ -109,8 +109,8 @@ def _decode_problems(sample: Any, meta: dict[str, Any]) -> list[str]:
                 "missing, none extra), every listed archive exists, and a sample loads and decodes with its VAE.")
 def latent_index_complete(context: dg.AssetCheckExecutionContext, curation: CurationResource,
                           object_store: ObjectStoreResource) -> dg.AssetCheckResult:
-    from k5data.latents import sample_id
-    from k5data.shards import read_index, read_tar
+    from k5data.latents.encode import sample_id
+    from k5data.latents.shards import read_index, read_tar
 
     meta = latest_metadata(context, latent_shards.key)
     store, prefix = object_store.store(), str(meta["prefix"])

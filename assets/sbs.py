@@ -124,7 +124,7 @@ def _generate_all(model_dir: Path, prompts: list, cfg: SbsBatchConfig, out: Path
 )
 def sbs_batch(context: dg.AssetExecutionContext, config: SbsBatchConfig, k5_home: K5HomeResource,
               object_store: ObjectStoreResource):
-    from evaluation.sbs_plan import PlanItem, build_plan, coverage, degrade_frames, golden_specs, under_covered
+    from evaluation.sbs.sbs_plan import PlanItem, build_plan, coverage, degrade_frames, golden_specs, under_covered
     from k5model.media import save_media
 
     comparison = context.partition_key
@@ -175,9 +175,9 @@ def sbs_batch(context: dg.AssetExecutionContext, config: SbsBatchConfig, k5_home
 
 def _simulate_into_store(store, plan, p_a: float, seed: int) -> int:
     """Demo only: simulated A/B judgments written through the store as the screen would (side mapping applied)."""
-    from evaluation.judgments_store import AlreadyJudged
-    from evaluation.sbs_demo import simulate_judgments
-    from evaluation.sbs_scores import unswap_choice
+    from evaluation.sbs.judgments_store import AlreadyJudged
+    from evaluation.sbs.sbs_demo import simulate_judgments
+    from evaluation.sbs.sbs_scores import unswap_choice
 
     sides = {(a.annotator, a.item_id): a.a_on_left for a in plan.assignments}
     written = 0
@@ -203,7 +203,7 @@ def _model_run_id(client, experiment_id: str, model: str) -> str:
 
 
 def _flat_metrics(summary: dict, prefix: str) -> dict[str, float]:
-    from evaluation.sbs_scores import GROUPS
+    from evaluation.sbs.sbs_scores import GROUPS
 
     out: dict[str, float] = {}
     for name, scores in list(summary["criteria"].items()) + [(g, summary.get(g)) for g in GROUPS]:
@@ -232,10 +232,10 @@ def sbs_report(context: dg.AssetExecutionContext, config: SbsReportConfig, k5_ho
                mlflow: MLflowResource):
     from mlflow.tracking import MlflowClient
 
-    from evaluation.judgments_store import JudgmentsStore
-    from evaluation.sbs_plan import Plan, under_covered
-    from evaluation.sbs_report import html_report, stacked_bars_png
-    from evaluation.sbs_scores import full_summary, read_judgments, split_valid
+    from evaluation.sbs.judgments_store import JudgmentsStore
+    from evaluation.sbs.sbs_plan import Plan, under_covered
+    from evaluation.sbs.sbs_report import html_report, stacked_bars_png
+    from evaluation.sbs.sbs_scores import full_summary, read_judgments, split_valid
 
     comparison = context.partition_key
     root = batch_dir(k5_home, comparison)

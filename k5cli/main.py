@@ -125,10 +125,10 @@ def generate(
 
 def _register_subcommands() -> None:
     # These modules import only click at load time, so `k5 --help` stays fast.
-    from evaluation.cli import sbs
-    from k5data.cli import curate
-    from k5data.latents_cli import latents
-    from k5model.training.cli import plan_cmd, stages, train
+    from k5cli.curate import curate
+    from k5cli.latents import latents
+    from k5cli.sbs import sbs
+    from k5cli.train import plan_cmd, stages, train
 
     main.add_command(curate)  # k5 curate SRC OUT
     main.add_command(latents)  # k5 latents DATASET STORE --video-vae PATH

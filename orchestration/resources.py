@@ -146,7 +146,7 @@ class ObjectStoreResource(dg.ConfigurableResource):
 
     def store(self) -> LocalStore | S3Store:
         """The underlying store (``put_file``/``get_file``/``open_read``/``exists``/``list``/``uri``), e.g. for
-        ``k5data.shards.write_shards``."""
+        ``k5data.latents.shards.write_shards``."""
         from k5data.object_store import open_store
 
         return open_store(self.base_uri or K5Paths.from_env().ensure().object_store, self.endpoint_url)

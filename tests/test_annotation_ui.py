@@ -15,10 +15,10 @@ from pathlib import Path
 import duckdb
 import pytest
 
-from evaluation.judgments_store import hash_password
-from evaluation.sbs_demo import make_batch
-from evaluation.sbs_plan import Assignment, Plan
-from evaluation.sbs_scores import CHOICE_LABELS, CRITERION_LABELS, unswap_choice
+from evaluation.sbs.judgments_store import hash_password
+from evaluation.sbs.sbs_demo import make_batch
+from evaluation.sbs.sbs_plan import Assignment, Plan
+from evaluation.sbs.sbs_scores import CHOICE_LABELS, CRITERION_LABELS, unswap_choice
 
 pytestmark = pytest.mark.slow  # real server / browser / generation: tens of seconds
 

@@ -10,11 +10,11 @@ import pandas as pd
 import pytest
 from click.testing import CliRunner
 
-from k5data.cli import curate
-from k5data.config import load_config
-from k5data.corpus import build_sample_corpus
-from k5data.curate import run_curation
-from k5data.output import read_dataset
+from k5cli.curate import curate
+from k5data.curation.config import load_config
+from k5data.curation.corpus import build_sample_corpus
+from k5data.curation.curate import run_curation
+from k5data.curation.output import read_dataset
 
 BIKES_CUTS = [1.2, 3.04, 5.48, 7.48, 9.68]  # the 5 cuts between bikes.mp4's 6 shots
 

@@ -8,8 +8,8 @@ import dagster as dg
 import pytest
 
 from assets import curation as cur
-from k5data.corpus import build_sample_corpus
-from k5data.output import read_dataset
+from k5data.curation.corpus import build_sample_corpus
+from k5data.curation.output import read_dataset
 from orchestration.resources import K5HomeResource, ObjectStoreResource
 
 
@@ -69,7 +69,7 @@ def test_check_fails_on_a_bad_dataset(materialized: dict) -> None:
     """The captioned check is not vacuous: blank a passed row's caption in the written Parquet and it fails."""
     import pandas as pd
 
-    from k5data.config import load_config
+    from k5data.curation.config import load_config
 
     out = materialized["root"] / "objects" / "curation"
     df = read_dataset(str(out), load_config())

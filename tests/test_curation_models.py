@@ -10,10 +10,10 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from k5data.captions import Captioner
-from k5data.domains import CATEGORIES, DomainClassifier
-from k5data.filters import Item
-from k5data.filters.watermark import score_watermark
+from k5data.curation.captions import Captioner
+from k5data.curation.domains import CATEGORIES, DomainClassifier
+from k5data.curation.filters import Item
+from k5data.curation.filters.watermark import score_watermark
 
 
 @pytest.fixture(scope="module")
@@ -51,7 +51,7 @@ def _frame(seed: int = 0) -> np.ndarray:
 
 
 def test_qwen_vl_captioner_through_from_pretrained(tiny_vlm: Path) -> None:
-    from k5data.vlm import load_vlm
+    from k5data.curation.vlm import load_vlm
 
     vlm = load_vlm(tiny_vlm, max_new_tokens=6)
     ids = vlm.prompt_ids("Describe.", 16)
@@ -78,7 +78,7 @@ def test_missing_model_folder_is_a_clear_error(tmp_path: Path) -> None:
 
 
 def test_watermark_classifier_backend(tiny_classifier: Path) -> None:
-    from k5data.backends import HFImageClassifier
+    from k5data.curation.backends import HFImageClassifier
 
     clf = HFImageClassifier(tiny_classifier, "watermark")
     frames = {i: _frame(i) for i in range(5)}
@@ -95,10 +95,10 @@ def test_curate_with_vlm_backends_from_config(tiny_vlm: Path, tmp_path: Path) ->
     """The config switches captions and domains to the VLM; a file without a sidecar gets a model caption."""
     import shutil
 
-    from k5data.config import load_config
-    from k5data.corpus import skimage_dir
-    from k5data.curate import run_curation
-    from k5data.output import read_dataset
+    from k5data.curation.config import load_config
+    from k5data.curation.corpus import skimage_dir
+    from k5data.curation.curate import run_curation
+    from k5data.curation.output import read_dataset
 
     src = tmp_path / "src"
     src.mkdir()

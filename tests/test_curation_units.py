@@ -7,15 +7,15 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from k5data.captions import parse_sidecar, postprocess_caption
-from k5data.catalog import Catalog
-from k5data.config import load_config
-from k5data.domains import CATEGORIES, CATEGORY_LIST, keyword_domain, kmeans_clusters, parse_domain, prompt_for
-from k5data.filters.dedup import find_duplicates, hamming, phash
-from k5data.filters.dynamics import ms_ssim
-from k5data.filters.resolution import bucket_of
-from k5data.probe import ProbeError, probe_file, sniff
-from k5data.scenes import apply_length_rule
+from k5data.curation.captions import parse_sidecar, postprocess_caption
+from k5data.curation.catalog import Catalog
+from k5data.curation.config import load_config
+from k5data.curation.domains import CATEGORIES, CATEGORY_LIST, keyword_domain, kmeans_clusters, parse_domain, prompt_for
+from k5data.curation.filters.dedup import find_duplicates, hamming, phash
+from k5data.curation.filters.dynamics import ms_ssim
+from k5data.curation.filters.resolution import bucket_of
+from k5data.curation.probe import ProbeError, probe_file, sniff
+from k5data.curation.scenes import apply_length_rule
 from k5data.sources import shard_of
 
 IMG, VID = [".jpg", ".png"], [".mp4"]
@@ -134,8 +134,8 @@ def test_catalog_registration_is_idempotent(tmp_path: Path) -> None:
 def test_rerun_registers_only_new_files(tmp_path: Path) -> None:
     import shutil
 
-    from k5data.corpus import skimage_dir
-    from k5data.curate import run_curation
+    from k5data.curation.corpus import skimage_dir
+    from k5data.curation.curate import run_curation
 
     src, out = tmp_path / "src", tmp_path / "out"
     src.mkdir()

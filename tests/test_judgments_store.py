@@ -9,7 +9,7 @@ from pathlib import Path
 
 import pytest
 
-from evaluation.judgments_store import (
+from evaluation.sbs.judgments_store import (
     AlreadyJudged,
     InvalidJudgment,
     JudgmentsStore,
@@ -17,8 +17,8 @@ from evaluation.judgments_store import (
     hash_password,
     verify_password,
 )
-from evaluation.sbs_plan import Assignment, Plan, PlanItem, criteria_for
-from evaluation.sbs_scores import score_judgments
+from evaluation.sbs.sbs_plan import Assignment, Plan, PlanItem, criteria_for
+from evaluation.sbs.sbs_scores import score_judgments
 
 REPO = Path(__file__).resolve().parents[1]
 
@@ -113,8 +113,8 @@ def test_resume_order_phases_and_persistence(tmp_path: Path) -> None:
 
 _CRASH_WRITER = """
 import os, signal, sys
-from evaluation.judgments_store import JudgmentsStore
-from evaluation.sbs_plan import criteria_for
+from evaluation.sbs.judgments_store import JudgmentsStore
+from evaluation.sbs.sbs_plan import criteria_for
 s = JudgmentsStore(sys.argv[1])
 for c in criteria_for("video")[0][:7]:
     s.record("ann1", "v1", c, "model1_better")

@@ -1,4 +1,4 @@
-"""Latent pre-encoding (k5data.latents): bucket/crop/frame rules, tiling plans, encode -> shard -> stream round trips
+"""Latent pre-encoding (k5data.latents.encode): bucket/crop/frame rules, tiling plans, encode -> shard -> stream round trips
 on a local folder and a real HTTP S3 endpoint (moto), a SIGKILLed `k5 latents` run resumed, the Dagster asset and
 its check, the object store resource on S3, and a short training run from the shards."""
 
@@ -21,7 +21,7 @@ import pandas as pd
 import pytest
 from PIL import Image
 
-from k5data.latents import (
+from k5data.latents.encode import (
     BUCKETS,
     LatentConfig,
     LatentEncoders,
@@ -35,9 +35,9 @@ from k5data.latents import (
     resize_cover_crop,
     tile_plan,
 )
-from k5data.loader import PackedLatentLoader
+from k5data.latents.shards import read_index, read_tar
+from k5data.loading.loader import PackedLatentLoader
 from k5data.object_store import LocalStore, S3Store, open_store
-from k5data.shards import read_index, read_tar
 
 REPO = Path(__file__).resolve().parents[1]
 SMALL = {(m, r): 1 for m in ("image", "video") for r in ("low", "medium", "high")}  # one sample per archive
@@ -49,7 +49,7 @@ CFG = LatentConfig.demo(max_seconds=1.0, progress=False)  # buckets / 8, <= 13 f
 
 
 def _video(path: Path, frames: int, h: int, w: int, seed: int) -> None:
-    from k5data.corpus import write_video
+    from k5data.curation.corpus import write_video
 
     rng = np.random.default_rng(seed)
     base = rng.integers(0, 255, (h, w, 3), dtype=np.uint8)
@@ -303,7 +303,7 @@ def test_sigkilled_packing_run_resumes_without_duplicates(dataset: Path, tiny_t2
 
     assert "latents" in k5.commands
     out = tmp_path / "store"
-    cmd = [sys.executable, "-m", "k5data.latents_cli", str(dataset), str(out), "--prefix", "lat", "--video-vae",
+    cmd = [sys.executable, "-m", "k5cli.latents", str(dataset), str(out), "--prefix", "lat", "--video-vae",
            str(tiny_t2v_dir), "--demo", "--max-seconds", "1", "--no-progress", "--per-shard",
            ",".join(f"{m}/{r}=1" for m, r in SMALL)]
     env = {**os.environ, "OMP_NUM_THREADS": "1", "K5_LATENTS_SLEEP_S": "0.4"}

@@ -11,7 +11,7 @@ import pytest
 from mlflow.tracking import MlflowClient
 
 from assets.sbs import sbs_batch, sbs_report
-from evaluation.sbs_plan import Plan, coverage
+from evaluation.sbs.sbs_plan import Plan, coverage
 from orchestration.resources import K5HomeResource, MLflowResource, ObjectStoreResource
 
 pytestmark = pytest.mark.slow  # real server / browser / generation: tens of seconds

@@ -11,7 +11,7 @@ import pandas as pd
 import pytest
 from click.testing import CliRunner
 
-from evaluation.cli import sbs
+from k5cli.sbs import sbs
 
 REPO = Path(__file__).resolve().parents[1]
 
@@ -69,7 +69,7 @@ def test_score_parquet_as_subprocess(tmp_path: Path) -> None:
     csv.write_text(CSV)
     pq = tmp_path / "j.parquet"
     pd.read_csv(csv, dtype=str).to_parquet(pq)
-    proc = subprocess.run([sys.executable, "-m", "evaluation.cli", "score", str(pq)], cwd=REPO,
+    proc = subprocess.run([sys.executable, "-m", "k5cli.sbs", "score", str(pq)], cwd=REPO,
                           capture_output=True, text=True, timeout=120)
     assert proc.returncode == 0, proc.stderr
     check(json.loads(proc.stdout))

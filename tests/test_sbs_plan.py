@@ -7,7 +7,7 @@ from collections import Counter
 import numpy as np
 import pytest
 
-from evaluation.sbs_plan import PlanItem, build_plan, coverage, degrade_frames, golden_specs, under_covered
+from evaluation.sbs.sbs_plan import PlanItem, build_plan, coverage, degrade_frames, golden_specs, under_covered
 
 
 def items(n: int, golden: int = 0) -> list[PlanItem]:

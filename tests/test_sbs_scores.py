@@ -5,7 +5,7 @@ from __future__ import annotations
 import pandas as pd
 import pytest
 
-from evaluation.sbs_scores import (
+from evaluation.sbs.sbs_scores import (
     allowed_choices,
     bootstrap_intervals,
     choice_distribution,

@@ -11,9 +11,9 @@ import pyarrow as pa
 import pyarrow.compute  # noqa: F401
 import pytest
 
-from k5data.loader import PackedLatentLoader
+from k5data.latents.shards import LatentSample, read_index, write_shards
+from k5data.loading.loader import PackedLatentLoader
 from k5data.object_store import LocalStore, S3Store
-from k5data.shards import LatentSample, read_index, write_shards
 
 SMALL = {(m, r): n for m, ns in (("image", (8, 4, 2)), ("video", (3, 2, 1)))
          for r, n in zip(("low", "medium", "high"), ns)}

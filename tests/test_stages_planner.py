@@ -9,8 +9,8 @@ from pathlib import Path
 import pytest
 from click.testing import CliRunner
 
+from k5cli.train import plan_cmd, stages
 from k5model.config import get_preset
-from k5model.training.cli import plan_cmd, stages
 from k5model.training.config import StageConfig
 from k5model.training.planner import (
     GIB,

@@ -1,4 +1,4 @@
-"""Training batches from latent shards (k5data.training_source) and the packed flow-matching loss: packed equals
+"""Training batches from latent shards (k5data.loading.training_source) and the packed flow-matching loss: packed equals
 batched on equal shapes, per-sample task mix and condition channels, disjoint archives per rank, exact resume, and
 the trainer's packed step."""
 
@@ -12,9 +12,9 @@ import numpy as np
 import pytest
 import torch
 
+from k5data.latents.shards import LatentSample, read_index, write_shards
+from k5data.loading.training_source import ShardLatentSource, TextEncoders
 from k5data.object_store import LocalStore
-from k5data.shards import LatentSample, read_index, write_shards
-from k5data.training_source import ShardLatentSource, TextEncoders
 from k5model.crossdit import CrossDiT
 from k5model.flow_matching import flow_matching_loss, flow_matching_loss_packed
 from k5model.training.config import StageConfig

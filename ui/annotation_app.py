@@ -27,7 +27,7 @@ from pathlib import Path
 
 import gradio as gr
 
-from evaluation.judgments_store import (
+from evaluation.sbs.judgments_store import (
     AlreadyJudged,
     InvalidJudgment,
     JudgmentsStore,
@@ -37,8 +37,8 @@ from evaluation.judgments_store import (
     options_for,
     verify_password,
 )
-from evaluation.sbs_plan import Plan, criteria_for
-from evaluation.sbs_scores import CHOICE_LABELS, CRITERION_LABELS
+from evaluation.sbs.sbs_plan import Plan, criteria_for
+from evaluation.sbs.sbs_scores import CHOICE_LABELS, CRITERION_LABELS
 
 MAX_OPTIONS = 6  # 5 options + "not applicable" for criterion 8
 

@@ -90,9 +90,9 @@ def resolve_stage(name: str, demo: bool, real_data: bool = False, **overrides: A
 
 
 def shard_source(args: argparse.Namespace, stage: Any, rank: int, world: int, device: torch.device, cfg: Any) -> Any:
-    """``k5data.training_source.ShardLatentSource`` over --shards in --store (k5data imported only here)."""
+    """``k5data.loading.training_source.ShardLatentSource`` over --shards in --store (k5data imported only here)."""
+    from k5data.loading.training_source import ShardLatentSource, TextEncoders
     from k5data.object_store import open_store
-    from k5data.training_source import ShardLatentSource, TextEncoders
 
     text = TextEncoders.from_pretrained(args.text_encoders, device=device,
                                         dtype=torch.bfloat16 if device.type == "cuda" else torch.float32)

@@ -38,7 +38,7 @@ def sample_shapes(cfg: CrossDiTConfig, batch: dict[str, Any]) -> list[tuple[int,
     """(visual tokens, text tokens) of every sample of a trainer batch.
 
     ``x0`` is one (B, F, H, W, C) tensor or a sequence of per-sample (F, H, W, C) / (1, F, H, W, C) tensors (packed
-    batches, ``k5data.training_source``); text lengths come from ``text_mask`` (real tokens) or, packed, from each
+    batches, ``k5data.loading.training_source``); text lengths come from ``text_mask`` (real tokens) or, packed, from each
     sample's ``text_embeds`` (L_i, D); else the padded length."""
     pt, ph, pw = cfg.patch_size
     x0 = batch["x0"]

@@ -206,7 +206,7 @@ class Trainer:
 
     def _packed_loss(self, batch: dict[str, Any], g: torch.Generator) -> tuple[torch.Tensor, torch.Tensor, int]:
         """Loss of a packed batch (``batch["packed"]``: per-sample lists ``x0``, ``text_embeds``, ``condition``,
-        ``clean_frames``, see ``k5data.training_source``) through ``CrossDiT.forward_packed``; returns (loss, dropped
+        ``clean_frames``, see ``k5data.loading.training_source``) through ``CrossDiT.forward_packed``; returns (loss, dropped
         text (N,) bool, real visual tokens)."""
         if not self._packed_forward_registered:
             from torch.distributed.fsdp import register_fsdp_forward_method

@@ -1,7 +1,7 @@
 """VAE pre-encoding of the curated dataset into latent tar shards (report §6.1.1: store latents, not pixels; §7.1).
 
 Every passed row of the curated dataset (one image, or one video scene) becomes one ``LatentSample`` with id
-``<media_id>-<scene_index>``, written by ``k5data.shards.write_shards`` to an object store. Re-running skips the ids
+``<media_id>-<scene_index>``, written by ``k5data.latents.shards.write_shards`` to an object store. Re-running skips the ids
 already listed in the shard index, so a killed run resumes without encoding anything twice.
 
 Resolution buckets (pixels, H×W) come from the report: images use the Image Lite rows of Table 4 (LR / MR / HR),
@@ -37,7 +37,7 @@ import numpy as np
 import pandas as pd
 import torch
 
-from k5data.shards import LatentSample, Store, read_index, write_shards
+from k5data.latents.shards import LatentSample, Store, read_index, write_shards
 
 CLASSES = ("low", "medium", "high")
 CLASS_OF_BUCKET = {256: "low", 512: "medium", 1024: "high"}  # curation's short-side buckets (report §4.2)
@@ -492,8 +492,8 @@ def encode_dataset(df: pd.DataFrame, store: Store, prefix: str, encoders: Latent
 
 def read_curated(path: str, endpoint_url: str | None = None) -> pd.DataFrame:
     """Every row of a curated dataset (a ``k5 curate`` output folder or ``s3://`` prefix holding ``dataset/``)."""
-    from k5data.config import load_config
-    from k5data.output import read_dataset
+    from k5data.curation.config import load_config
+    from k5data.curation.output import read_dataset
 
     cfg = load_config(None, {"s3": {"endpoint_url": endpoint_url}} if endpoint_url else None)
     df = read_dataset(path, cfg)

@@ -10,7 +10,7 @@ from typing import Any
 
 import numpy as np
 
-from k5data.filters import Item, gray, resize_short, result
+from k5data.curation.filters import Item, gray, resize_short, result
 
 
 def flow_motion(frames: list[np.ndarray], dt: float, side: int) -> tuple[float, float]:

@@ -76,7 +76,7 @@ class DomainClassifier:
         """Returns (domain, backend)."""
         if self.cfg["backend"] == "qwen2_5_vl":
             if self._vlm is None:
-                from k5data.vlm import load_vlm
+                from k5data.curation.vlm import load_vlm
 
                 self._vlm = load_vlm(self.cfg["model_path"])
             answer = self._vlm.generate(prompt_for(kind), frame, max_new_tokens=8)

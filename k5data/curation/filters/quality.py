@@ -13,7 +13,7 @@ from typing import Any
 
 import numpy as np
 
-from k5data.filters import Item, gray, resize_long, result
+from k5data.curation.filters import Item, gray, resize_long, result
 
 
 def technical(rgb: np.ndarray) -> float:

@@ -8,7 +8,7 @@ from typing import Any
 
 import numpy as np
 
-from k5data.filters import Item, result
+from k5data.curation.filters import Item, result
 
 _ENGINES: dict[tuple, Any] = {}
 _LOCK = threading.Lock()

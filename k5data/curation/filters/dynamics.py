@@ -7,7 +7,7 @@ from typing import Any
 
 import numpy as np
 
-from k5data.filters import Item, gray, resize_short, result
+from k5data.curation.filters import Item, gray, resize_short, result
 
 # Wang, Simoncelli & Bovik (2003) scale weights.
 WEIGHTS = np.array([0.0448, 0.2856, 0.3001, 0.2363, 0.1333])

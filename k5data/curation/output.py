@@ -16,10 +16,10 @@ import pandas as pd
 import pyarrow as pa
 import pyarrow.parquet as pq
 
-from k5data.config import CurationConfig
-from k5data.domains import kmeans_clusters
-from k5data.filters.dedup import find_duplicates
-from k5data.filters.resolution import bucket_of
+from k5data.curation.config import CurationConfig
+from k5data.curation.domains import kmeans_clusters
+from k5data.curation.filters.dedup import find_duplicates
+from k5data.curation.filters.resolution import bucket_of
 from k5data.sources import is_s3, s3_client, split_s3
 
 FILTERS = ["resolution", "dynamics", "text_area", "watermark", "quality", "complexity", "motion"]

@@ -1,6 +1,6 @@
 """``k5 curate SRC OUT``: curate a folder or S3 prefix into OUT/dataset/**/*.parquet + OUT/quarantine.parquet.
 
-Also runnable as ``python -m k5data.cli SRC OUT``."""
+Also runnable as ``python -m k5cli.curate SRC OUT``."""
 
 from __future__ import annotations
 
@@ -13,7 +13,7 @@ import click
 @click.argument("src")
 @click.argument("out")
 @click.option("--config", "config_path", type=click.Path(exists=True, dir_okay=False), default=None,
-              help="YAML merged over k5data/configs/curation.yaml (thresholds, backends, model paths).")
+              help="YAML merged over k5data/curation/configs/curation.yaml (thresholds, backends, model paths).")
 @click.option("--catalog", "catalog_path", default=None, help="DuckDB catalog file (default: OUT/catalog.duckdb).")
 @click.option("--endpoint-url", default=None, help="S3-compatible endpoint for s3:// SRC/OUT (overrides config).")
 @click.option("--shard", type=int, default=None, help="Only register/score this source shard (0..shards-1).")
@@ -25,8 +25,8 @@ def curate(src: str, out: str, config_path: str | None, catalog_path: str | None
     import os
 
     os.environ.setdefault("HF_HUB_OFFLINE", "1")  # production backends load local folders only
-    from k5data.config import load_config
-    from k5data.curate import run_curation
+    from k5data.curation.config import load_config
+    from k5data.curation.curate import run_curation
 
     overrides = {"s3": {"endpoint_url": endpoint_url}} if endpoint_url else None
     cfg = load_config(config_path, overrides)

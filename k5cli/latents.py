@@ -1,6 +1,6 @@
 """``k5 latents DATASET STORE``: VAE-encode the passed rows of a curated dataset into latent tar shards.
 
-Also runnable as ``python -m k5data.latents_cli``. Imports only click at load time (``k5 --help`` stays fast)."""
+Also runnable as ``python -m k5cli.latents``. Imports only click at load time (``k5 --help`` stays fast)."""
 
 from __future__ import annotations
 
@@ -13,7 +13,7 @@ def _per_shard(text: str | None) -> dict[tuple[str, str], int] | None:
     """``image/low=1024,video/high=1`` -> overrides of the report's samples per archive."""
     if not text:
         return None
-    from k5data.shards import SAMPLES_PER_SHARD
+    from k5data.latents.shards import SAMPLES_PER_SHARD
 
     out = dict(SAMPLES_PER_SHARD)
     for item in text.split(","):
@@ -63,7 +63,7 @@ def latents(dataset: str, store: str, prefix: str, video_vae: str, image_vae: st
     import os
 
     os.environ.setdefault("HF_HUB_OFFLINE", "1")
-    from k5data.latents import LatentConfig, LatentEncoders, encode_dataset, read_curated
+    from k5data.latents.encode import LatentConfig, LatentEncoders, encode_dataset, read_curated
     from k5data.object_store import open_store
 
     overrides = {k: v for k, v in {"fps": fps, "max_seconds": max_seconds, "scale": scale, "image_batch": batch,

@@ -11,11 +11,11 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
 
-from k5data.catalog import Catalog
-from k5data.config import CurationConfig, load_config
-from k5data.output import build_rows, summarize, write_outputs
-from k5data.register import RegisterStats, register_sources
-from k5data.score import Scorers, score_media
+from k5data.curation.catalog import Catalog
+from k5data.curation.config import CurationConfig, load_config
+from k5data.curation.output import build_rows, summarize, write_outputs
+from k5data.curation.register import RegisterStats, register_sources
+from k5data.curation.score import Scorers, score_media
 from k5data.sources import Source, is_s3
 
 

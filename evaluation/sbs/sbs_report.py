@@ -6,7 +6,19 @@ import base64
 import html
 from pathlib import Path
 
-from evaluation.sbs_scores import ALL_CRITERIA, BC, BI, CHOICE_LABELS, CRITERION_LABELS, EQ, GROUPS, M1, M1U, M2, M2U
+from evaluation.sbs.sbs_scores import (
+    ALL_CRITERIA,
+    BC,
+    BI,
+    CHOICE_LABELS,
+    CRITERION_LABELS,
+    EQ,
+    GROUPS,
+    M1,
+    M1U,
+    M2,
+    M2U,
+)
 
 # Segment order left -> right: model A wins, ties/neutral, model B wins (Fig. 28: green / shades / blue).
 SEGMENTS: tuple[tuple[str, str], ...] = (

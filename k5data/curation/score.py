@@ -9,21 +9,21 @@ from typing import Any
 
 import numpy as np
 
-from k5data.backends import ClipEmbedder, HFImageClassifier, Sam2Counter, cached
-from k5data.captions import Captioner, parse_sidecar, sidecar_key
-from k5data.catalog import Catalog
-from k5data.config import CurationConfig
-from k5data.domains import DomainClassifier, thumbnail_embedding
-from k5data.filters import Item
-from k5data.filters.complexity import score_complexity
-from k5data.filters.dedup import video_hash
-from k5data.filters.dynamics import score_dynamics
-from k5data.filters.motion import score_motion
-from k5data.filters.quality import score_quality
-from k5data.filters.resolution import score_resolution
-from k5data.filters.text_area import score_text_area
-from k5data.filters.watermark import score_watermark
-from k5data.scenes import decode_frames, fit, segment
+from k5data.curation.backends import ClipEmbedder, HFImageClassifier, Sam2Counter, cached
+from k5data.curation.captions import Captioner, parse_sidecar, sidecar_key
+from k5data.curation.catalog import Catalog
+from k5data.curation.config import CurationConfig
+from k5data.curation.domains import DomainClassifier, thumbnail_embedding
+from k5data.curation.filters import Item
+from k5data.curation.filters.complexity import score_complexity
+from k5data.curation.filters.dedup import video_hash
+from k5data.curation.filters.dynamics import score_dynamics
+from k5data.curation.filters.motion import score_motion
+from k5data.curation.filters.quality import score_quality
+from k5data.curation.filters.resolution import score_resolution
+from k5data.curation.filters.text_area import score_text_area
+from k5data.curation.filters.watermark import score_watermark
+from k5data.curation.scenes import decode_frames, fit, segment
 from k5data.sources import Source, SourceObject
 
 

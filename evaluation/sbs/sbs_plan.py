@@ -16,7 +16,7 @@ from dataclasses import asdict, dataclass, field
 
 import numpy as np
 
-from evaluation.sbs_scores import PF_CRITERIA, VISUAL_CRITERIA
+from evaluation.sbs.sbs_scores import PF_CRITERIA, VISUAL_CRITERIA
 
 # Image pairs have no time axis, so the temporal visual criteria (5 transitions, 6 dynamism, 7 motion, 8 face
 # consistency over time, 11 semantic breaks over time) are not asked for them.

@@ -7,8 +7,8 @@ from pathlib import Path
 import numpy as np
 import pandas as pd
 
-from evaluation.sbs_plan import Plan, PlanItem, build_plan, criteria_for, degrade_frames, golden_specs
-from evaluation.sbs_scores import NA, allowed_choices
+from evaluation.sbs.sbs_plan import Plan, PlanItem, build_plan, criteria_for, degrade_frames, golden_specs
+from evaluation.sbs.sbs_scores import NA, allowed_choices
 
 
 def synthetic_clip(seed: int, frames: int = 8, size: int = 64, sharp: bool = True) -> np.ndarray:

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from typing import Any
 
-from k5data.filters import Item, result
+from k5data.curation.filters import Item, result
 
 
 def score_resolution(item: Item, cfg: dict[str, Any]) -> dict[str, Any]:

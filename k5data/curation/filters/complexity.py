@@ -8,7 +8,7 @@ from typing import Any
 
 import numpy as np
 
-from k5data.filters import Item, gray, resize_long, result
+from k5data.curation.filters import Item, gray, resize_long, result
 
 
 def edge_density(rgb: np.ndarray) -> float:

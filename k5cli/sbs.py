@@ -1,4 +1,4 @@
-"""``k5 sbs ...`` commands (a click group the main CLI mounts; also ``python -m evaluation.cli``)."""
+"""``k5 sbs ...`` commands (a click group the main CLI mounts; also ``python -m k5cli.sbs``)."""
 
 from __future__ import annotations
 
@@ -24,7 +24,7 @@ def score(judgments: str, out: str | None) -> None:
     number: the header is line 1, the first data row line 2 (Parquet rows are numbered the same way).
     """
     # imported here so that mounting the group in ``k5`` does not load pandas for every other command
-    from evaluation.sbs_scores import read_judgments, score_judgments
+    from evaluation.sbs.sbs_scores import read_judgments, score_judgments
 
     try:
         df = read_judgments(judgments)

@@ -31,8 +31,8 @@ from typing import Any
 import numpy as np
 import torch
 
-from k5data.loader import PackedBatch, PackedLatentLoader
-from k5data.shards import Store, read_index
+from k5data.latents.shards import Store, read_index
+from k5data.loading.loader import PackedBatch, PackedLatentLoader
 from k5model.flow_matching import TextCondition
 from k5model.training.config import StageConfig
 

@@ -8,9 +8,9 @@ from dataclasses import dataclass, field
 from pathlib import Path, PurePosixPath
 from typing import Any
 
-from k5data.catalog import Catalog
-from k5data.config import CurationConfig
-from k5data.probe import ProbeError, probe_file
+from k5data.curation.catalog import Catalog
+from k5data.curation.config import CurationConfig
+from k5data.curation.probe import ProbeError, probe_file
 from k5data.sources import Source, SourceObject, shard_of
 
 

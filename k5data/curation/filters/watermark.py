@@ -12,8 +12,8 @@ from typing import Any
 
 import numpy as np
 
-from k5data.filters import Item, result
-from k5data.filters.text_area import cached_boxes
+from k5data.curation.filters import Item, result
+from k5data.curation.filters.text_area import cached_boxes
 
 BORDER = 0.2     # outer band (fraction of width/height) where marks usually sit
 AREA_SCALE = 0.01  # 1 % of the frame as border text -> p = 0.63

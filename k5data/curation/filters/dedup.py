@@ -10,7 +10,7 @@ from typing import Any
 
 import numpy as np
 
-from k5data.filters import gray
+from k5data.curation.filters import gray
 
 
 def phash(rgb: np.ndarray) -> int:

@@ -69,7 +69,7 @@ class Captioner:
     @property
     def vlm(self) -> Any:
         if self._vlm is None and self.cfg["backend"] == "qwen2_5_vl":
-            from k5data.vlm import load_vlm
+            from k5data.curation.vlm import load_vlm
 
             self._vlm = load_vlm(self.cfg["model_path"], self.cfg.get("max_new_tokens", 96))
         return self._vlm

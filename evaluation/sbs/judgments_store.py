@@ -29,8 +29,8 @@ from pathlib import Path
 import duckdb
 import pandas as pd
 
-from evaluation.sbs_plan import Plan, criteria_for
-from evaluation.sbs_scores import NA, allowed_choices, is_valid, unswap_choice
+from evaluation.sbs.sbs_plan import Plan, criteria_for
+from evaluation.sbs.sbs_scores import NA, allowed_choices, is_valid, unswap_choice
 
 
 class NotAssigned(PermissionError):

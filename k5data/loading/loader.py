@@ -14,7 +14,7 @@ from typing import Any
 
 import numpy as np
 
-from k5data.shards import LatentSample, Store, read_index, read_tar
+from k5data.latents.shards import LatentSample, Store, read_index, read_tar
 
 
 @dataclass

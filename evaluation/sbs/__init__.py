@@ -1,0 +1,1 @@
+"""Side-by-side evaluation (report §8.2): plans, judgments, scores, reports."""

@@ -1,0 +1,1 @@
+"""Curation (report §4): raw sources -> scenes -> filtered, captioned, clustered Parquet."""
