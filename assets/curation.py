@@ -16,6 +16,7 @@ from k5data.curation.curate import finalize, score_pending
 from k5data.curation.output import read_dataset
 from k5data.curation.register import register_sources
 from k5data.sources import Source
+from orchestration.lineage import latest_metadata
 from orchestration.resources import K5HomeResource, ObjectStoreResource
 
 OBJECT_PREFIX = "curation"
@@ -109,10 +110,7 @@ def curated_dataset(context: dg.AssetExecutionContext, k5_home: K5HomeResource, 
 
 
 def _dataset(context: dg.AssetCheckExecutionContext, curation: CurationResource) -> Any:
-    event = context.instance.get_latest_materialization_event(curated_dataset.key)
-    if event is None or event.asset_materialization is None:
-        raise RuntimeError("curated_dataset has never been materialized")
-    return read_dataset(str(event.asset_materialization.metadata["path"].value), curation.config())
+    return read_dataset(str(latest_metadata(context, curated_dataset.key)["path"]), curation.config())
 
 
 @dg.asset_check(asset=curated_dataset, description="No two passed rows share a content hash or perceptual hash.")

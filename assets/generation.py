@@ -13,6 +13,7 @@ import numpy as np
 
 from assets.models import tiny_model_bundle
 from k5model.media import read_video
+from orchestration.lineage import latest_metadata, upstream_path
 from orchestration.resources import MLflowResource, ObjectStoreResource
 
 MEDIA_PREFIX = "demo_generation"
@@ -29,22 +30,6 @@ class DemoGenerationConfig(dg.Config):
     guidance_scale: float = 5.0
     seed: int = 0
     fps: int = 8
-
-
-def upstream_path(context: dg.AssetExecutionContext | dg.AssetCheckExecutionContext, key: dg.AssetKey) -> Path:
-    """The ``path`` metadata of ``key``'s latest materialization: lineage goes through the recorded event, not a
-    path recomputed here, so a bundle materialized elsewhere (other K5_HOME, later a registry) is what we load."""
-    event = context.instance.get_latest_materialization_event(key)
-    if event is None or event.asset_materialization is None:
-        raise RuntimeError(f"asset {key.to_user_string()} has never been materialized; materialize it first")
-    return Path(str(event.asset_materialization.metadata["path"].value))
-
-
-def latest_metadata(context: dg.AssetCheckExecutionContext, key: dg.AssetKey) -> dict[str, Any]:
-    event = context.instance.get_latest_materialization_event(key)
-    if event is None or event.asset_materialization is None:
-        raise RuntimeError(f"asset {key.to_user_string()} has never been materialized")
-    return {k: v.value for k, v in event.asset_materialization.metadata.items()}
 
 
 def filmstrip_png(videos: list[np.ndarray]) -> bytes:

@@ -12,8 +12,8 @@ from typing import Any
 import dagster as dg
 
 from assets.curation import CurationResource, curated_dataset
-from assets.generation import latest_metadata, upstream_path
 from assets.models import tiny_model_bundle
+from orchestration.lineage import latest_metadata, upstream_path
 from orchestration.resources import ObjectStoreResource
 
 
