@@ -15,14 +15,20 @@ MLFLOW_PORT ?= 5000
 ANNOTATION_PORT ?= 7860
 SBS_DEMO := $(K5_HOME)/sbs/demo_tiny_seed0_vs_seed1
 
-.PHONY: help venv demo test lint ui clean
+# pytest's own options for `make test` / `make test-fast`, e.g. PYTEST_ARGS="-x tests/test_sbs_plan.py".
+PYTEST_ARGS ?=
+
+.PHONY: help venv demo test test-fast browser lint ui clean
 
 help:
-	@echo "make demo   - create $(VENV) if needed, run the Dagster main_job once (tiny model -> 2 videos -> MLflow)"
-	@echo "make test   - run the test suite (pytest)"
-	@echo "make lint   - ruff check"
-	@echo "make ui     - Dagster UI on http://127.0.0.1:$(DAGSTER_PORT) + MLflow UI on http://127.0.0.1:$(MLFLOW_PORT) + annotation app on :$(ANNOTATION_PORT)"
-	@echo "make clean  - remove $(K5_HOME) and caches (keeps $(VENV))"
+	@echo "make demo      - create $(VENV) if needed, run the demo pipeline once (curation shards, main_job, sbs_job)"
+	@echo "make test      - the whole test suite (installs Debian's chromium for the browser test if it is missing)"
+	@echo "make test-fast - the inner loop: tests not marked slow (no browser, server or long end-to-end tests)"
+	@echo "make lint      - ruff check"
+	@echo "make browser   - locate chromium on PATH, else apt-get install it (as root or through sudo)"
+	@echo "make venv      - create/refresh $(VENV) (re-runs only when pyproject.toml changes)"
+	@echo "make ui        - Dagster UI on http://127.0.0.1:$(DAGSTER_PORT) + MLflow UI on http://127.0.0.1:$(MLFLOW_PORT) + annotation app on :$(ANNOTATION_PORT)"
+	@echo "make clean     - remove $(K5_HOME) and caches (keeps $(VENV))"
 
 venv: $(STAMP)
 
@@ -39,8 +45,36 @@ $(STAMP): pyproject.toml
 demo: venv
 	$(PY) -m orchestration.demo
 
-test: venv
-	$(PY) -m pytest -q
+# Exit status 5 means pytest collected nothing (a wrong path, a -m/-k that matches no test, a collection-time
+# config slip); it must never pass for a green run, so it is reported and turned into a plain failure.
+define run_pytest
+	@rc=0; $(PY) -m pytest -q $(1) $(PYTEST_ARGS) || rc=$$?; \
+	if [ $$rc -eq 5 ]; then echo "make: pytest collected no tests (exit 5): treated as a failure" >&2; exit 1; fi; \
+	exit $$rc
+endef
+
+test: venv browser
+	$(call run_pytest,)
+
+test-fast: venv
+	$(call run_pytest,-m "not slow")
+
+# The annotation-app browser test drives Debian's Chromium through Playwright (Playwright's own browser download
+# cannot work offline or behind the registry-only proxy CI has), so `make test` finds or installs it first.
+browser:
+	@if command -v chromium >/dev/null 2>&1; then echo "chromium: $$(command -v chromium)"; exit 0; fi; \
+	if ! command -v apt-get >/dev/null 2>&1; then \
+		echo "make: chromium is not on PATH and there is no apt-get here to install it; install a Chromium build" \
+			"as 'chromium' on PATH, or run 'make test-fast' (skips the browser test)" >&2; exit 1; fi; \
+	if [ "$$(id -u)" = 0 ]; then SUDO=; \
+	elif command -v sudo >/dev/null 2>&1 && sudo -n true 2>/dev/null; then SUDO=sudo; \
+	else echo "make: chromium is not on PATH and installing it needs root: run 'sudo apt-get install -y chromium'" \
+		"once, or run 'make test-fast' (skips the browser test)" >&2; exit 1; fi; \
+	echo "chromium not found: installing Debian's chromium with $${SUDO:-root} apt-get"; \
+	$$SUDO apt-get update -qq && $$SUDO env DEBIAN_FRONTEND=noninteractive apt-get install -y -qq chromium >/dev/null \
+		|| { echo "make: apt-get install chromium failed (see above)" >&2; exit 1; }; \
+	command -v chromium >/dev/null 2>&1 \
+		|| { echo "make: chromium installed but not on PATH" >&2; exit 1; }
 
 lint: venv
 	$(VENV)/bin/ruff check .
