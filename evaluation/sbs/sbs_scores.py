@@ -214,14 +214,13 @@ class Interval:
     high: float
 
 
-def bootstrap_intervals(
-    valid: pd.DataFrame, n_boot: int = 1000, seed: int = 0, level: float = 0.95
-) -> dict[str, dict[str, Interval]]:
-    """Percentile bootstrap intervals over prompts (items): each replicate resamples items with replacement and
-    recomputes every criterion score and group score. Returns {name: {"model1": Interval, "model2": Interval}}."""
+def _bootstrap_replicates(valid: pd.DataFrame, n_boot: int, seed: int) -> tuple[list[str], np.ndarray]:
+    """Criteria present and replicate scores ``reps[m, b, c]`` (model m+1, replicate b, criterion c): each replicate
+    resamples items with replacement and recomputes every criterion score (NaN where no rated item was drawn).
+    No ratings: no criteria and an empty array."""
     per_item = item_scores(valid)
     if per_item.empty:
-        return {}
+        return [], np.empty((2, n_boot, 0))
     items = sorted(per_item["item_id"].unique())
     index = {it: i for i, it in enumerate(items)}
     crits = [c for c in ALL_CRITERIA if c in set(per_item["criterion"])]
@@ -241,22 +240,53 @@ def bootstrap_intervals(
     denom = counts @ present.T.astype(float)  # (B, C)
     with np.errstate(invalid="ignore", divide="ignore"):
         reps = np.stack([(counts @ filled[m].T) / denom for m in range(2)])  # (2, B, C); NaN if criterion undrawn
+    return crits, reps
+
+
+def _percentile_interval(values: np.ndarray, level: float) -> Interval:
+    values = values[~np.isnan(values)]
     alpha = (1.0 - level) / 2.0
-    out: dict[str, dict[str, Interval]] = {}
+    return Interval(float(np.quantile(values, alpha)), float(np.quantile(values, 1 - alpha)))
 
-    def _interval(values: np.ndarray) -> Interval:
-        values = values[~np.isnan(values)]
-        return Interval(float(np.quantile(values, alpha)), float(np.quantile(values, 1 - alpha)))
 
-    for ci, c in enumerate(crits):
-        out[c] = {f"model{m + 1}": _interval(reps[m, :, ci]) for m in range(2)}
+def _group_replicates(crits: list[str], reps: np.ndarray) -> dict[str, np.ndarray]:
+    """Per group with rated criteria: replicate group scores (2, B), the unweighted mean of its criteria."""
+    out: dict[str, np.ndarray] = {}
     for group, members in GROUPS.items():
         cols = [crits.index(c) for c in members if c in crits]
         if cols:
-            with warnings.catch_warnings():  # a replicate that drew none of a group's criteria is NaN, dropped below
+            with warnings.catch_warnings():  # a replicate that drew none of a group's criteria is NaN, dropped later
                 warnings.simplefilter("ignore", RuntimeWarning)
-                g = [np.nanmean(reps[m][:, cols], axis=1) for m in range(2)]
-            out[group] = {f"model{m + 1}": _interval(g[m]) for m in range(2)}
+                out[group] = np.stack([np.nanmean(reps[m][:, cols], axis=1) for m in range(2)])
+    return out
+
+
+def bootstrap_intervals(
+    valid: pd.DataFrame, n_boot: int = 1000, seed: int = 0, level: float = 0.95
+) -> dict[str, dict[str, Interval]]:
+    """Percentile bootstrap intervals over prompts (items): each replicate resamples items with replacement and
+    recomputes every criterion score and group score. Returns {name: {"model1": Interval, "model2": Interval}}."""
+    crits, reps = _bootstrap_replicates(valid, n_boot, seed)
+    out = {c: {f"model{m + 1}": _percentile_interval(reps[m, :, ci], level) for m in range(2)}
+           for ci, c in enumerate(crits)}
+    for group, g in _group_replicates(crits, reps).items():
+        out[group] = {f"model{m + 1}": _percentile_interval(g[m], level) for m in range(2)}
+    return out
+
+
+def bootstrap_difference_intervals(
+    valid: pd.DataFrame, n_boot: int = 1000, seed: int = 0, level: float = 0.95
+) -> dict[str, Interval]:
+    """Percentile bootstrap interval of the paired difference D = S1 - S2 per criterion and group.
+
+    Each replicate resamples items (the same draws as ``bootstrap_intervals`` for a seed) and computes
+    D_b = S1_b - S2_b on that one resample, so the interval is the one of the comparison itself: both models are
+    judged on the same prompts, and the per-model intervals cannot be combined into it (their errors are correlated).
+    Returns {name: Interval}; a release gate asks whether ``low`` clears a margin."""
+    crits, reps = _bootstrap_replicates(valid, n_boot, seed)
+    out = {c: _percentile_interval(reps[0, :, ci] - reps[1, :, ci], level) for ci, c in enumerate(crits)}
+    for group, g in _group_replicates(crits, reps).items():
+        out[group] = _percentile_interval(g[0] - g[1], level)
     return out
 
 
@@ -370,7 +400,8 @@ def choice_distribution(valid: pd.DataFrame) -> dict[str, dict[str, float]]:
 
 def full_summary(valid: pd.DataFrame, golden: dict[str, tuple[str, str | None]] | None = None,
                  n_boot: int = 1000, seed: int = 0) -> dict:
-    """Everything the report asset logs: scores, bootstrap intervals, agreement, alpha, golden accuracy.
+    """Everything the report asset logs: scores, bootstrap intervals (per model: ``ci95``; of the paired difference
+    model1 - model2: ``ci95_diff``), agreement, alpha, golden accuracy.
     Golden items are excluded from the scores (they are rater checks, not comparisons)."""
     golden = golden or {}
     scored = valid[~valid["item_id"].isin(list(golden))].reset_index(drop=True)
@@ -378,6 +409,8 @@ def full_summary(valid: pd.DataFrame, golden: dict[str, tuple[str, str | None]] 
     result.pop("invalid_rows")
     cis = bootstrap_intervals(scored, n_boot=n_boot, seed=seed)
     result["ci95"] = {k: {m: [iv.low, iv.high] for m, iv in v.items()} for k, v in cis.items()}
+    diffs = bootstrap_difference_intervals(scored, n_boot=n_boot, seed=seed)
+    result["ci95_diff"] = {k: [iv.low, iv.high] for k, iv in diffs.items()}  # model1 - model2, paired
     result["pairwise_agreement"] = pairwise_agreement(scored)
     result["krippendorff_alpha"] = krippendorff_alpha(scored)
     result["golden_accuracy"] = golden_accuracy(valid, golden)
