@@ -24,6 +24,7 @@ import torch
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from k5model import CrossDiT, get_preset  # noqa: E402
+from k5model.runtime_options import AttentionOptions, NablaOptions  # noqa: E402
 
 
 def rel(a: torch.Tensor, b: torch.Tensor) -> float:
@@ -68,11 +69,11 @@ def check_nabla(device, dtype, smoke: bool) -> dict:
     model.to_mixed_precision(dtype) if dtype != torch.float32 else None
     frames, h, w = (2, 16, 16) if smoke else (8, 64, 96)
     kw = make_inputs(cfg, frames, h, w, 32, device, dtype)
-    model.set_attention_backend("sdpa")  # NABLA -> flex on CUDA ("auto")
+    model.set_options(attention=AttentionOptions(backend="sdpa"))  # NABLA -> flex on CUDA ("auto")
     out_f, gx_f, g_f = fwd_bwd(model, kw)
     with torch.no_grad():  # inference takes the 64-token-block fast path on CUDA
         out_inf = model(**kw).sample
-    model.set_attention_backend("math")  # NABLA -> masked SDPA with the same block mask
+    model.set_options(attention=AttentionOptions(backend="math"))  # NABLA -> masked SDPA with the same block mask
     out_m, gx_m, g_m = fwd_bwd(model, kw)
     return {"nabla_out_rel": rel(out_f, out_m), "nabla_inference_out_rel": rel(out_inf, out_m), "nabla_input_grad_rel": rel(gx_f, gx_m),
             "nabla_param_grad_rel_max": max(rel(a, b) for a, b in zip(g_f, g_m)), "tokens": frames * h * w // 4}
@@ -84,10 +85,10 @@ def check_dense(device, dtype, smoke: bool) -> dict:
     randomize(model)
     kw = make_inputs(cfg, 3, 32, 32, 32, device, torch.float32)
     with torch.no_grad():
-        model.set_attention_backend("math")
+        model.set_options(attention=AttentionOptions(backend="math"))
         ref = model(**kw).sample
         model.to_mixed_precision(dtype)
-        model.set_attention_backend("sdpa")
+        model.set_options(attention=AttentionOptions(backend="sdpa"))
         kw16 = {k: (v.to(dtype) if torch.is_tensor(v) and v.is_floating_point() and k != "timestep" else v)
                 for k, v in kw.items()}
         out = model(**kw16).sample
@@ -105,10 +106,10 @@ def check_packed(device, smoke: bool) -> dict:
     t = torch.tensor([100.0, 500.0, 900.0], device=device)
     pooled = torch.randn(3, cfg.in_text_dim2, generator=gen).to(device)
     if device.type == "cuda":
-        model.set_attention_backend("flex")
+        model.set_options(attention=AttentionOptions(backend="flex"))
     with torch.no_grad():
         packed = model.forward_packed(lats, texts, t, pooled, scale_factor=(1.0, 2.0, 2.0))
-        model.set_attention_backend("sdpa")
+        model.set_options(attention=AttentionOptions(backend="sdpa"))
         errs = []
         for i, (lat, txt) in enumerate(zip(lats, texts)):
             alone = model(lat[None], txt[None], t[i:i + 1], pooled[i:i + 1],
@@ -152,7 +153,7 @@ def timings(device, has_nabla: bool) -> dict:
     model.config.attention_P, model.config.attention_wT = 0.9, 11
     model.config.attention_wH = model.config.attention_wW = 3
     model.config.attention_add_sta = True
-    model.nabla_force_density = 0.1
+    model.set_options(nabla=NablaOptions(force_density=0.1))
     res["video_lite_10s_nabla_forced10pct_forward_s"] = time_forward(model, kw10, 5)
     res["peak_mem_gb"] = torch.cuda.max_memory_allocated() / 1e9
     return res

@@ -36,10 +36,13 @@ from bench.common import (  # noqa: E402
 )
 from k5model import CrossDiT, get_preset  # noqa: E402
 from k5model.dynamo_limits import raise_recompile_limit  # noqa: E402
+from k5model.runtime_options import NablaOptions  # noqa: E402
 from k5model.training.parallel import apply_activation_checkpointing  # noqa: E402
 
 NABLA_10S = dict(attention_type="nabla", attention_P=0.9, attention_wT=11, attention_wH=3, attention_wW=3,
                  attention_add_sta=True, attention_method="topcdf")
+# the sparse setting the targets are about: 10% of the blocks in every row, STA blocks counted inside
+FORCED_TOTAL_10PCT = NablaOptions(force_density=0.1, force_total=True)
 
 
 def train_step(cfg, state: dict, kw: dict, device, *, save_attention: float, reps: int, compile_blocks: bool,
@@ -49,9 +52,9 @@ def train_step(cfg, state: dict, kw: dict, device, *, save_attention: float, rep
     model = CrossDiT(cfg)
     model.load_state_dict(state)
     model.to(device).train()
-    model.residual_fp32 = residual_fp32
-    if force_total_density is not None:
-        model.nabla_force_density, model.nabla_force_total = force_total_density, True
+    forced = force_total_density
+    model.set_options(residual_dtype=torch.float32 if residual_fp32 else None,
+                      nabla=NablaOptions(force_density=forced, force_total=forced is not None))
     apply_activation_checkpointing(model, save_attention=save_attention)
     if compile_blocks:
         model.compile_blocks()
@@ -141,22 +144,20 @@ def main() -> None:
             ref = None if args.no_ref else ours(**kw32).sample
             if dtype != torch.float32:
                 ours.to_mixed_precision(dtype)
-            ours.track_nabla_density = args.nabla
-            out = ours(**kw).sample
+            with ours.options_applied(nabla=NablaOptions(track_density=args.nabla)):
+                out = ours(**kw).sample
             if ref is not None:
                 res["ours_eager_rel_err"] = rel(out, ref)
             del out
-            ours.track_nabla_density = False
             if args.nabla:
                 res["nabla_density_cdf_rule"] = ours.last_nabla_density
                 # densities of the forced settings, read here in eager mode: reading them synchronises and breaks the
                 # compiled graph, so the compiled timings below never track
                 for total in (False, True):
-                    ours.nabla_force_density, ours.nabla_force_total = 0.1, total
-                    ours.track_nabla_density = True
-                    ours(**kw)
+                    with ours.options_applied(nabla=NablaOptions(force_density=0.1, force_total=total,
+                                                                 track_density=True)):
+                        ours(**kw)
                     res[f"nabla_density_forced10pct_{'total' if total else 'cdf'}"] = ours.last_nabla_density
-                ours.nabla_force_density, ours.nabla_force_total, ours.track_nabla_density = None, False, False
             if not args.no_eager_timing:
                 res["ours_eager_s"] = timed(lambda: ours(**kw), args.reps)
 
@@ -183,7 +184,7 @@ def main() -> None:
             with torch.no_grad():
                 for residual_fp32 in {"bf16": (False,), "fp32": (True,), "both": (False, True)}[args.residual]:
                     tag = "ours_compiled" + ("_residual_fp32" if residual_fp32 else "")
-                    ours.residual_fp32 = residual_fp32
+                    ours.set_options(residual_dtype=torch.float32 if residual_fp32 else None)
                     if ref is not None:
                         res[f"{tag}_rel_err"] = rel(ours(**kw).sample, ref)
                     if not args.nabla or "cdf" in modes:
@@ -191,10 +192,9 @@ def main() -> None:
                     if args.nabla:
                         for total in [t for t, m in ((False, "forced_cdf"), (True, "forced_total")) if m in modes]:
                             sub = f"{tag}_forced10pct_{'total' if total else 'cdf'}"
-                            ours.nabla_force_density, ours.nabla_force_total = 0.1, total
-                            res[f"{sub}_s"] = timed(lambda: ours(**kw), args.reps)
-                        ours.nabla_force_density, ours.nabla_force_total = None, False
-                ours.residual_fp32 = False
+                            with ours.options_applied(nabla=NablaOptions(force_density=0.1, force_total=total)):
+                                res[f"{sub}_s"] = timed(lambda: ours(**kw), args.reps)
+                ours.set_options(residual_dtype=None)
                 best = min([(res[k], k) for k in ("ours_compiled_s", "ours_compiled_residual_fp32_s") if k in res]
                            or [(float("nan"), "")])
                 if "diffusers_compiled_s" in res:
@@ -203,16 +203,12 @@ def main() -> None:
                     res["ours_compiled_tflops"] = flops / best[0] / 1e12
                 for name in filter(None, args.inductor_variants.split(",")):
                     ours.compile_blocks(options=INDUCTOR_VARIANTS[name])
-                    if args.nabla:
-                        ours.nabla_force_density, ours.nabla_force_total = 0.1, True
-                    res[f"ours_compiled_{name}{'_forced10pct_total' if args.nabla else ''}_s"] = timed(
-                        lambda: ours(**kw), args.reps)
-                    ours.nabla_force_density, ours.nabla_force_total = None, False
+                    with ours.options_applied(nabla=FORCED_TOTAL_10PCT if args.nabla else NablaOptions()):
+                        res[f"ours_compiled_{name}{'_forced10pct_total' if args.nabla else ''}_s"] = timed(
+                            lambda: ours(**kw), args.reps)
                 if args.profile and cuda:
-                    if args.nabla:  # the forced-total setting: the sparse path the targets are about
-                        ours.nabla_force_density, ours.nabla_force_total = 0.1, True
-                    res["profile_compiled_forward"] = kernel_breakdown(lambda: ours(**kw))
-                    ours.nabla_force_density, ours.nabla_force_total = None, False
+                    with ours.options_applied(nabla=FORCED_TOTAL_10PCT if args.nabla else NablaOptions()):
+                        res["profile_compiled_forward"] = kernel_breakdown(lambda: ours(**kw))
         del ours
         gc.collect()
         if cuda:

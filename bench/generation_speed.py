@@ -25,6 +25,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from bench.common import video_setup  # noqa: E402
 from k5model import CrossDiT  # noqa: E402
+from k5model.runtime_options import NablaOptions  # noqa: E402
 from k5model.sampling import sample, sampling_grid  # noqa: E402
 
 
@@ -86,9 +87,9 @@ def main() -> None:
     noise = torch.randn(1, frames, h, w, 16, generator=gen).to(device)
     res = {"device": torch.cuda.get_device_name() if cuda else "cpu", "torch": torch.__version__, "steps": steps,
            "nfe": 2 * steps, "latent": [frames, h, w], "attention": cfg.attention_type}
-    model.residual_fp32 = args.residual_fp32
-    if args.force_total_density is not None:
-        model.nabla_force_density, model.nabla_force_total = args.force_total_density, True
+    forced = args.force_total_density
+    model.set_options(residual_dtype=torch.float32 if args.residual_fp32 else None,
+                      nabla=NablaOptions(force_density=forced, force_total=forced is not None))
     res["residual_fp32"], res["force_total_density"] = args.residual_fp32, args.force_total_density
     if not args.no_compile:
         model.compile_blocks()

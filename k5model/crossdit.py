@@ -4,7 +4,9 @@ One readable file for the model. Module and parameter names equal those of diffu
 ``Kandinsky5Transformer3DModel`` and the official single-file checkpoints, so weights load in either direction with no
 remapping, and ``forward`` takes the same keywords. On top of the inference model it adds what training needs:
 a text padding mask (official semantics), packed variable-length batches (:meth:`CrossDiT.forward_packed`),
-NABLA sparse attention with autograd on CPU and GPU, and per-block activation checkpointing.
+NABLA sparse attention with autograd on CPU and GPU, and per-block activation checkpointing. Runtime knobs (attention
+backend, residual dtype, NABLA benchmark settings) are typed options (``k5model.runtime_options``) set through
+:meth:`CrossDiT.set_options`.
 
 Layout: visual latents are channels-last ``(B, T, H, W, C)``; inside the blocks tokens are ``(B, S, model_dim)`` and
 attention heads ``(B, S, heads, head_dim)``.
@@ -12,10 +14,11 @@ attention heads ``(B, S, heads, head_dim)``.
 
 from __future__ import annotations
 
+import contextlib
 import math
-from collections.abc import Sequence
-from dataclasses import dataclass
-from typing import Any
+from collections.abc import Iterator, Sequence
+from dataclasses import dataclass, replace
+from typing import TYPE_CHECKING, Any
 
 import torch
 import torch.nn as nn
@@ -25,6 +28,10 @@ from torch.utils.checkpoint import checkpoint
 from k5model import attention as attn_ops
 from k5model import kernels
 from k5model.config import CrossDiTConfig, get_preset
+from k5model.runtime_options import CrossDiTOptions
+
+if TYPE_CHECKING:
+    from k5model.nabla import NablaContext, NablaParams
 
 
 def _nabla():
@@ -178,7 +185,7 @@ class AttentionContext:
     q_lengths: Sequence[int] | None = None  # packed: documents on the query side
     k_lengths: Sequence[int] | None = None
     key_valid: torch.Tensor | None = None  # packed: (Sk,) valid keys (text padding)
-    nabla: dict[str, Any] | None = None  # P, sta, doc_ids, force_density
+    nabla: NablaContext | None = None  # NABLA self-attention (visual tokens in fractal order)
     rope_cast: torch.dtype | None = None
 
 
@@ -209,15 +216,7 @@ class Attention(nn.Module):
             q = norm_and_rope(q, self.query_norm.weight, self.query_norm.eps, rope, ctx.rope_cast)
             k = norm_and_rope(k, self.key_norm.weight, self.key_norm.eps, rope, ctx.rope_cast)
         if ctx.nabla is not None:
-            nb = _nabla()
-            out, block_mask = nb.nabla_attention(
-                q, k, v, P=ctx.nabla["P"], sta=ctx.nabla["sta"], doc_ids=ctx.nabla.get("doc_ids"),
-                force_density=ctx.nabla.get("force_density"), force_total=ctx.nabla.get("force_total", False),
-                backend=ctx.nabla.get("backend", "auto"),
-                return_mask=True,
-            )
-            if ctx.nabla.get("densities") is not None:  # opt-in: reading the density synchronises the GPU
-                ctx.nabla["densities"].append(nb.mask_density(block_mask, ctx.nabla.get("doc_ids")))
+            out = ctx.nabla.attend(q, k, v)
         elif ctx.q_lengths is not None and ctx.backend == "flex":
             out = attn_ops.flex_document_attention(q, k, v, ctx.q_lengths, ctx.k_lengths, ctx.key_valid)
         else:
@@ -323,18 +322,9 @@ class CrossDiT(nn.Module):
         self.text_transformer_blocks = nn.ModuleList(TextBlock(cfg) for _ in range(cfg.num_text_blocks))
         self.visual_transformer_blocks = nn.ModuleList(VisualBlock(cfg) for _ in range(cfg.num_visual_blocks))
         self.out_layer = OutLayer(cfg)
-        self.gradient_checkpointing = False
-        self.attention_backend = "sdpa"
-        # None keeps rotated q/k in fp32 like the official code; torch.bfloat16 reproduces diffusers bit-for-bit.
-        self.rope_cast: torch.dtype | None = None
-        # Benchmarks on random weights may pin the NABLA density (see k5model.nabla.nabla_block_mask).
-        self.nabla_force_density: float | None = None
-        self.nabla_force_total = False  # count STA blocks inside the forced density (see nabla_block_mask)
-        # Keep the residual streams (text and visual) in fp32 between blocks: bf16 rounding of the running sum is the
-        # largest error source of a bf16 forward; the extra cost is element-wise traffic only.
-        self.residual_fp32 = False
-        # Set track_nabla_density to record the mean block density NABLA chose over the layers of the last forward.
-        self.track_nabla_density = False
+        # runtime knobs (backend, residual dtype, NABLA benchmark settings): replaced through set_options only
+        self.options = CrossDiTOptions()
+        # with options.nabla.track_density: mean block density NABLA chose over the layers of the last forward
         self.last_nabla_density: float | None = None
 
     # ----------------------------------------------------------------------------------------------------------------
@@ -350,13 +340,26 @@ class CrossDiT(nn.Module):
     def device(self) -> torch.device:
         return self.visual_embeddings.in_layer.weight.device
 
-    def enable_gradient_checkpointing(self, enabled: bool = True) -> None:
-        self.gradient_checkpointing = enabled
+    def set_options(self, options: CrossDiTOptions | None = None, /, **changes: Any) -> CrossDiT:
+        """Replace the runtime options (``k5model.runtime_options``): a whole ``CrossDiTOptions``, or fields of the
+        current ones by keyword, e.g. ``set_options(residual_dtype=torch.float32)`` or
+        ``set_options(attention=AttentionOptions(backend="math"))``. Options are validated when built."""
+        self.options = replace(options if options is not None else self.options, **changes)
+        return self
 
-    def set_attention_backend(self, backend: str) -> None:
-        if backend not in attn_ops.BACKENDS:
-            raise ValueError(f"attention backend {backend!r} is not one of {attn_ops.BACKENDS}")
-        self.attention_backend = backend
+    @contextlib.contextmanager
+    def options_applied(self, options: CrossDiTOptions | None = None, /, **changes: Any) -> Iterator[CrossDiT]:
+        """:meth:`set_options` for the duration of a ``with`` block; the previous options come back afterwards."""
+        before = self.options
+        self.set_options(options, **changes)
+        try:
+            yield self
+        finally:
+            self.options = before
+
+    def enable_gradient_checkpointing(self, enabled: bool = True) -> None:
+        """diffusers' name for ``set_options(gradient_checkpointing=enabled)``."""
+        self.set_options(gradient_checkpointing=enabled)
 
     def compile_blocks(self, **compile_kwargs: Any) -> CrossDiT:
         """torch.compile each block in place (repeated blocks share one compiled graph): fuses the fp32
@@ -371,7 +374,7 @@ class CrossDiT(nn.Module):
         return self
 
     def _block(self, block: nn.Module, *args: Any) -> torch.Tensor:
-        if self.gradient_checkpointing and torch.is_grad_enabled():
+        if self.options.gradient_checkpointing and torch.is_grad_enabled():
             return checkpoint(block, *args, use_reentrant=False)
         return block(*args)
 
@@ -380,47 +383,34 @@ class CrossDiT(nn.Module):
         return self._residual(self.text_embeddings(text)), time_embed + self.pooled_text_embeddings(pooled)
 
     def _residual(self, x: torch.Tensor) -> torch.Tensor:
-        return x.float() if self.residual_fp32 else x
+        dtype = self.options.residual_dtype
+        return x if dtype is None else x.to(dtype)
 
-    def _nabla_params(self, sparse_params: dict[str, Any] | None) -> dict[str, Any] | None:
-        cfg = self.config
+    def _nabla_params(self, sparse_params: dict[str, Any] | None) -> NablaParams | None:
+        """The forward's NABLA rule: diffusers' ``sparse_params`` dict over the config, or the config's (defaults of
+        the official 10 s models); None for dense attention."""
+        cfg, params = self.config, _nabla().NablaParams
         if sparse_params is not None:
-            return {"P": sparse_params.get("P", cfg.attention_P), "wT": sparse_params.get("wT", cfg.attention_wT),
-                    "wH": sparse_params.get("wH", cfg.attention_wH), "wW": sparse_params.get("wW", cfg.attention_wW),
-                    "add_sta": sparse_params.get("add_sta", cfg.attention_add_sta)}
+            return params(P=sparse_params.get("P", cfg.attention_P), wT=sparse_params.get("wT", cfg.attention_wT),
+                          wH=sparse_params.get("wH", cfg.attention_wH), wW=sparse_params.get("wW", cfg.attention_wW),
+                          add_sta=sparse_params.get("add_sta", cfg.attention_add_sta))
         if cfg.attention_type != "nabla":
             return None
-        return {"P": cfg.attention_P if cfg.attention_P is not None else 0.9, "wT": cfg.attention_wT or 11,
-                "wH": cfg.attention_wH or 3, "wW": cfg.attention_wW or 3,
-                "add_sta": True if cfg.attention_add_sta is None else cfg.attention_add_sta}
+        return params(P=cfg.attention_P if cfg.attention_P is not None else 0.9, wT=cfg.attention_wT or 11,
+                      wH=cfg.attention_wH or 3, wW=cfg.attention_wW or 3,
+                      add_sta=True if cfg.attention_add_sta is None else cfg.attention_add_sta)
 
-    def _nabla_context(self, params: dict[str, Any], grids: Sequence[Sequence[int]], device) -> dict[str, Any]:
-        nabla = _nabla()
-        for g in grids:
-            if g[1] % nabla.TILE or g[2] % nabla.TILE:
-                raise ValueError(
-                    f"NABLA needs a token grid whose height and width are multiples of {nabla.TILE}, got {tuple(g)} "
-                    f"(pixel height/width must be multiples of {nabla.TILE * 16})"
-                )
-        tiles = [(g[0], g[1] // nabla.TILE, g[2] // nabla.TILE) for g in grids]
-        sta = None
-        if params["add_sta"]:
-            if len(tiles) == 1:
-                sta = nabla.sta_block_mask(*tiles[0], params["wT"], params["wH"], params["wW"], device=device)
-            else:
-                sta = nabla.packed_sta_block_mask(tiles, params["wT"], params["wH"], params["wW"], device=device)
-        doc_ids = nabla.block_document_ids(tiles, device=device) if len(tiles) > 1 else None
-        if torch.device(device).type == "cuda":
-            # outside the compiled blocks: the hook imports and patches inductor, which dynamo would not trace
-            nabla.enable_64_token_flex_backward()
-        backend = "sdpa_masked" if self.attention_backend == "math" else "auto"
-        return {"P": params["P"], "sta": sta, "doc_ids": doc_ids, "force_density": self.nabla_force_density,
-                "force_total": self.nabla_force_total,
-                "backend": backend, "densities": [] if self.track_nabla_density else None}
+    def _nabla_context(self, params: NablaParams, grids: Sequence[Sequence[int]], device) -> NablaContext:
+        opts = self.options
+        return _nabla().nabla_context(
+            params, grids, device, force_density=opts.nabla.force_density, force_total=opts.nabla.force_total,
+            backend="sdpa_masked" if opts.attention.backend == "math" else "auto",
+            track_density=opts.nabla.track_density)
 
     def _record_density(self, ctx: AttentionContext) -> None:
-        if ctx.nabla is not None and ctx.nabla["densities"]:
-            self.last_nabla_density = sum(ctx.nabla["densities"]) / len(ctx.nabla["densities"])
+        density = ctx.nabla.mean_density() if ctx.nabla is not None else None
+        if density is not None:
+            self.last_nabla_density = density
 
     # ----------------------------------------------------------------------------------------------------------------
     def forward(
@@ -452,9 +442,10 @@ class CrossDiT(nn.Module):
         if timestep.ndim == 0:
             timestep = timestep.expand(hidden_states.shape[0])
         cfg = self.config
+        backend, rope_cast = self.options.attention.backend, self.options.attention.rope_cast
         text, time_embed = self._embed_condition(encoder_hidden_states, timestep, pooled_projections)
         key_mask = attn_ops.key_padding_mask(encoder_attention_mask)
-        text_ctx = AttentionContext(self.attention_backend, mask=key_mask, rope_cast=self.rope_cast)
+        text_ctx = AttentionContext(backend, mask=key_mask, rope_cast=rope_cast)
         t_rope = text_rope(text_rope_pos.to(text.device), cfg.head_dim)
         with attn_ops.sdpa_priority(text.is_cuda):
             for block in self.text_transformer_blocks:
@@ -466,12 +457,12 @@ class CrossDiT(nn.Module):
         v_rope = Rope(angles.cos().flatten(0, 2)[None, :, None], angles.sin().flatten(0, 2)[None, :, None])
         x = x.flatten(1, 3)
         nabla_params = self._nabla_params(sparse_params)
-        self_ctx = AttentionContext(self.attention_backend, rope_cast=self.rope_cast)
+        self_ctx = AttentionContext(backend, rope_cast=rope_cast)
         if nabla_params is not None:
             order = _nabla().fractal_order(*grid, device=x.device)
             x, v_rope = x[:, order], v_rope.index(order)
             self_ctx.nabla = self._nabla_context(nabla_params, [grid], x.device)
-        cross_ctx = AttentionContext(self.attention_backend, mask=key_mask)
+        cross_ctx = AttentionContext(backend, mask=key_mask)
         with attn_ops.sdpa_priority(x.is_cuda):
             for block in self.visual_transformer_blocks:
                 x = self._block(block, x, text, time_embed, v_rope, self_ctx, cross_ctx)
@@ -503,20 +494,21 @@ class CrossDiT(nn.Module):
                 f"{timestep.shape[0]} timesteps, {pooled_projections.shape[0]} pooled vectors"
             )
         cfg = self.config
+        backend, rope_cast = self.options.attention.backend, self.options.attention.rope_cast
         scales = [tuple(scale_factor)] * n if not isinstance(scale_factor[0], Sequence) else list(scale_factor)
         device = pooled_projections.device
         text_lengths = [int(t.shape[0]) for t in encoder_hidden_states]
         text, time_embed = self._embed_condition(torch.cat(list(encoder_hidden_states))[None], timestep,
                                                  pooled_projections)
-        use_flex = self.attention_backend == "flex"
+        use_flex = backend == "flex"
         t_ropes = [text_rope(torch.arange(n_l, device=device), cfg.head_dim) for n_l in text_lengths]
         t_rope = Rope(torch.cat([r.cos for r in t_ropes], dim=1), torch.cat([r.sin for r in t_ropes], dim=1))
         if use_flex:
             text_ctx = AttentionContext("flex", q_lengths=text_lengths, k_lengths=text_lengths)
         else:
-            text_ctx = AttentionContext(self.attention_backend, mask=attn_ops.document_mask(text_lengths, text_lengths,
+            text_ctx = AttentionContext(backend, mask=attn_ops.document_mask(text_lengths, text_lengths,
                                                                                             device))
-        text_ctx.rope_cast = self.rope_cast
+        text_ctx.rope_cast = rope_cast
         for block in self.text_transformer_blocks:
             text = self._block(block, text, time_embed, t_rope, text_ctx, text_lengths)
 
@@ -540,17 +532,17 @@ class CrossDiT(nn.Module):
         v_rope = Rope(torch.cat(cos)[None, :, None], torch.cat(sin)[None, :, None])
         if use_nabla:
             params = self._nabla_params(None) or self._nabla_params({})
-            self_ctx = AttentionContext(self.attention_backend, rope_cast=self.rope_cast,
+            self_ctx = AttentionContext(backend, rope_cast=rope_cast,
                                         nabla=self._nabla_context(params, grids, device))
         elif use_flex:
-            self_ctx = AttentionContext("flex", q_lengths=lengths, k_lengths=lengths, rope_cast=self.rope_cast)
+            self_ctx = AttentionContext("flex", q_lengths=lengths, k_lengths=lengths, rope_cast=rope_cast)
         else:
-            self_ctx = AttentionContext(self.attention_backend, mask=attn_ops.document_mask(lengths, lengths, device),
-                                        rope_cast=self.rope_cast)
+            self_ctx = AttentionContext(backend, mask=attn_ops.document_mask(lengths, lengths, device),
+                                        rope_cast=rope_cast)
         if use_flex:
             cross_ctx = AttentionContext("flex", q_lengths=lengths, k_lengths=text_lengths)
         else:
-            cross_ctx = AttentionContext(self.attention_backend,
+            cross_ctx = AttentionContext(backend,
                                          mask=attn_ops.document_mask(lengths, text_lengths, device))
         with attn_ops.sdpa_priority(x.is_cuda):
             for block in self.visual_transformer_blocks:

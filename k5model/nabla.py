@@ -40,6 +40,7 @@ import contextlib
 import math
 import warnings
 from collections.abc import Sequence
+from dataclasses import dataclass
 
 import torch
 import torch.nn.functional as F
@@ -439,3 +440,75 @@ def nabla_attention(
         out = F.scaled_dot_product_attention(qt, kt, vt, attn_mask=expand_block_mask(block_mask))
     out = out.transpose(1, 2)
     return (out, block_mask) if return_mask else out
+
+
+# ---------------------------------------------------------------------------------------------------------------------
+# What a model's forward shares across its layers
+@dataclass(frozen=True)
+class NablaParams:
+    """The sparsity rule of one model call: mass threshold ``P`` and the STA window in tiles (``add_sta`` off: none)."""
+
+    P: float
+    wT: int
+    wH: int
+    wW: int
+    add_sta: bool = True
+
+
+@dataclass
+class NablaContext:
+    """What every NABLA self-attention of one forward shares; built once per forward by :func:`nabla_context`."""
+
+    P: float
+    sta: torch.Tensor | None = None  # (nb, nb) STA block mask, block-diagonal when packed
+    doc_ids: torch.Tensor | None = None  # packed: document id of every 64-block
+    force_density: float | None = None  # see nabla_block_mask
+    force_total: bool = False
+    backend: str = "auto"  # nabla_attention's backend
+    densities: list[float] | None = None  # opt-in: each layer's block density (reading it synchronises the GPU)
+
+    def attend(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
+        """:func:`nabla_attention` under this context, recording the layer's density when tracked."""
+        out, block_mask = nabla_attention(q, k, v, P=self.P, sta=self.sta, doc_ids=self.doc_ids,
+                                          force_density=self.force_density, force_total=self.force_total,
+                                          backend=self.backend, return_mask=True)
+        if self.densities is not None:
+            self.densities.append(mask_density(block_mask, self.doc_ids))
+        return out
+
+    def mean_density(self) -> float | None:
+        """Mean recorded density over the layers run so far; None when nothing was recorded."""
+        return sum(self.densities) / len(self.densities) if self.densities else None
+
+
+def nabla_context(
+    params: NablaParams,
+    grids: Sequence[Sequence[int]],
+    device: torch.device | str,
+    *,
+    force_density: float | None = None,
+    force_total: bool = False,
+    backend: str = "auto",
+    track_density: bool = False,
+) -> NablaContext:
+    """Context for the visual tokens of one or more samples with ``(T, H, W)`` token grids, each in its own fractal
+    order and concatenated in that order (several grids = a packed sequence)."""
+    for g in grids:
+        if g[1] % TILE or g[2] % TILE:
+            raise ValueError(
+                f"NABLA needs a token grid whose height and width are multiples of {TILE}, got {tuple(g)} "
+                f"(pixel height/width must be multiples of {TILE * 16})"
+            )
+    tiles = [(g[0], g[1] // TILE, g[2] // TILE) for g in grids]
+    sta = None
+    if params.add_sta:
+        if len(tiles) == 1:
+            sta = sta_block_mask(*tiles[0], params.wT, params.wH, params.wW, device=device)
+        else:
+            sta = packed_sta_block_mask(tiles, params.wT, params.wH, params.wW, device=device)
+    doc_ids = block_document_ids(tiles, device=device) if len(tiles) > 1 else None
+    if torch.device(device).type == "cuda":
+        # outside the compiled blocks: the hook imports and patches inductor, which dynamo would not trace
+        enable_64_token_flex_backward()
+    return NablaContext(P=params.P, sta=sta, doc_ids=doc_ids, force_density=force_density, force_total=force_total,
+                        backend=backend, densities=[] if track_density else None)

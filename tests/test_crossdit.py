@@ -10,8 +10,9 @@ from diffusers import Kandinsky5Transformer3DModel
 
 from k5model import CrossDiT, get_preset
 from k5model.checkpoint import CheckpointError, checkpoint_dtypes, save_single_file
+from k5model.runtime_options import AttentionOptions
 
-# Tolerances. With ``rope_cast=bf16`` our model performs the same rounding as diffusers (which casts the rotated q/k
+# Tolerances. With ``AttentionOptions(rope_cast=bf16)`` our model performs the same rounding as diffusers (which casts the rotated q/k
 # to bf16 even in fp32), so fp32 outputs must agree to float round-off. With the official fp32 RoPE the only
 # difference is that rounding: |Δq|/|q| <= 2^-8 per element, which through the tiny random network (weights N(0, 0.2),
 # outputs of magnitude ~5) moves outputs by ~1e-4 absolute; we allow 2e-3 relative to the output scale.
@@ -76,10 +77,9 @@ def test_diffusers_to_ours_outputs_match(diffusers_dir):
     kw = inputs(ours.config)
     with torch.no_grad():
         ref = ref_model(**kw).sample
-        ours.rope_cast = torch.bfloat16
-        emulated = ours(**kw).sample
-        ours.rope_cast = None
-        official = ours(**kw).sample
+        with ours.options_applied(attention=AttentionOptions(rope_cast=torch.bfloat16)):
+            emulated = ours(**kw).sample
+        official = ours(**kw).sample  # the default: rotated q/k kept in fp32
     assert ref.shape == (2, 3, 8, 12, 16)
     torch.testing.assert_close(emulated, ref, atol=EXACT_ATOL, rtol=0)
     scale = ref.abs().max()
@@ -96,7 +96,7 @@ def test_ours_to_diffusers_no_missing_keys(tmp_path, diffusers_dir):
     back, info = Kandinsky5Transformer3DModel.from_pretrained(tmp_path / "transformer", output_loading_info=True)
     assert not info["missing_keys"] and not info["unexpected_keys"] and not info["mismatched_keys"]
     kw = inputs(ours.config)
-    ours.rope_cast = torch.bfloat16
+    ours.set_options(attention=AttentionOptions(rope_cast=torch.bfloat16))
     with torch.no_grad():
         torch.testing.assert_close(ours.eval()(**kw).sample, back.eval()(**kw).sample, atol=EXACT_ATOL, rtol=0)
 
@@ -128,7 +128,7 @@ def test_official_single_file(tmp_path, diffusers_dir):
     kw = inputs(ours.config)
     ref_model = Kandinsky5Transformer3DModel.from_pretrained(diffusers_dir).eval()
     ref_model.load_state_dict({k: v.float() for k, v in loaded2.state_dict().items()})
-    loaded2.rope_cast = torch.bfloat16
+    loaded2.set_options(attention=AttentionOptions(rope_cast=torch.bfloat16))
     with torch.no_grad():
         torch.testing.assert_close(loaded2.eval()(**kw).sample, ref_model(**kw).sample, atol=EXACT_ATOL, rtol=0)
 
@@ -268,7 +268,7 @@ def test_nabla_matches_diffusers_nabla():
     ref_model.set_attention_backend("flex")
     ours = CrossDiT(cfg).eval()
     ours.load_state_dict(ref_model.state_dict())
-    ours.rope_cast = torch.bfloat16
+    ours.set_options(attention=AttentionOptions(rope_cast=torch.bfloat16))
     kw = inputs(cfg, batch=1, frames=2, height=32, width=32)
     sta = Kandinsky5T2VPipeline.fast_sta_nabla(2, 2, 2, 11, 3, 3, device="cpu")
     sparse = {"sta_mask": sta[None, None], "attention_type": "nabla", "to_fractal": True, "P": 0.6, "wT": 11,
@@ -289,3 +289,60 @@ def test_block_compile_kwargs_tune_cuda_kernels_only():
         "options": {"coordinate_descent_tuning": False, "max_autotune": True}}  # the caller's options win
     assert block_compile_kwargs("cuda", mode="max-autotune") == {"mode": "max-autotune"}  # mode excludes options
     assert block_compile_kwargs("cpu") == {} and block_compile_kwargs("cpu", fullgraph=True) == {"fullgraph": True}
+
+
+def test_runtime_options_are_validated_and_applied_temporarily():
+    from k5model.runtime_options import CrossDiTOptions, NablaOptions
+
+    with pytest.raises(ValueError, match="attention backend 'nope'"):
+        AttentionOptions(backend="nope")
+    with pytest.raises(ValueError, match="force_density"):
+        NablaOptions(force_density=0.0)
+    with pytest.raises(ValueError, match="set force_density too"):
+        NablaOptions(force_total=True)
+    with pytest.raises(ValueError, match="residual_dtype"):
+        CrossDiTOptions(residual_dtype=torch.int64)
+    model = CrossDiT(get_preset("tiny"))
+    with pytest.raises(TypeError, match="AttentionOptions"):
+        model.set_options(attention="math")
+    assert model.set_options(attention=AttentionOptions(backend="math")) is model
+    assert model.options.attention.backend == "math" and model.options.residual_dtype is None
+    with pytest.raises(RuntimeError, match="inside"):
+        with model.options_applied(residual_dtype=torch.float32):
+            assert model.options.residual_dtype == torch.float32 and model.options.attention.backend == "math"
+            raise RuntimeError("inside")
+    assert model.options == CrossDiTOptions(attention=AttentionOptions(backend="math"))  # restored on error too
+    model.enable_gradient_checkpointing()
+    assert model.options.gradient_checkpointing
+
+
+def test_residual_dtype_sets_the_stream_between_blocks():
+    model = CrossDiT(get_preset("tiny")).to_mixed_precision(torch.bfloat16).eval()
+    seen = []
+    model.visual_transformer_blocks[1].register_forward_pre_hook(lambda mod, args: seen.append(args[0].dtype))
+    kw = {k: (v.bfloat16() if k in ("hidden_states", "encoder_hidden_states", "pooled_projections") else v)
+          for k, v in inputs(model.config, batch=1).items()}
+    with torch.no_grad():
+        model(**kw)
+        with model.options_applied(residual_dtype=torch.float32):
+            out = model(**kw).sample
+    assert seen == [torch.bfloat16, torch.float32] and out.dtype == torch.bfloat16
+
+
+def test_nabla_options_force_and_track_the_density():
+    from k5model.runtime_options import NablaOptions
+
+    model = CrossDiT(nabla_cfg(attention_P=0.9, attention_wT=1, attention_wH=1, attention_wW=1)).eval()
+    randomize(model, seed=5)
+    kw = inputs(model.config, batch=1, frames=2, height=32, width=32)  # 2x2x2 tiles: 8 blocks a row
+    with torch.no_grad():
+        model(**kw)
+        assert model.last_nabla_density is None  # not tracked by default
+        with model.options_applied(nabla=NablaOptions(track_density=True)):
+            model(**kw)
+        rule = model.last_nabla_density
+        with model.options_applied(nabla=NablaOptions(force_density=0.25, force_total=True, track_density=True)):
+            forced = model(**kw).sample
+    assert 0 < rule <= 1 and model.last_nabla_density == 0.25  # 2 of 8 blocks, the STA diagonal counted inside
+    with torch.no_grad():
+        assert not torch.allclose(forced, model(**kw).sample, atol=1e-4)

@@ -8,6 +8,7 @@ import torch
 from diffusers import Kandinsky5T2VPipeline
 
 from k5model import CrossDiT
+from k5model.runtime_options import AttentionOptions
 
 
 @pytest.mark.parametrize("rope_cast, atol", [(torch.bfloat16, 1e-5), (None, 5e-3)])
@@ -20,7 +21,8 @@ def test_t2v_pipeline_same_video_with_our_transformer(tiny_t2v_dir, rope_cast, a
     ref = pipe(**kw, generator=torch.Generator().manual_seed(0)).frames[0]
 
     ours = CrossDiT.from_pretrained(tiny_t2v_dir)
-    ours.rope_cast = rope_cast  # bf16 reproduces diffusers' rounding of rotated q/k; None is the official fp32
+    # bf16 reproduces diffusers' rounding of rotated q/k; None is the official fp32
+    ours.set_options(attention=AttentionOptions(rope_cast=rope_cast))
     pipe.transformer = ours
     out = pipe(**kw, generator=torch.Generator().manual_seed(0)).frames[0]
     assert out.shape == ref.shape == (5, 64, 64, 3)
