@@ -35,8 +35,8 @@ from bench.common import (  # noqa: E402
     write_result,
 )
 from k5model import CrossDiT, get_preset  # noqa: E402
-from k5model.dynamo_limits import raise_recompile_limit  # noqa: E402
 from k5model.runtime_options import NablaOptions  # noqa: E402
+from k5model.torch_patches import raise_recompile_limit  # noqa: E402
 from k5model.training.parallel import apply_activation_checkpointing  # noqa: E402
 
 NABLA_10S = dict(attention_type="nabla", attention_P=0.9, attention_wT=11, attention_wH=3, attention_wW=3,

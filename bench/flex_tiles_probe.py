@@ -59,7 +59,7 @@ def main() -> None:
             res[f"{name}_fwdbwd_ms"] = do_bench(lambda f=f: f().sum().backward(), return_mode="median")
         except Exception as err:  # noqa: BLE001 - report which options do not compile
             res[f"{name}_error"] = f"{type(err).__name__}: {str(err)[:160]}"
-        torch._dynamo.reset()
+        torch.compiler.reset()
     print(json.dumps(res, indent=1))
 
 

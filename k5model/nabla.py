@@ -45,6 +45,8 @@ from dataclasses import dataclass
 import torch
 import torch.nn.functional as F
 
+from k5model.torch_patches import enable_64_token_flex_backward
+
 TILE = 8
 BLOCK = TILE * TILE
 
@@ -333,50 +335,9 @@ def _flex_fn(device_type: str):
     return flex_attention
 
 
-_FLEX_64_BACKWARD: bool | None = None
-# Train through 64-token blocks too (exact full blocks, no mask_mod). Needs the backward config below; without it the
-# 128-token fallback is used.
+# Train through 64-token blocks too (exact full blocks, no mask_mod). Needs the backward config of
+# k5model.torch_patches.enable_64_token_flex_backward; without it the 128-token fallback is used.
 TRAIN_WITH_64_BLOCKS = True
-
-
-def enable_64_token_flex_backward() -> bool:
-    """Let inductor compile FlexAttention's backward on 64-token BlockMasks; True when available.
-
-    Inductor filters its backward tile configs by whether they divide the BlockMask's block size *before* applying
-    user ``kernel_options``, and its only H100 config for head_dim 64 is 128 wide, so a 64-token mask finds no config.
-    We add a 64×64 config to the configs inductor's choices object proposes. The method is wrapped on the
-    ``InductorChoices`` class rather than installed as a per-thread handler: inductor keeps one handler per thread and
-    the backward graph is compiled on autograd's device thread, whose handler may already exist (a dense backward
-    compiled earlier in the process kept the default one, and a 10 s NABLA training step then found no config).
-    Configs that already exist are kept, so other flex users of the process still get theirs.
-    """
-    global _FLEX_64_BACKWARD
-    if _FLEX_64_BACKWARD is not None:
-        return _FLEX_64_BACKWARD
-    try:
-        from torch._inductor.choices import InductorChoices
-        from torch._inductor.template_heuristics.triton import FlexBwDConfig
-    except ImportError:
-        _FLEX_64_BACKWARD = False
-        return False
-    original = getattr(InductorChoices, "get_flex_attention_bwd_configs", None)
-    if original is None:
-        _FLEX_64_BACKWARD = False
-        return False
-    if not getattr(original, "_k5_flex64", False):
-        extra = FlexBwDConfig(BLOCK, BLOCK, BLOCK, BLOCK, 3, 4)
-
-        def get_flex_attention_bwd_configs(self, *args, **kwargs):
-            configs = list(original(self, *args, **kwargs))
-            device_type = kwargs.get("device_type", args[2] if len(args) > 2 else None)
-            if device_type != "cuda" or extra in configs:  # GPU kernels only; FlexAttention has no CPU backward
-                return configs
-            return [*configs, extra]
-
-        get_flex_attention_bwd_configs._k5_flex64 = True  # type: ignore[attr-defined]
-        InductorChoices.get_flex_attention_bwd_configs = get_flex_attention_bwd_configs
-    _FLEX_64_BACKWARD = True
-    return True
 
 
 def nabla_attention(

@@ -172,15 +172,3 @@ def test_fused_norm_silu_matches_group_norm():
     assert (buf[:, :, 2:, 1:10, 1:12].double() - exact).abs().max() < 1e-5
     assert buf[:, :, :2].abs().max() == 0 and buf[:, :, 2:, 0].abs().max() == 0  # nothing outside the view
 
-
-def test_recompile_limits_patch_and_restore():
-    from k5model.dynamo_limits import _names, raise_recompile_limit, recompile_limits
-
-    cfg = torch._dynamo.config
-    per_object, total = _names()
-    before = getattr(cfg, per_object), getattr(cfg, total)
-    with recompile_limits(before[0] + 7, before[1] + 9):
-        assert (getattr(cfg, per_object), getattr(cfg, total)) == (before[0] + 7, before[1] + 9)
-    assert (getattr(cfg, per_object), getattr(cfg, total)) == before
-    raise_recompile_limit(1)  # never lowers the limit
-    assert getattr(cfg, per_object) == before[0]
