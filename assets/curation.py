@@ -3,10 +3,7 @@ large corpus runs as parallel runs / a backfill, on a distributed executor in pr
 (global dedup, clusters, Parquet in the object store) with asset checks. All work is in ``k5data``."""
 
 # No `from __future__ import annotations`: Dagster inspects the real `context` type hints at definition time.
-import tempfile
-from pathlib import Path
 from typing import Any
-from urllib.parse import unquote, urlparse
 
 import dagster as dg
 
@@ -80,18 +77,10 @@ def scored_scenes(context: dg.AssetExecutionContext, k5_home: K5HomeResource,
 
 def _write_dataset(k5_home: K5HomeResource, curation: CurationResource,
                    object_store: ObjectStoreResource) -> tuple[dict[str, Any], str]:
-    cfg = curation.config()
-    if curation.out:
-        summary, _ = finalize(_catalog(k5_home), curation.out, cfg)
-        return summary, curation.out
-    with tempfile.TemporaryDirectory(prefix="k5-dataset-") as tmp:
-        summary, written = finalize(_catalog(k5_home), tmp, cfg)
-        for path in written:
-            object_store.put_file(path, f"{OBJECT_PREFIX}/{Path(path).relative_to(tmp).as_posix()}")
     # The dataset "folder" is the store prefix holding dataset/ and quarantine.parquet.
-    uri = object_store.uri(f"{OBJECT_PREFIX}/quarantine.parquet")
-    parsed = urlparse(uri)
-    return summary, str(Path(unquote(parsed.path)).parent) if parsed.scheme == "file" else uri.rsplit("/", 1)[0]
+    out = curation.out or object_store.store().child(OBJECT_PREFIX)
+    summary, _ = finalize(_catalog(k5_home), out, curation.config())
+    return summary, out if isinstance(out, str) else out.location
 
 
 @dg.asset(deps=[scored_scenes], group_name="curation", kinds={"parquet"})

@@ -3,12 +3,14 @@
 from __future__ import annotations
 
 import os
-import shutil
 import zlib
 from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path, PurePosixPath
-from typing import Any
+from typing import TYPE_CHECKING, Any
+
+if TYPE_CHECKING:
+    from k5data.object_store import ObjectStore
 
 
 def is_s3(uri: str) -> bool:
@@ -54,67 +56,44 @@ class SourceObject:
 
 
 class Source:
-    """A folder or S3 prefix of raw media; ``iter_objects`` lists, ``read_bytes``/``local_path`` fetch."""
+    """A folder or S3 prefix of raw media; ``iter_objects`` lists, ``read_bytes``/``local_path`` fetch. Reads go
+    through the object store of the root (``k5data.object_store``)."""
 
     def __init__(self, root: str, endpoint_url: str | None = None, region: str = "us-east-1") -> None:
         self.root = str(root)
         self.name = source_name(self.root)
         self._endpoint_url = endpoint_url
         self._region = region
-        self._client: Any = None
+        self._store: ObjectStore | None = None
 
     @property
-    def client(self) -> Any:
-        if self._client is None:
-            self._client = s3_client(self._endpoint_url, self._region)
-        return self._client
+    def store(self) -> ObjectStore:
+        if self._store is None:  # why: on first use, so naming a source builds no S3 client
+            from k5data.object_store import open_store
+
+            root = self.root if is_s3(self.root) else str(Path(self.root).resolve())
+            self._store = open_store(root, self._endpoint_url, region=self._region, create=False)
+        return self._store
 
     def iter_objects(self) -> Iterator[SourceObject]:
-        if is_s3(self.root):
-            bucket, prefix = split_s3(self.root)
-            paginator = self.client.get_paginator("list_objects_v2")
-            for page in paginator.paginate(Bucket=bucket, Prefix=prefix + "/" if prefix else ""):
-                for obj in page.get("Contents", []):
-                    rel = obj["Key"][len(prefix) + 1 if prefix else 0:]
-                    if rel and not rel.endswith("/"):
-                        yield SourceObject(f"s3://{bucket}/{obj['Key']}", rel, int(obj["Size"]), obj["ETag"].strip('"'))
-            return
-        root = Path(self.root).resolve()
-        if not root.is_dir():
-            raise FileNotFoundError(f"source folder {root} does not exist")
-        for path in sorted(root.rglob("*")):
-            if path.is_file() and not path.name.startswith("."):
-                st = path.stat()
-                yield SourceObject(path.as_uri(), path.relative_to(root).as_posix(), st.st_size, str(st.st_mtime_ns))
+        if not is_s3(self.root) and not Path(self.root).resolve().is_dir():
+            raise FileNotFoundError(f"source folder {Path(self.root).resolve()} does not exist")
+        for info in self.store.list_info(""):
+            if is_s3(self.root):
+                yield SourceObject(self.store.uri(info.key), info.key, info.size, info.version)
+            elif not PurePosixPath(info.key).name.startswith("."):  # hidden files (.DS_Store, swap files): not media
+                # why: the path as listed, not symlink-resolved, so a re-run sees the same URIs as before
+                yield SourceObject((Path(self.store.location) / info.key).as_uri(), info.key, info.size, info.version)
 
     def read_bytes(self, obj_or_key: SourceObject | str) -> bytes:
-        key = obj_or_key.key if isinstance(obj_or_key, SourceObject) else obj_or_key
-        if is_s3(self.root):
-            bucket, prefix = split_s3(self.root)
-            full = f"{prefix}/{key}" if prefix else key
-            return self.client.get_object(Bucket=bucket, Key=full)["Body"].read()
-        return (Path(self.root).resolve() / key).read_bytes()
+        return self.store.get_bytes(obj_or_key.key if isinstance(obj_or_key, SourceObject) else obj_or_key)
 
     def exists(self, key: str) -> bool:
-        if is_s3(self.root):
-            bucket, prefix = split_s3(self.root)
-            full = f"{prefix}/{key}" if prefix else key
-            try:
-                self.client.head_object(Bucket=bucket, Key=full)
-                return True
-            except self.client.exceptions.ClientError:
-                return False
-        return (Path(self.root).resolve() / key).is_file()
+        return self.store.exists(key)
 
     def local_path(self, obj: SourceObject, cache_dir: str | os.PathLike) -> tuple[Path, bool]:
         """A local file with the object's bytes; returns (path, is_temporary). Local sources are used in place."""
         if not is_s3(self.root):
             return Path(self.root).resolve() / obj.key, False
-        cache = Path(cache_dir)
-        cache.mkdir(parents=True, exist_ok=True)
-        dest = cache / f"{zlib.crc32(obj.uri.encode()):08x}{PurePosixPath(obj.key).suffix}"
-        bucket, key = split_s3(obj.uri)
-        body = self.client.get_object(Bucket=bucket, Key=key)["Body"]
-        with open(dest, "wb") as fh:  # streamed: videos can be large
-            shutil.copyfileobj(body, fh, 1 << 20)
-        return dest, True
+        dest = Path(cache_dir) / f"{zlib.crc32(obj.uri.encode()):08x}{PurePosixPath(obj.key).suffix}"
+        return self.store.get_file(obj.key, dest), True  # streamed to disk: videos can be large

@@ -16,6 +16,7 @@ from k5data.curation.config import CurationConfig, load_config
 from k5data.curation.output import build_rows, summarize, write_outputs
 from k5data.curation.register import RegisterStats, register_sources
 from k5data.curation.score import Scorers, score_media
+from k5data.object_store import ObjectStore
 from k5data.sources import Source, is_s3
 
 
@@ -72,8 +73,9 @@ def score_pending(source: Source, catalog: Catalog, cfg: CurationConfig, shard: 
     return media_n, rows_n, errors
 
 
-def finalize(catalog: Catalog, out: str, cfg: CurationConfig) -> tuple[dict[str, Any], list[str]]:
-    """Build the final rows from the whole catalog and write the dataset; returns (summary counts, paths)."""
+def finalize(catalog: Catalog, out: str | ObjectStore, cfg: CurationConfig) -> tuple[dict[str, Any], list[str]]:
+    """Build the final rows from the whole catalog and write the dataset to ``out`` (folder, ``s3://`` prefix or
+    store); returns (summary counts, written URIs)."""
     rows = build_rows(catalog.items(), cfg)
     quarantine = catalog.quarantined()
     return summarize(rows, quarantine), write_outputs(rows, quarantine, out, cfg)

@@ -6,9 +6,7 @@ short side (0 for rows under 256, which are rejected), plus ``OUT/quarantine.par
 from __future__ import annotations
 
 import io
-import shutil
 from collections import Counter
-from pathlib import Path
 from typing import Any
 
 import numpy as np
@@ -20,7 +18,7 @@ from k5data.curation.config import CurationConfig
 from k5data.curation.domains import kmeans_clusters
 from k5data.curation.filters.dedup import find_duplicates
 from k5data.curation.filters.resolution import bucket_of
-from k5data.sources import is_s3, s3_client, split_s3
+from k5data.object_store import ObjectStore, key_order, open_store
 
 FILTERS = ["resolution", "dynamics", "text_area", "watermark", "quality", "complexity", "motion"]
 COLUMNS = (["media_id", "source_uri", "source", "kind", "scene_index", "start_s", "end_s", "width", "height",
@@ -79,49 +77,33 @@ def to_frame(rows: list[dict[str, Any]]) -> pd.DataFrame:
     return df
 
 
-def _put(out: str, rel: str, data: bytes, endpoint_url: str | None, region: str) -> str:
-    if is_s3(out):
-        bucket, prefix = split_s3(out)
-        key = f"{prefix}/{rel}" if prefix else rel
-        s3_client(endpoint_url, region).put_object(Bucket=bucket, Key=key, Body=data)
-        return f"s3://{bucket}/{key}"
-    path = Path(out) / rel
-    path.parent.mkdir(parents=True, exist_ok=True)
-    path.write_bytes(data)
-    return str(path)
-
-
-def _clear_dataset(out: str, endpoint_url: str | None, region: str) -> None:
-    # The dataset is a pure function of the catalog: rewrite it whole so removed rows do not linger.
-    if is_s3(out):
-        bucket, prefix = split_s3(out)
-        client = s3_client(endpoint_url, region)
-        pages = client.get_paginator("list_objects_v2").paginate(Bucket=bucket, Prefix=f"{prefix}/dataset/".lstrip("/"))
-        keys = [{"Key": o["Key"]} for page in pages for o in page.get("Contents", [])]
-        for start in range(0, len(keys), 1000):
-            client.delete_objects(Bucket=bucket, Delete={"Objects": keys[start:start + 1000]})
-    else:
-        shutil.rmtree(Path(out) / "dataset", ignore_errors=True)
-
-
 def _parquet_bytes(df: pd.DataFrame) -> bytes:
     buf = io.BytesIO()
     pq.write_table(pa.Table.from_pandas(df, preserve_index=False), buf)
     return buf.getvalue()
 
 
-def write_outputs(rows: list[dict[str, Any]], quarantine: list[dict[str, Any]], out: str, cfg: CurationConfig
-                  ) -> list[str]:
-    """Write the partitioned dataset and quarantine.parquet; returns the written paths / URIs."""
-    endpoint, region = cfg.endpoint_url, cfg.section("s3")["region"]
-    _clear_dataset(out, endpoint, region)
+def open_output(out: str | ObjectStore, cfg: CurationConfig, create: bool = True) -> ObjectStore:
+    """The store of a curation output: ``out`` itself, or the folder / ``s3://`` prefix it names (S3 endpoint and
+    region from ``cfg``)."""
+    if not isinstance(out, str):
+        return out
+    return open_store(out, cfg.endpoint_url, region=cfg.section("s3")["region"], create=create)
+
+
+def write_outputs(rows: list[dict[str, Any]], quarantine: list[dict[str, Any]], out: str | ObjectStore,
+                  cfg: CurationConfig) -> list[str]:
+    """Write the partitioned dataset and quarantine.parquet to ``out`` (folder, ``s3://`` prefix or store); returns
+    the written objects' URIs."""
+    store = open_output(out, cfg)
+    # The dataset is a pure function of the catalog: rewrite it whole so removed rows do not linger.
+    store.delete_prefix("dataset/")
     df = to_frame(rows)
     written = []
     for (bucket, source), part in df.groupby(["bucket", "source"], sort=True):
-        rel = f"dataset/{bucket}/{source}/part-00000.parquet"
-        written.append(_put(out, rel, _parquet_bytes(part), endpoint, region))
+        written.append(store.put_bytes(f"dataset/{bucket}/{source}/part-00000.parquet", _parquet_bytes(part)))
     qdf = pd.DataFrame([{c: q[c] for c in QUARANTINE_COLUMNS} for q in quarantine], columns=QUARANTINE_COLUMNS)
-    written.append(_put(out, "quarantine.parquet", _parquet_bytes(qdf.astype("string")), endpoint, region))
+    written.append(store.put_bytes("quarantine.parquet", _parquet_bytes(qdf.astype("string"))))
     return written
 
 
@@ -141,16 +123,11 @@ def summarize(rows: list[dict[str, Any]], quarantine: list[dict[str, Any]]) -> d
     }
 
 
-def read_dataset(out: str, cfg: CurationConfig) -> pd.DataFrame:
-    """All dataset rows under ``out`` (folder or s3://), for checks and tests."""
-    if is_s3(out):
-        bucket, prefix = split_s3(out)
-        client = s3_client(cfg.endpoint_url, cfg.section("s3")["region"])
-        pages = client.get_paginator("list_objects_v2").paginate(Bucket=bucket, Prefix=f"{prefix}/dataset/".lstrip("/"))
-        keys = sorted(o["Key"] for page in pages for o in page.get("Contents", []) if o["Key"].endswith(".parquet"))
-        parts = [pq.read_table(io.BytesIO(client.get_object(Bucket=bucket, Key=k)["Body"].read())) for k in keys]
-    else:
-        parts = [pq.read_table(p) for p in sorted((Path(out) / "dataset").rglob("*.parquet"))]
+def read_dataset(out: str | ObjectStore, cfg: CurationConfig) -> pd.DataFrame:
+    """All dataset rows under ``out`` (folder, ``s3://`` prefix or store), for checks, tests and the encoder."""
+    store = open_output(out, cfg, create=False)
+    keys = sorted((k for k in store.list("dataset/") if k.endswith(".parquet")), key=key_order)
+    parts = [pq.read_table(io.BytesIO(store.get_bytes(k))) for k in keys]
     if not parts:
         return pd.DataFrame(columns=COLUMNS)
     return pd.concat([p.to_pandas() for p in parts], ignore_index=True)

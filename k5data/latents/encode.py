@@ -38,6 +38,7 @@ import pandas as pd
 import torch
 
 from k5data.latents.shards import LatentSample, Store, read_index, write_shards
+from k5data.object_store import ObjectStore, open_store
 
 CLASSES = ("low", "medium", "high")
 CLASS_OF_BUCKET = {256: "low", 512: "medium", 1024: "high"}  # curation's short-side buckets (report §4.2)
@@ -309,20 +310,32 @@ def resize_cover_crop(rgb: np.ndarray, height: int, width: int) -> np.ndarray:
     return np.ascontiguousarray(rgb[top:top + height, left:left + width])
 
 
-def _local(uri: str, tmp: Path, endpoint_url: str | None) -> Path:
-    from urllib.parse import unquote, urlparse
+class MediaFetcher:
+    """Local paths of media URIs: local files in place, ``s3://`` objects downloaded into ``tmp`` through the object
+    store of their bucket (one store per bucket, reused)."""
 
-    parsed = urlparse(uri)
-    if parsed.scheme == "s3":
-        from k5data.sources import s3_client
+    def __init__(self, tmp: Path, endpoint_url: str | None = None) -> None:
+        self.tmp, self.endpoint_url = Path(tmp), endpoint_url
+        self._stores: dict[str, ObjectStore] = {}
 
-        dest = tmp / f"{len(list(tmp.iterdir()))}{Path(parsed.path).suffix}"
-        s3_client(endpoint_url).download_file(parsed.netloc, parsed.path.lstrip("/"), str(dest))
-        return dest
-    path = Path(unquote(parsed.path) if parsed.scheme == "file" else uri)
-    if not path.is_file():
-        raise FileNotFoundError(f"media {uri!r} not found")
-    return path
+    def local(self, uri: str) -> Path:
+        from urllib.parse import unquote, urlparse
+
+        parsed = urlparse(uri)
+        if parsed.scheme == "s3":
+            if parsed.netloc not in self._stores:
+                self._stores[parsed.netloc] = open_store(f"s3://{parsed.netloc}", self.endpoint_url)
+            dest = self.tmp / f"{len(list(self.tmp.iterdir()))}{Path(parsed.path).suffix}"
+            return self._stores[parsed.netloc].get_file(parsed.path.lstrip("/"), dest)
+        path = Path(unquote(parsed.path) if parsed.scheme == "file" else uri)
+        if not path.is_file():
+            raise FileNotFoundError(f"media {uri!r} not found")
+        return path
+
+    def clear(self) -> None:
+        """Delete the downloaded media (the batch is encoded)."""
+        for f in self.tmp.iterdir():
+            f.unlink()
 
 
 def load_image(path: Path) -> np.ndarray:
@@ -432,23 +445,23 @@ def iter_latent_samples(jobs: list[EncodeJob], encoders: LatentEncoders, cfg: La
     sleep = float(os.environ.get(SLEEP_ENV, "0") or 0)
     with tqdm(total=len(jobs), desc="encode latents", unit="sample", disable=not cfg.progress,
               dynamic_ncols=True) as bar, tempfile.TemporaryDirectory(prefix="k5-latents-") as td:
+        fetch = MediaFetcher(Path(td), endpoint_url)
         for batch in _batches(jobs, cfg):
             t0 = time.perf_counter()
             h, w = batch[0].size
             kind = batch[0].kind
             clips, sources = [], []
             for j in batch:
-                path = _local(j.uri, Path(td), endpoint_url)
+                path = fetch.local(j.uri)
                 raw = load_image(path)[None] if kind == "image" else load_video_frames(path, j.frames)
                 clips.append(np.stack([resize_cover_crop(f, h, w) for f in raw]))
                 if j.edit_source_uri:
-                    src = load_image(_local(j.edit_source_uri, Path(td), endpoint_url))
+                    src = load_image(fetch.local(j.edit_source_uri))
                     sources.append(resize_cover_crop(src, h, w)[None])
             t1 = time.perf_counter()
             z = encoders.encode(kind, np.stack(clips + sources))
             t2 = time.perf_counter()
-            for f in Path(td).iterdir():  # downloaded S3 media of this batch
-                f.unlink()
+            fetch.clear()
             stats.load_s += t1 - t0
             stats.encode_s += t2 - t1
             src_of = iter(z[len(batch):])

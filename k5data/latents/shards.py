@@ -8,11 +8,13 @@ import tempfile
 from collections.abc import Iterable, Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import IO, Any, Protocol
+from typing import IO, Any
 
 import numpy as np
 import pyarrow as pa
 import pyarrow.parquet as pq
+
+from k5data.object_store import ObjectStore as Store  # the name the loader and the encoder import
 
 # report: samples per archive so archives are of similar size
 SAMPLES_PER_SHARD: dict[tuple[str, str], int] = {
@@ -20,13 +22,6 @@ SAMPLES_PER_SHARD: dict[tuple[str, str], int] = {
     ("video", "low"): 16, ("video", "medium"): 4, ("video", "high"): 1,
 }
 INDEX_KEY = "index.parquet"
-
-
-class Store(Protocol):
-    def put_file(self, local: Path, key: str) -> None: ...
-    def open_read(self, key: str) -> IO[bytes]: ...
-    def exists(self, key: str) -> bool: ...
-    def list(self, prefix: str = "") -> list[str]: ...
 
 
 @dataclass
@@ -95,17 +90,16 @@ INDEX_SCHEMA = pa.schema([("shard", pa.string()), ("modality", pa.string()), ("r
 
 
 def read_index(store: Store, prefix: str) -> pa.Table:
-    key = f"{prefix}/{INDEX_KEY}"
-    if not store.exists(key):
+    try:
+        return pq.read_table(io.BytesIO(store.get_bytes(f"{prefix}/{INDEX_KEY}")))
+    except FileNotFoundError:
         return INDEX_SCHEMA.empty_table()
-    with store.open_read(key) as f:
-        return pq.read_table(io.BytesIO(f.read()))
 
 
-def _write_index(store: Store, prefix: str, table: pa.Table, tmp: Path) -> None:
-    p = tmp / "index.parquet"
-    pq.write_table(table, p)
-    store.put_file(p, f"{prefix}/{INDEX_KEY}")  # why: store puts are atomic, readers see old or new index
+def _write_index(store: Store, prefix: str, table: pa.Table) -> None:
+    buf = io.BytesIO()
+    pq.write_table(table, buf)
+    store.put_bytes(f"{prefix}/{INDEX_KEY}", buf.getvalue())  # why: store puts are atomic, readers see old or new
 
 
 def write_shards(samples: Iterable[LatentSample], store: Store, prefix: str,
@@ -139,7 +133,7 @@ def write_shards(samples: Iterable[LatentSample], store: Store, prefix: str,
                              "t": [s.latent.shape[0] for s in batch], "h": [s.latent.shape[1] for s in batch],
                              "w": [s.latent.shape[2] for s in batch]}, schema=INDEX_SCHEMA)
             index = pa.concat_tables([index, rows])
-            _write_index(store, prefix, index, tmp)  # listed only after the archive upload completed
+            _write_index(store, prefix, index)  # listed only after the archive upload completed
             written += 1
             if fail_after is not None and written >= fail_after:
                 raise RuntimeError("simulated crash")
