@@ -109,7 +109,7 @@ def _decode_problems(sample: Any, meta: dict[str, Any]) -> list[str]:
                 "missing, none extra), every listed archive exists, and a sample loads and decodes with its VAE.")
 def latent_index_complete(context: dg.AssetCheckExecutionContext, curation: CurationResource,
                           object_store: ObjectStoreResource) -> dg.AssetCheckResult:
-    from k5data.latents.encode import sample_id
+    from k5data.latents.plan import sample_id
     from k5data.latents.shards import read_index, read_tar
 
     meta = latest_metadata(context, latent_shards.key)

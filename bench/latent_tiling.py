@@ -43,7 +43,7 @@ def _encode(video, x: torch.Tensor, device: str) -> tuple[torch.Tensor, float, f
 
 
 def main() -> None:
-    from k5data.latents.encode import TilePlan, tile_plan
+    from k5data.latents.tiling import TilePlan, tile_plan
     from k5model.encoders.vae import VideoVAE
 
     p = argparse.ArgumentParser(description=__doc__.split("\n")[0])

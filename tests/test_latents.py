@@ -21,21 +21,12 @@ import pandas as pd
 import pytest
 from PIL import Image
 
-from k5data.latents.encode import (
-    BUCKETS,
-    LatentConfig,
-    LatentEncoders,
-    TilePlan,
-    choose_bucket,
-    clip_frames,
-    encode_dataset,
-    iter_latent_samples,
-    plan_jobs,
-    read_curated,
-    resize_cover_crop,
-    tile_plan,
-)
+from k5data.latents.buckets import BUCKETS, choose_bucket
+from k5data.latents.encode import LatentConfig, LatentEncoders, encode_dataset, iter_latent_samples, read_curated
+from k5data.latents.media import resize_cover_crop
+from k5data.latents.plan import clip_frames, plan_jobs
 from k5data.latents.shards import read_index, read_tar
+from k5data.latents.tiling import TilePlan, tile_plan
 from k5data.loading.loader import PackedLatentLoader
 from k5data.object_store import LocalStore, S3Store, open_store
 
