@@ -8,44 +8,15 @@ from typing import Any
 import dagster as dg
 
 from k5data.curation.catalog import Catalog
-from k5data.curation.config import CurationConfig, load_config
+from k5data.curation.config import load_config
 from k5data.curation.curate import finalize, score_pending
 from k5data.curation.output import read_dataset
 from k5data.curation.register import register_sources
-from k5data.sources import Source
 from orchestration.lineage import latest_metadata
-from orchestration.resources import K5HomeResource, ObjectStoreResource
+from orchestration.resources import CurationResource, K5HomeResource, ObjectStoreResource
 
 OBJECT_PREFIX = "curation"
 SHARDS = dg.StaticPartitionsDefinition([str(i) for i in range(load_config()["shards"])])
-
-
-class CurationResource(dg.ConfigurableResource):
-    """Where curation reads and writes. ``source`` unset: the sample corpus, built under ``<K5_HOME>/corpus``.
-    ``out`` unset: the object store resource (``curation/`` prefix); or a folder / ``s3://`` URI written directly.
-    ``config_path``: YAML merged over ``k5data/curation/configs/curation.yaml``; ``endpoint_url``: S3-compatible store."""
-
-    source: str | None = None
-    out: str | None = None
-    config_path: str | None = None
-    endpoint_url: str | None = None
-
-    def config(self) -> CurationConfig:
-        return load_config(self.config_path, {"s3": {"endpoint_url": self.endpoint_url}} if self.endpoint_url else None)
-
-    def resolved_source(self, home: K5HomeResource) -> str:
-        if self.source:
-            return self.source
-        from k5data.curation.corpus import build_sample_corpus
-
-        folder = home.paths.home / "corpus" / "sample"
-        if not (folder / "bikes.mp4").exists():
-            build_sample_corpus(folder)
-        return str(folder)
-
-    def open_source(self, home: K5HomeResource) -> Source:
-        cfg = self.config()
-        return Source(self.resolved_source(home), cfg.endpoint_url, cfg.section("s3")["region"])
 
 
 def _catalog(home: K5HomeResource) -> Catalog:

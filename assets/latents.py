@@ -11,10 +11,10 @@ from typing import Any
 
 import dagster as dg
 
-from assets.curation import CurationResource, curated_dataset
+from assets.curation import curated_dataset
 from assets.models import tiny_model_bundle
 from orchestration.lineage import latest_metadata, upstream_path
-from orchestration.resources import ObjectStoreResource
+from orchestration.resources import CurationResource, ObjectStoreResource
 
 
 class LatentShardsConfig(dg.Config):

@@ -45,7 +45,7 @@ sbs_job = dg.define_asset_job(
 defs = dg.Definitions(
     assets=all_assets,
     asset_checks=all_asset_checks,
-    resources={**default_resources(), "curation": assets.curation.CurationResource(),
+    resources={**default_resources(),
                # training stages run as external Pipes jobs: a local subprocess, or a GPU pod with K5_PIPES=k8s
                "training_job": TrainingJobResource.from_env()},
     jobs=[main_job, curation_shards_job, sbs_job],

@@ -1,4 +1,5 @@
-"""Dagster resources: local state paths, MLflow tracking and the object store.
+"""Dagster resources, all in this module: local state paths, MLflow tracking, the object store, and where curation
+reads and writes.
 
 Unset fields resolve from ``orchestration.settings`` when a run uses them (not at import), so one ``defs`` works for
 ``make demo``, ``dagster dev`` and tests that point ``K5_HOME`` at a tmp dir.
@@ -18,7 +19,9 @@ from orchestration.settings import K5Paths, offline_env
 if TYPE_CHECKING:
     import mlflow
 
+    from k5data.curation.config import CurationConfig
     from k5data.object_store import LocalStore, S3Store
+    from k5data.sources import Source
 
 offline_env()  # before anything imports mlflow: its telemetry client reads the env at start-up
 
@@ -173,6 +176,39 @@ class ObjectStoreResource(dg.ConfigurableResource):
         return self.store().exists(self._check_key(key))
 
 
+class CurationResource(dg.ConfigurableResource):
+    """Where curation reads and writes. ``source`` unset: the sample corpus, built under ``<K5_HOME>/corpus``.
+    ``out`` unset: the object store resource (``curation/`` prefix); or a folder / ``s3://`` URI written directly.
+    ``config_path``: YAML merged over ``k5data/curation/configs/curation.yaml``; ``endpoint_url``: S3-compatible store."""
+
+    source: str | None = None
+    out: str | None = None
+    config_path: str | None = None
+    endpoint_url: str | None = None
+
+    def config(self) -> CurationConfig:
+        from k5data.curation.config import load_config
+
+        return load_config(self.config_path, {"s3": {"endpoint_url": self.endpoint_url}} if self.endpoint_url else None)
+
+    def resolved_source(self, home: K5HomeResource) -> str:
+        if self.source:
+            return self.source
+        from k5data.curation.corpus import build_sample_corpus
+
+        folder = home.paths.home / "corpus" / "sample"
+        if not (folder / "bikes.mp4").exists():
+            build_sample_corpus(folder)
+        return str(folder)
+
+    def open_source(self, home: K5HomeResource) -> Source:
+        from k5data.sources import Source
+
+        cfg = self.config()
+        return Source(self.resolved_source(home), cfg.endpoint_url, cfg.section("s3")["region"])
+
+
 def default_resources() -> dict[str, dg.ConfigurableResource]:
     """The resource set of ``defs``; everything resolves from K5_HOME at run time."""
-    return {"k5_home": K5HomeResource(), "mlflow": MLflowResource(), "object_store": ObjectStoreResource()}
+    return {"k5_home": K5HomeResource(), "mlflow": MLflowResource(), "object_store": ObjectStoreResource(),
+            "curation": CurationResource()}

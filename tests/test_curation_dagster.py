@@ -10,7 +10,7 @@ import pytest
 from assets import curation as cur
 from k5data.curation.corpus import build_sample_corpus
 from k5data.curation.output import read_dataset
-from orchestration.resources import K5HomeResource, ObjectStoreResource
+from orchestration.resources import CurationResource, K5HomeResource, ObjectStoreResource
 
 
 @pytest.fixture(scope="module")
@@ -19,7 +19,7 @@ def materialized(tmp_path_factory: pytest.TempPathFactory) -> dict:
     corpus = build_sample_corpus(root / "corpus", videos=False)
     resources = {"k5_home": K5HomeResource(home=str(root / "home")),
                  "object_store": ObjectStoreResource(base_uri=str(root / "objects")),
-                 "curation": cur.CurationResource(source=str(corpus))}
+                 "curation": CurationResource(source=str(corpus))}
     instance = dg.DagsterInstance.ephemeral()
     shard_results = []
     for key in cur.SHARDS.get_partition_keys():

@@ -336,10 +336,10 @@ def test_sigkilled_packing_run_resumes_without_duplicates(dataset: Path, tiny_t2
 
 
 def test_latent_shards_asset_and_check(dataset: Path, tiny_t2v_dir: Path, tmp_path: Path) -> None:
-    from assets.curation import CurationResource, curated_dataset
+    from assets.curation import curated_dataset
     from assets.latents import latent_index_complete, latent_shards
     from assets.models import tiny_model_bundle
-    from orchestration.resources import K5HomeResource, ObjectStoreResource
+    from orchestration.resources import CurationResource, K5HomeResource, ObjectStoreResource
 
     resources = {"curation": CurationResource(), "object_store": ObjectStoreResource(base_uri=str(tmp_path / "obj")),
                  "k5_home": K5HomeResource(home=str(tmp_path / "home"))}
