@@ -32,7 +32,8 @@ class LayerRule:
 
 
 RULES = (
-    LayerRule(package="k5model", allowed_ours=frozenset(), forbidden_external=frozenset({"dagster", "mlflow", "gradio"})),
+    LayerRule(package="k5model", allowed_ours=frozenset(),
+              forbidden_external=frozenset({"dagster", "mlflow", "gradio"})),
     LayerRule(package="k5data", allowed_ours=frozenset({"k5model"}),
               forbidden_external=frozenset({"dagster", "mlflow", "gradio"})),
     LayerRule(package="evaluation", allowed_ours=frozenset({"k5model", "k5data"}),
@@ -181,7 +182,8 @@ def test_checker_flags_every_import_form_and_passes_clean_modules(tmp_path: Path
     _write(tmp_path, "ui/clean.py", "import gradio\nfrom evaluation.sbs import sbs_scores\n")
     # Breaches, one per form.
     _write(tmp_path, "k5model/training/__init__.py", "")
-    _write(tmp_path, "k5model/training/run.py", "import torch\n\n\ndef main():\n    from k5data.loading import loader\n")
+    _write(tmp_path, "k5model/training/run.py",
+           "import torch\n\n\ndef main():\n    from k5data.loading import loader\n")
     _write(tmp_path, "k5model/lazy.py", "import importlib\n\n\ndef f():\n"
            "    return importlib.import_module('dagster_pipes')\n")
     _write(tmp_path, "k5model/aliased.py", "from importlib import import_module as im\nx = im('orchestration.demo')\n")
@@ -209,7 +211,8 @@ def test_checker_flags_every_import_form_and_passes_clean_modules(tmp_path: Path
     }, "\n".join(map(str, breaches))
     assert modules_read["k5model"] == 7 and modules_read["bench"] == 1
     message = next(str(b) for b in breaches if b.module == "k5model.training.run")
-    assert "k5model/training/run.py:5" in message and "'k5data.loading'" in message and "none of our packages" in message
+    assert "k5model/training/run.py:5" in message and "'k5data.loading'" in message
+    assert "none of our packages" in message
 
 
 def test_relative_imports_resolve_from_the_module_or_package() -> None:
