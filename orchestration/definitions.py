@@ -8,13 +8,15 @@ import assets.curation
 import assets.generation
 import assets.latents
 import assets.models
+import assets.release
 import assets.sbs
 import assets.training
 from orchestration.resources import default_resources
 from orchestration.training_jobs import TrainingJobResource
 
 # New asset modules go here: assets and asset checks are collected from each module.
-ASSET_MODULES = [assets.models, assets.generation, assets.curation, assets.latents, assets.sbs, assets.training]
+ASSET_MODULES = [assets.models, assets.generation, assets.curation, assets.latents, assets.sbs, assets.training,
+                 assets.release]
 
 all_assets = dg.load_assets_from_modules(ASSET_MODULES)
 all_asset_checks = dg.load_asset_checks_from_modules(ASSET_MODULES)
@@ -22,10 +24,11 @@ all_asset_checks = dg.load_asset_checks_from_modules(ASSET_MODULES)
 # Partitioned assets run one partition per run, so they get jobs of their own; main_job takes everything else.
 CURATION_SHARDS = dg.AssetSelection.assets("raw_sources", "scored_scenes")
 SBS = dg.AssetSelection.assets("sbs_batch", "sbs_report")
+RELEASE = dg.AssetSelection.assets("release")
 
 main_job = dg.define_asset_job(
     "main_job",
-    selection=dg.AssetSelection.all() - CURATION_SHARDS - SBS,
+    selection=dg.AssetSelection.all() - CURATION_SHARDS - SBS - RELEASE,
     description="Every unpartitioned asset: tiny model bundle, demo generation, the curated dataset (after its "
     "shards), its latent shards, the Table 4 training stages (demo scale), and their checks.",
 )
@@ -41,6 +44,12 @@ sbs_job = dg.define_asset_job(
     partitions_def=assets.sbs.sbs_partitions,
     description="Generate an SBS batch for one comparison and aggregate its judgments into a report.",
 )
+release_job = dg.define_asset_job(
+    "release_job",
+    selection=RELEASE,
+    description="Register a model family's stage in the MLflow registry (alias candidate); the champion_gate check "
+    "moves alias champion when the SBS comparison passes the gate.",
+)
 
 defs = dg.Definitions(
     assets=all_assets,
@@ -48,5 +57,5 @@ defs = dg.Definitions(
     resources={**default_resources(),
                # training stages run as external Pipes jobs: a local subprocess, or a GPU pod with K5_PIPES=k8s
                "training_job": TrainingJobResource.from_env()},
-    jobs=[main_job, curation_shards_job, sbs_job],
+    jobs=[main_job, curation_shards_job, sbs_job, release_job],
 )

@@ -125,6 +125,7 @@ def test_verify_folder_names_the_first_mismatch(pipeline: Path, tmp_path: Path) 
     assert err.value.path == "transformer/extra.bin"
 
 
+@pytest.mark.slow  # three generations on CPU
 def test_release_downloads_by_alias_and_generates(pipeline: Path, tmp_path: Path, tracking) -> None:
     import mlflow
     import numpy as np
@@ -229,6 +230,7 @@ def s3_endpoint() -> Iterator[str]:
     server.stop()
 
 
+@pytest.mark.slow  # moto server
 def test_release_on_s3(pipeline: Path, tmp_path: Path, tracking, s3_endpoint: str,
                        monkeypatch: pytest.MonkeyPatch) -> None:
     for k, v in {"AWS_ACCESS_KEY_ID": "x", "AWS_SECRET_ACCESS_KEY": "x", "AWS_DEFAULT_REGION": "us-east-1",

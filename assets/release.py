@@ -1,0 +1,139 @@
+"""Release assets (group ``release``): ``release`` registers a trained stage's pipeline folder in the MLflow model
+registry (one partition per model family), and its blocking ``champion_gate`` check moves alias ``champion`` when the
+SBS comparison shows the candidate beating the current champion.
+
+Logic lives in ``k5data.publish`` (immutable object-store copy + manifest), ``orchestration.registry`` (MLflow),
+``evaluation.release_gate`` (the decision) and ``evaluation.model_card``; this module only wires them to the lineage
+recorded by the upstream assets (``train_<stage>`` and ``sbs_report`` materializations).
+"""
+
+# No `from __future__ import annotations`: Dagster resolves the Config classes from live annotations.
+import json
+import warnings
+from pathlib import Path
+
+import dagster as dg
+from pydantic import Field
+
+from evaluation.model_card import ReleaseLineage
+from evaluation.release_gate import OVERALL_GROUPS
+from k5model.training.stages import CHAINS, lineage
+from orchestration.lineage import Context, latest_metadata, stage_pipeline_dir
+from orchestration.resources import K5HomeResource, MLflowResource, ObjectStoreResource
+
+FAMILIES = dg.StaticPartitionsDefinition(list(CHAINS))
+
+
+class ReleaseConfig(dg.Config):
+    stage: str | None = Field(None, description="stage of the family's chain to release; unset: its last stage")
+    comparison: str | None = Field(None, description="sbs_report partition that gates the release; unset: "
+                                   "'<stage>_vs_<first stage of the chain>' (Video Lite: the demo comparison)")
+    margin: float = Field(0.0, description="the lower bound of the candidate's 95% advantage interval must exceed "
+                          "this on every gated group for `champion` to move")
+    groups: list[str] = Field(default_factory=lambda: list(OVERALL_GROUPS), description="overall SBS groups gated")
+    allow_simulated: bool = Field(True, description="let simulated judgments (demo) move `champion`")
+
+
+def stage_and_comparison(family: str, config: ReleaseConfig) -> tuple[str, str]:
+    chain = CHAINS[family]
+    stage = config.stage or chain[-1]
+    if stage not in chain:
+        raise dg.Failure(f"stage {stage!r} is not in the {family} chain ({', '.join(chain)})")
+    if config.comparison is None and stage == chain[0]:
+        raise dg.Failure(f"{stage} is the first stage of {family}: set `comparison` to an SBS that gates it")
+    return stage, config.comparison or f"{stage}_vs_{chain[0]}"
+
+
+def release_lineage(context: Context, home: K5HomeResource, family: str, stage: str,
+                    comparison: str) -> tuple[ReleaseLineage, Path]:
+    """The stage's lineage and pipeline folder, read from the stage assets' latest materializations."""
+    meta = latest_metadata(context, f"train_{stage}")
+    runs: dict[str, str] = {}
+    for s in lineage(stage):
+        try:
+            run_id = (meta if s == stage else latest_metadata(context, f"train_{s}")).get("mlflow_run_id")
+        except dg.Failure:  # an ancestor trained elsewhere (init_from) has no materialization here
+            continue
+        if run_id:
+            runs[s] = str(run_id)
+    folder = Path(str(meta.get("pipeline_dir") or stage_pipeline_dir(home.paths, stage)))
+    data = {k: v for k, v in meta.items() if k.startswith(("samples", "tokens")) and isinstance(v, int | float)}
+    return ReleaseLineage(family=family, stage=stage, stages=tuple(lineage(stage)), training_run_ids=runs,
+                          dataset_snapshot=meta.get("dataset_snapshot"), shard_index_uri=meta.get("shard_index_uri"),
+                          data=data, comparison=comparison, dagster_run_id=context.run_id), folder
+
+
+def sbs_summary(context: Context, home: K5HomeResource, comparison: str) -> tuple[dict, Path]:
+    """The SBS summary the comparison's latest ``sbs_report`` wrote."""
+    meta = latest_metadata(context, "sbs_report", partition=comparison)
+    path = Path(str(meta.get("summary_path") or home.paths.home / "sbs" / comparison / "report" / "summary.json"))
+    if not path.is_file():
+        raise dg.Failure(f"SBS summary {path} is missing; materialize sbs_report for {comparison!r} again")
+    summary = json.loads(path.read_text())
+    summary.setdefault("comparison", comparison)
+    return summary, path
+
+
+@dg.asset(
+    partitions_def=FAMILIES,
+    group_name="release",
+    deps=[*(dg.AssetDep(f"train_{stages[-1]}") for stages in CHAINS.values()),
+          dg.AssetDep("sbs_report", partition_mapping=dg.AllPartitionMapping())],
+    kinds={"mlflow"},
+    owners=["team:k5-lifecycle"],
+    description="Registers a trained stage's complete pipeline folder as a new version of `k5-<family>` in the MLflow "
+                "registry: immutable object-store copy with a sha256 manifest as the source, lineage tags, model card; "
+                "alias `candidate`.",
+)
+def release(context: dg.AssetExecutionContext, config: ReleaseConfig, k5_home: K5HomeResource,
+            mlflow: MLflowResource, object_store: ObjectStoreResource) -> dg.MaterializeResult:
+    from evaluation.model_card import render_model_card
+    from k5data.publish import manifest_summary, publish_folder
+    from orchestration.registry import CANDIDATE, model_name, register_release
+
+    family = context.partition_key
+    stage, comparison = stage_and_comparison(family, config)
+    lineage_, folder = release_lineage(context, k5_home, family, stage, comparison)
+    summary, summary_path = sbs_summary(context, k5_home, comparison)
+    published = publish_folder(folder, object_store.store(), family)
+    name, facts = model_name(family), manifest_summary(published)
+    card = render_model_card(name=name, lineage=lineage_, source_uri=published.uri, summary=summary,
+                             manifest_sha256=published.manifest.sha256, total_bytes=published.manifest.total_bytes)
+    version = register_release(mlflow.resolved_tracking_uri(), mlflow.experiment_id(), lineage=lineage_,
+                               published=published, card=card)
+    context.log.info(f"{name} version {version.version} ({'reused' if version.reused else 'new'}): {published.uri}")
+    return dg.MaterializeResult(metadata={
+        **facts, "model": name, "version": version.version, "models_uri": f"models:/{name}@{CANDIDATE}",
+        "reused_version": version.reused, "stage": stage, "comparison": comparison, "summary_path": str(summary_path),
+        "margin": config.margin, "groups": dg.MetadataValue.json(config.groups),
+        "allow_simulated": config.allow_simulated, "release_run_id": version.run_id, "model_card": dg.MetadataValue.md(card),
+    })
+
+
+def _champion_gate(context: dg.AssetCheckExecutionContext, mlflow: MLflowResource) -> dg.AssetCheckResult:
+    from orchestration.registry import CHAMPION, alias_version, apply_gate
+
+    meta = latest_metadata(context, "release", partition=context.partition_key)
+    summary = json.loads(Path(str(meta["summary_path"])).read_text())
+    uri = mlflow.resolved_tracking_uri()
+    decision = apply_gate(uri, str(meta["model"]), str(meta["version"]), summary, margin=float(meta["margin"]),
+                          groups=list(meta["groups"]), allow_simulated=bool(meta["allow_simulated"]))
+    champion = alias_version(uri, str(meta["model"]), CHAMPION)
+    groups = {g.group: {"passed": g.passed, "candidate": g.candidate_score, "baseline": g.baseline_score,
+                        "advantage_ci95": list(g.interval) if g.interval else None} for g in decision.groups}
+    return dg.AssetCheckResult(passed=decision.promote, metadata={
+        "decision": decision.decision, "reason": decision.reason, "margin": decision.margin,
+        "candidate": f"{decision.candidate} (version {meta['version']})", "baseline": decision.baseline or "",
+        "champion_now": "none" if champion is None else f"version {champion.version}",
+        "simulated_judgments": decision.simulated, "groups": dg.MetadataValue.json(groups),
+        "explanation": dg.MetadataValue.md("\n".join(decision.lines()))})
+
+
+GATE_DESCRIPTION = ("Release gate: moves alias `champion` to this version only when the SBS comparison shows it beating "
+                    "the current champion (or, with no champion yet, the comparison's baseline) by more than `margin`: "
+                    "the lower bound of the paired 95% bootstrap interval of its advantage on every gated overall "
+                    "group. Blocking: when it keeps the current champion the check fails, and so does the run.")
+with warnings.catch_warnings():  # partitioned asset checks are a Dagster preview; we want one gate result per family
+    warnings.simplefilter("ignore", dg.PreviewWarning)
+    champion_gate = dg.asset_check(asset=release, name="champion_gate", blocking=True, partitions_def=FAMILIES,
+                                   description=GATE_DESCRIPTION)(_champion_gate)
