@@ -1,12 +1,18 @@
-"""Helpers shared by the GPU benchmarks: timing, error metric, random weights, inputs, the diffusers twin, output."""
+"""Helpers shared by the benchmarks: timing, error metric, device set-up, the diffusers twin, local servers, output.
+
+Model-level helpers live in the library: random weights and forward inputs in ``k5model.synthetic``, model FLOPs in
+``k5model.training.throughput.forward_flops``.
+"""
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
+import socket
 import statistics
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any
 
@@ -45,24 +51,6 @@ def timed(fn: Callable[[], Any], reps: int, warmup: int = 2) -> float:
     return statistics.median(times)
 
 
-def randomize(model: torch.nn.Module, std: float = 0.02, seed: int = 0) -> torch.nn.Module:
-    """N(0, std) for every parameter, the zero-initialised modulations included (so no block is an identity)."""
-    gen = torch.Generator().manual_seed(seed)
-    with torch.no_grad():
-        for p in model.parameters():
-            p.copy_(torch.randn(p.shape, generator=gen) * std)
-    return model
-
-
-def forward_flops(cfg, tokens: int, text_len: int) -> float:
-    """Matmul + attention FLOPs of one CrossDiT forward over the visual blocks (2 per multiply-add)."""
-    d, f = cfg.model_dim, cfg.ff_dim
-    per_block = 2 * tokens * (4 * d * d + 2 * d * f)  # self-attn qkvo + MLP
-    per_block += 2 * tokens * 2 * d * d + 2 * text_len * 2 * d * d  # cross q,o on visual; k,v on text
-    per_block += 4 * tokens * tokens * d + 4 * tokens * text_len * d  # self + cross attention scores/values
-    return cfg.num_visual_blocks * per_block
-
-
 def video_setup(smoke: bool, seconds: int):
     """(cuda, device, dtype, preset config, (latent frames, h, w, text tokens)) of a benchmark: video_lite at
     512×768 for ``seconds`` in bf16 on a GPU, the tiny preset in fp32 on CPU (``smoke`` forces CPU)."""
@@ -72,21 +60,6 @@ def video_setup(smoke: bool, seconds: int):
     shape = (seconds * 24 // 4 + 1, 64, 96, 256) if cuda else (3, 16, 16, 8)
     return (cuda, torch.device("cuda" if cuda else "cpu"), torch.bfloat16 if cuda else torch.float32,
             get_preset("video_lite" if cuda else "tiny"), shape)
-
-
-def build_inputs(cfg, frames: int, h: int, w: int, text_len: int, device, dtype, seed: int = 0) -> dict[str, Any]:
-    """Keyword arguments of one CrossDiT / diffusers forward on a (frames, h, w) latent (512×768 ↔ 64×96)."""
-    gen = torch.Generator().manual_seed(seed)
-    return dict(
-        hidden_states=torch.randn(1, frames, h, w, cfg.visual_embed_dim, generator=gen).to(device, dtype),
-        encoder_hidden_states=torch.randn(1, text_len, cfg.in_text_dim, generator=gen).to(device, dtype),
-        timestep=torch.tensor([700.0], device=device),
-        pooled_projections=torch.randn(1, cfg.in_text_dim2, generator=gen).to(device, dtype),
-        visual_rope_pos=[torch.arange(frames, device=device), torch.arange(h // 2, device=device),
-                         torch.arange(w // 2, device=device)],
-        text_rope_pos=torch.arange(text_len, device=device),
-        scale_factor=(1.0, 2.0, 2.0),
-    )
 
 
 def diffusers_twin(cfg, ours: torch.nn.Module, device, dtype):
@@ -100,6 +73,32 @@ def diffusers_twin(cfg, ours: torch.nn.Module, device, dtype):
         if name.split(".")[-1] in Kandinsky5Transformer3DModel._keep_in_fp32_modules:
             module.float()
     return ref
+
+
+def device_info(cuda: bool) -> dict[str, str]:
+    """The first keys of every result: the device's name and torch's version."""
+    return {"device": torch.cuda.get_device_name() if cuda else "cpu", "torch": torch.__version__}
+
+
+def free_port() -> int:
+    """A TCP port on 127.0.0.1 that nothing listens on now."""
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+@contextlib.contextmanager
+def moto_s3_server() -> Iterator[str]:
+    """A local moto S3 server for the duration of the block; yields its endpoint URL."""
+    from moto.server import ThreadedMotoServer
+
+    port = free_port()
+    server = ThreadedMotoServer(ip_address="127.0.0.1", port=port)
+    server.start()
+    try:
+        yield f"http://127.0.0.1:{port}"
+    finally:
+        server.stop()
 
 
 def write_result(name: str, res: dict[str, Any]) -> None:

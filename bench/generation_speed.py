@@ -5,33 +5,25 @@ Anchor: diffusers' `Kandinsky5Transformer3DModel` driven the way `Kandinsky5T2VP
 forwards per step (conditional, then unconditional) — compiled with `compile_repeated_blocks`. Both get the same
 random weights, noise and text states. Reports seconds per generation for `--steps` steps (100 NFE at 50 steps).
 
-    python bench/generation_speed.py --steps 50            # H100, 5 s 512x768
-    python bench/generation_speed.py --steps 50 --seconds 10 --nabla
-    python bench/generation_speed.py --smoke               # CPU, tiny preset
+    python -m bench.generation_speed --steps 50            # GPU, 5 s 512x768
+    python -m bench.generation_speed --steps 50 --seconds 10 --nabla
+    python -m bench.generation_speed --smoke               # CPU, tiny preset
 """
 
 from __future__ import annotations
 
 import argparse
 import json
-import os
-import sys
 import time
-from pathlib import Path
 
 import torch
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-
-from bench.common import video_setup  # noqa: E402
-from k5model import CrossDiT  # noqa: E402
-from k5model.runtime_options import NablaOptions  # noqa: E402
-from k5model.sampling import sample, sampling_grid  # noqa: E402
-
-
-def sync() -> None:
-    if torch.cuda.is_available():
-        torch.cuda.synchronize()
+from bench.common import device_info, diffusers_twin, sync, video_setup, write_result
+from k5model import CrossDiT
+from k5model.config import NABLA_10S
+from k5model.runtime_options import NablaOptions
+from k5model.sampling import sample, sampling_grid
+from k5model.synthetic import randomize
 
 
 def diffusers_loop(model, noise, cond, uncond, steps, shift, guidance, scale_factor, sparse=None):
@@ -67,14 +59,9 @@ def main() -> None:
     cuda, device, dtype, cfg, (frames, h, w, text_len) = video_setup(args.smoke, args.seconds)
     steps = args.steps if cuda else 3
     if args.nabla:
-        cfg = cfg.replace(attention_type="nabla", attention_P=0.9, attention_wT=11, attention_wH=3, attention_wW=3,
-                          attention_add_sta=True, attention_method="topcdf")
-    gen = torch.Generator().manual_seed(0)
-    model = CrossDiT(cfg)
-    with torch.no_grad():
-        for p in model.parameters():
-            p.copy_(torch.randn(p.shape, generator=gen) * 0.02)
-    model = model.to(device)
+        cfg = cfg.replace(**NABLA_10S)
+    model = randomize(CrossDiT(cfg), seed=0).to(device)
+    gen = torch.Generator().manual_seed(1)
     if dtype != torch.float32:
         model.to_mixed_precision(dtype)
     model.eval()
@@ -85,8 +72,8 @@ def main() -> None:
               torch.ones(1, 24, dtype=torch.bool, device=device),
               torch.randn(1, cfg.in_text_dim2, generator=gen).to(device, dtype))
     noise = torch.randn(1, frames, h, w, 16, generator=gen).to(device)
-    res = {"device": torch.cuda.get_device_name() if cuda else "cpu", "torch": torch.__version__, "steps": steps,
-           "nfe": 2 * steps, "latent": [frames, h, w], "attention": cfg.attention_type}
+    res = {**device_info(cuda), "steps": steps, "nfe": 2 * steps, "latent": [frames, h, w],
+           "attention": cfg.attention_type}
     forced = args.force_total_density
     model.set_options(residual_dtype=torch.float32 if args.residual_fp32 else None,
                       nabla=NablaOptions(force_density=forced, force_total=forced is not None))
@@ -105,16 +92,10 @@ def main() -> None:
     print(json.dumps(res), flush=True)  # partial result first: the anchor's run is the long one
     if not args.no_diffusers:
         try:
-            from diffusers import Kandinsky5Transformer3DModel
-        except ImportError as err:
+            ref = diffusers_twin(cfg, model, device, dtype)
+        except ImportError as err:  # the device image has no diffusers unless carried as a wheel
             res["diffusers"] = f"not importable: {err}"
         else:
-            ref = Kandinsky5Transformer3DModel(**cfg.to_dict())
-            ref.load_state_dict({k: v.float() for k, v in model.state_dict().items()})
-            ref = ref.to(device, dtype).eval()
-            for name, module in ref.named_modules():
-                if name.split(".")[-1] in Kandinsky5Transformer3DModel._keep_in_fp32_modules:
-                    module.float()
             if not args.no_compile:
                 ref.compile_repeated_blocks(fullgraph=False)
             # diffusers passes no text mask: give it the unpadded texts (same as ours after masking)
@@ -127,10 +108,8 @@ def main() -> None:
                 res["diffusers_loop_s"] = time.perf_counter() - t0
             res["speedup"] = res["diffusers_loop_s"] / res["ours_s"]
             res["latent_rel_diff"] = ((ours - theirs).norm() / theirs.norm()).item()
-    print(json.dumps(res, indent=1))
-    if os.environ.get("OUT"):
-        tag = f"{args.seconds}s{'_nabla' if args.nabla else ''}{'_r32' if args.residual_fp32 else ''}"
-        Path(os.environ["OUT"], f"generation_{tag}.json").write_text(json.dumps(res, indent=1))
+    tag = f"{args.seconds}s{'_nabla' if args.nabla else ''}{'_r32' if args.residual_fp32 else ''}"
+    write_result(f"generation_{tag}.json", res)
 
 
 if __name__ == "__main__":

@@ -5,9 +5,9 @@ reference encode (whole frames in diffusers' 16-frame temporal tiles; with ``--u
 where it fits). A plan with ``chunk_frames`` runs the chunked causal encoder. Random weights
 at the real HunyuanVideo VAE size, fp16, 121 frames (5 s at 24 fps). Results are in the VIDEO_TILING comment::
 
-    python bench/latent_tiling.py --sizes 256x384,512x768,1280x768,1408x640 --frames 121 --repeats 1   # GPU
-    python bench/latent_tiling.py --sizes 256x384 --untiled-ref                                          # GPU
-    python bench/latent_tiling.py --tiny --sizes 32x48 --frames 9 --device cpu                           # CPU smoke
+    python -m bench.latent_tiling --sizes 256x384,512x768,1280x768,1408x640 --frames 121 --repeats 1   # GPU
+    python -m bench.latent_tiling --sizes 256x384 --untiled-ref                                          # GPU
+    python -m bench.latent_tiling --tiny --sizes 32x48 --frames 9 --device cpu                           # CPU smoke
 """
 
 from __future__ import annotations

@@ -1,15 +1,20 @@
-"""Loader bench: padding waste of packed vs one-video-per-sample batching, and samples/s from local vs S3 stores."""
+"""Loader bench: padding waste of packed vs one-video-per-sample batching, and samples/s from local vs S3 stores.
+
+    python -m bench.loader            # 3,000 synthetic samples
+    python -m bench.loader --smoke    # 300; for CI
+"""
+
 from __future__ import annotations
 
 import argparse
 import os
-import socket
 import tempfile
 import time
 from pathlib import Path
 
 import numpy as np
 
+from bench.common import moto_s3_server
 from k5data.latents.shards import LatentSample, write_shards
 from k5data.loading.loader import PackedLatentLoader
 from k5data.object_store import LocalStore, S3Store
@@ -52,24 +57,16 @@ def main() -> None:
         frac, sps, n = run(local, a.t_max)
         print(f"packed (t_max={a.t_max}): {100 * frac:.1f}% real tokens; local store {sps:.0f} samples/s ({n})")
         import boto3
-        from moto.server import ThreadedMotoServer
 
-        sock = socket.socket()
-        sock.bind(("127.0.0.1", 0))
-        port = sock.getsockname()[1]
-        sock.close()
-        srv = ThreadedMotoServer(ip_address="127.0.0.1", port=port)
-        srv.start()
         for k in ("AWS_ACCESS_KEY_ID", "AWS_SECRET_ACCESS_KEY"):
             os.environ.setdefault(k, "x")
         os.environ.setdefault("AWS_DEFAULT_REGION", "us-east-1")
-        url = f"http://127.0.0.1:{port}"
-        boto3.client("s3", endpoint_url=url).create_bucket(Bucket="bench")
-        s3 = S3Store("bench", "p", endpoint_url=url)
-        write_shards(samples, s3, "ds")
-        _, sps3, _ = run(s3, a.t_max)
-        print(f"moto S3 store {sps3:.0f} samples/s")
-        srv.stop()
+        with moto_s3_server() as url:
+            boto3.client("s3", endpoint_url=url).create_bucket(Bucket="bench")
+            s3 = S3Store("bench", "p", endpoint_url=url)
+            write_shards(samples, s3, "ds")
+            _, sps3, _ = run(s3, a.t_max)
+            print(f"moto S3 store {sps3:.0f} samples/s")
 
 
 if __name__ == "__main__":

@@ -6,30 +6,22 @@ Checks (relative errors ‖a − b‖/‖b‖, outputs and q/k/v gradients):
 2. Timing at a realistic size (Lite 10 s 512×768: 28 heads, D=64, 31×32×48 = 47,616 tokens, STA 11/3/3 and
    ``force_density=0.1``): mask build, flex kernel, full nabla_attention, dense SDPA; forward and forward+backward.
 
-    python bench/nabla_gpu_check.py            # CUDA machine
-    python bench/nabla_gpu_check.py --smoke    # CPU, tiny shapes (flex forward only: it has no CPU backward)
+    python -m bench.nabla_gpu_check            # CUDA machine
+    python -m bench.nabla_gpu_check --smoke    # CPU, tiny shapes (flex forward only: it has no CPU backward)
 """
 
 from __future__ import annotations
 
 import argparse
 import json
-import os
-import sys
 import time
-from pathlib import Path
 
 import torch
 import torch.nn.functional as F
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-
-from k5model import attention as attn_ops  # noqa: E402
-from k5model import nabla as N  # noqa: E402
-
-
-def rel(a: torch.Tensor, b: torch.Tensor) -> float:
-    return ((a.float() - b.float()).norm() / b.float().norm().clamp_min(1e-12)).item()
+from bench.common import device_info, rel, timed, write_result
+from k5model import attention as attn_ops
+from k5model import nabla as N
 
 
 def make_qkv(
@@ -131,23 +123,9 @@ def check(device: str, smoke: bool) -> dict:
     return out
 
 
-def timeit(fn, device: str, warmup: int = 3, iters: int = 10) -> float:
-    """Mean milliseconds per call."""
-    for _ in range(warmup):
-        fn()
-    if device == "cuda":
-        torch.cuda.synchronize()
-        start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-        start.record()
-        for _ in range(iters):
-            fn()
-        end.record()
-        torch.cuda.synchronize()
-        return start.elapsed_time(end) / iters
-    t0 = time.perf_counter()
-    for _ in range(iters):
-        fn()
-    return (time.perf_counter() - t0) * 1000 / iters
+def ms(fn, reps: int = 10, warmup: int = 3) -> float:
+    """Median milliseconds per call (bench.common.timed)."""
+    return timed(fn, reps, warmup) * 1e3
 
 
 def bench(device: str, smoke: bool) -> dict:
@@ -163,10 +141,10 @@ def bench(device: str, smoke: bool) -> dict:
     mask = N.nabla_block_mask(q, k, 0.9, sta=sta, force_density=fd)
     res["density_force0.1_plus_sta"] = N.mask_density(mask)
     res["density_P0.9_random_data_plus_sta"] = N.mask_density(N.nabla_block_mask(q, k, 0.9, sta=sta))
-    res["ms_mask_build"] = timeit(lambda: N.nabla_block_mask(q, k, 0.9, sta=sta, force_density=fd), device)
+    res["ms_mask_build"] = ms(lambda: N.nabla_block_mask(q, k, 0.9, sta=sta, force_density=fd))
     fb = N.FLEX_BLOCK_CUDA if device == "cuda" else N.BLOCK
     res["flex_block"] = fb
-    res["ms_mask_to_blockmask"] = timeit(lambda: N.to_flex_block_mask(mask, S, flex_block=fb), device)
+    res["ms_mask_to_blockmask"] = ms(lambda: N.to_flex_block_mask(mask, S, flex_block=fb))
     backend = "flex" if device == "cuda" else "sdpa_masked"
 
     def nabla_fwd():
@@ -177,8 +155,8 @@ def bench(device: str, smoke: bool) -> dict:
         with torch.no_grad():
             return attn_ops.attention(q, k, v)
 
-    res["ms_nabla_fwd"] = timeit(nabla_fwd, device)
-    res["ms_dense_fwd"] = timeit(dense_fwd, device)
+    res["ms_nabla_fwd"] = ms(nabla_fwd)
+    res["ms_dense_fwd"] = ms(dense_fwd)
     if device == "cuda":
         bm = N.to_flex_block_mask(mask, S, flex_block=fb)
         res["flex_partial_block_fraction"] = (
@@ -186,7 +164,7 @@ def bench(device: str, smoke: bool) -> dict:
         ).item()
         flex = N._flex_fn("cuda")
         qt, kt, vt = (t.detach().transpose(1, 2) for t in (q, k, v))
-        res["ms_flex_kernel_fwd"] = timeit(lambda: flex(qt, kt, vt, block_mask=bm), device)
+        res["ms_flex_kernel_fwd"] = ms(lambda: flex(qt, kt, vt, block_mask=bm))
 
         def nabla_fb():
             o = N.nabla_attention(q, k, v, P=0.9, sta=sta, force_density=fd, backend="flex")
@@ -195,13 +173,12 @@ def bench(device: str, smoke: bool) -> dict:
         def dense_fb():
             attn_ops.attention(q, k, v).sum().backward()
 
-        res["ms_nabla_fwd_bwd"] = timeit(nabla_fb, device, warmup=2, iters=5)
-        res["ms_dense_fwd_bwd"] = timeit(dense_fb, device, warmup=2, iters=5)
+        res["ms_nabla_fwd_bwd"] = ms(nabla_fb, 5, warmup=2)
+        res["ms_dense_fwd_bwd"] = ms(dense_fb, 5, warmup=2)
         # force_density alone (no STA): exactly 10% of the blocks
         res["density_force0.1_no_sta"] = N.mask_density(N.nabla_block_mask(q, k, 0.9, force_density=fd))
-        res["ms_nabla_fwd_no_sta"] = timeit(
-            lambda: N.nabla_attention(q.detach(), k.detach(), v.detach(), P=0.9, force_density=fd), device
-        )
+        res["ms_nabla_fwd_no_sta"] = ms(
+            lambda: N.nabla_attention(q.detach(), k.detach(), v.detach(), P=0.9, force_density=fd))
         res["speedup_fwd"] = res["ms_dense_fwd"] / res["ms_nabla_fwd"]
         res["speedup_fwd_bwd"] = res["ms_dense_fwd_bwd"] / res["ms_nabla_fwd_bwd"]
         res["max_mem_gib"] = torch.cuda.max_memory_allocated() / 2**30
@@ -213,7 +190,7 @@ def main() -> None:
     ap.add_argument("--smoke", action="store_true", help="CPU, tiny shapes")
     args = ap.parse_args()
     device = "cpu" if args.smoke or not torch.cuda.is_available() else "cuda"
-    report = {"torch": torch.__version__, "device": torch.cuda.get_device_name() if device == "cuda" else "cpu"}
+    report = device_info(device == "cuda")
     t0 = time.perf_counter()
     report["check"] = check(device, args.smoke)
     report["check_s"] = time.perf_counter() - t0
@@ -224,10 +201,7 @@ def main() -> None:
     except Exception as e:  # keep the correctness results even if the large-size timing fails (e.g. OOM)
         report["bench_error"] = f"{type(e).__name__}: {e}"
     report["bench_s"] = time.perf_counter() - t0
-    text = json.dumps(report, indent=1)
-    print(text)
-    if os.environ.get("OUT"):
-        Path(os.environ["OUT"], "nabla_gpu_check.json").write_text(text)
+    write_result("nabla_gpu_check.json", report)
 
 
 if __name__ == "__main__":

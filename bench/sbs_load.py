@@ -1,9 +1,9 @@
 """Load test of the SBS annotation app: N simulated annotators press option buttons concurrently for D seconds over
 HTTP (gradio_client, the same endpoints the browser's buttons call), then the judgments in DuckDB are counted.
 
-    python bench/sbs_load.py                 # 20 annotators x 120 s (the issue's acceptance run)
-    python bench/sbs_load.py --smoke         # 4 annotators x 10 s (runs in tests)
-    python bench/sbs_load.py -n 20 -d 120 --think-ms 300 --out load.json
+    python -m bench.sbs_load                 # 20 annotators x 120 s (the issue's acceptance run)
+    python -m bench.sbs_load --smoke         # 4 annotators x 10 s (runs in tests)
+    python -m bench.sbs_load -n 20 -d 120 --think-ms 300 --out load.json
 
 The bench starts the app itself (``python -m ui.annotation_app serve`` on 127.0.0.1, a throw-away DB and
 credentials file), because DuckDB lets only the app's process open the file; after the run it stops the app and
@@ -18,7 +18,6 @@ import argparse
 import json
 import random
 import signal
-import socket
 import subprocess
 import sys
 import tempfile
@@ -27,17 +26,11 @@ import time
 import urllib.request
 from pathlib import Path
 
-REPO = Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(REPO))
+from bench.common import free_port
+from evaluation.sbs.judgments_store import hash_password, options_for
+from evaluation.sbs.sbs_plan import PlanItem, build_plan
 
-from evaluation.sbs.judgments_store import hash_password, options_for  # noqa: E402
-from evaluation.sbs.sbs_plan import PlanItem, build_plan  # noqa: E402
-
-
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
+REPO = Path(__file__).resolve().parents[1]  # the app runs from here (python -m ui.annotation_app)
 
 
 def _start_app(workdir: Path, n_annotators: int, n_items: int, seed: int) -> tuple[subprocess.Popen, str, dict]:
@@ -47,7 +40,7 @@ def _start_app(workdir: Path, n_annotators: int, n_items: int, seed: int) -> tup
     (workdir / "plan.json").write_text(plan.to_json())
     (workdir / "creds.txt").write_text("".join(f"{u}:{hash_password(p)}\n" for u, p in annotators.items()))
     (workdir / "media").mkdir(exist_ok=True)
-    port = _free_port()
+    port = free_port()
     log = open(workdir / "app.log", "w")  # noqa: SIM115 -- lives as long as the app process
     proc = subprocess.Popen(
         [sys.executable, "-m", "ui.annotation_app", "serve", "--db", str(workdir / "judgments.duckdb"),

@@ -12,22 +12,18 @@ encoder's shapes at one 16-frame chunk (buffer = 2 cached frames + 16 new, spati
 
 Each prints ms and TFLOP/s (2·27·Cin·Cout per output voxel) and the rel. error against the fp32 conv3d.
 
-    python bench/vae_conv_probe.py            # CUDA
-    python bench/vae_conv_probe.py --smoke    # CPU, tiny shapes
+    python -m bench.vae_conv_probe            # CUDA
+    python -m bench.vae_conv_probe --smoke    # CPU, tiny shapes
 """
 
 from __future__ import annotations
 
 import argparse
-import sys
-from pathlib import Path
 
 import torch
 import torch.nn.functional as F
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-
-from bench.common import rel, timed, write_result  # noqa: E402
+from bench.common import device_info, rel, timed, write_result
 
 # (name, c_in, c_out, new frames, H, W, temporal stride, spatial stride) of the encoder at 512×768, 16-frame chunks
 SHAPES = [
@@ -107,8 +103,7 @@ def main() -> None:
     dtype = torch.float16 if cuda else torch.float32
     reps = args.reps if cuda else 1
     torch.backends.cudnn.benchmark = True
-    res: dict = {"device": torch.cuda.get_device_name() if cuda else "cpu", "torch": torch.__version__,
-                 "cudnn": torch.backends.cudnn.version()}
+    res: dict = {**device_info(cuda), "cudnn": torch.backends.cudnn.version()}
     shapes = SHAPES if cuda else [(n, 16, 16, 4, 16, 24, st, ss) for n, _, _, _, _, _, st, ss in SHAPES[:3]]
     for name, cin, cout, t, h, w, st, ss in shapes:
         res[name] = probe_shape(cin, cout, t, h, w, st, ss, device, dtype, reps)

@@ -11,24 +11,20 @@ every frame, convolutions exact in 16-frame slices since cuDNN takes no single 1
 Variants of ours: ``c<chunk frames>[_compile][_ncdhw]``: channels-last-3d is the default layout, ``_ncdhw`` the
 previous contiguous layout; ``_compile`` compiles the GroupNorm → SiLU → buffer write.
 
-    python bench/vae_encode.py              # H100: 121 frames, 512x768
-    python bench/vae_encode.py --whole-clip # + deviation from the single-chunk encode of the whole clip
-    python bench/vae_encode.py --smoke      # CPU: toy VAE, 17 frames, 64x96
+    python -m bench.vae_encode              # GPU: 121 frames, 512x768
+    python -m bench.vae_encode --whole-clip # + deviation from the single-chunk encode of the whole clip
+    python -m bench.vae_encode --smoke      # CPU: toy VAE, 17 frames, 64x96
 """
 
 from __future__ import annotations
 
 import argparse
 import gc
-import sys
-from pathlib import Path
 
 import torch
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-
-from bench.common import CONV_KERNELS, kernel_breakdown, peak_gb, timed, write_result  # noqa: E402
-from k5model.encoders.causal_encode import CausalChunkEncoder, set_encoder_memory_format  # noqa: E402
+from bench.common import CONV_KERNELS, device_info, kernel_breakdown, peak_gb, timed, write_result
+from k5model.encoders.causal_encode import CausalChunkEncoder, set_encoder_memory_format
 
 
 def build_vae(smoke: bool):
@@ -64,8 +60,7 @@ def main() -> None:
     vae = build_vae(not cuda).to(device, dtype).eval()
     gen = torch.Generator().manual_seed(1)
     pixels = (torch.rand(1, 3, frames, h, w, generator=gen) * 2 - 1).to(device, dtype)
-    res: dict = {"device": torch.cuda.get_device_name() if cuda else "cpu", "torch": torch.__version__,
-                 "frames": frames, "size": [h, w], "dtype": str(dtype)}
+    res: dict = {**device_info(cuda), "frames": frames, "size": [h, w], "dtype": str(dtype)}
 
     def measure(name: str, fn) -> torch.Tensor:
         if cuda:

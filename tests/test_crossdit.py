@@ -2,8 +2,10 @@
 
 from __future__ import annotations
 
+import functools
 import json
 
+import helpers
 import pytest
 import torch
 from diffusers import Kandinsky5Transformer3DModel
@@ -12,33 +14,18 @@ from k5model import CrossDiT, get_preset
 from k5model.checkpoint import CheckpointError, checkpoint_dtypes, save_single_file
 from k5model.runtime_options import AttentionOptions
 
-# Tolerances. With ``AttentionOptions(rope_cast=bf16)`` our model performs the same rounding as diffusers (which casts the rotated q/k
-# to bf16 even in fp32), so fp32 outputs must agree to float round-off. With the official fp32 RoPE the only
-# difference is that rounding: |Δq|/|q| <= 2^-8 per element, which through the tiny random network (weights N(0, 0.2),
+# Tolerances. With ``AttentionOptions(rope_cast=bf16)`` our model performs the same rounding as diffusers (which casts
+# the rotated q/k to bf16 even in fp32), so fp32 outputs must agree to float round-off. With the official fp32 RoPE the
+# only difference is that rounding: |Δq|/|q| <= 2^-8 per element, which through the tiny random network (weights N(0, 0.2),
 # outputs of magnitude ~5) moves outputs by ~1e-4 absolute; we allow 2e-3 relative to the output scale.
 EXACT_ATOL = 1e-5
 ROPE_REL_TOL = 2e-3
 
 
-def randomize(module: torch.nn.Module, seed: int = 0, std: float = 0.2) -> None:
-    """Random weights everywhere, modulation included (zero-init gates would hide most of the network)."""
-    gen = torch.Generator().manual_seed(seed)
-    with torch.no_grad():
-        for p in module.parameters():
-            p.copy_(torch.randn(p.shape, generator=gen) * std)
-
-
-def inputs(cfg, batch=2, frames=3, height=8, width=12, text_len=7, seed=1):
-    gen = torch.Generator().manual_seed(seed)
-    return dict(
-        hidden_states=torch.randn(batch, frames, height, width, cfg.visual_embed_dim, generator=gen),
-        encoder_hidden_states=torch.randn(batch, text_len, cfg.in_text_dim, generator=gen),
-        timestep=torch.tensor([300.0, 900.0][:batch]),
-        pooled_projections=torch.randn(batch, cfg.in_text_dim2, generator=gen),
-        visual_rope_pos=[torch.arange(frames), torch.arange(height // 2), torch.arange(width // 2)],
-        text_rope_pos=torch.arange(text_len),
-        scale_factor=(1.0, 2.0, 2.0),
-    )
+# Random weights everywhere, modulation included (zero-init gates would hide most of the network), with a larger
+# spread than the library default so that every path moves the output.
+randomize = functools.partial(helpers.randomize, std=0.2)
+inputs = helpers.small_forward_inputs
 
 
 def assert_packed_equals_alone(model, packed, lats, texts, t, pooled):

@@ -5,6 +5,7 @@ from __future__ import annotations
 import pytest
 import torch
 from diffusers import FlowMatchEulerDiscreteScheduler
+from helpers import randomize
 
 from k5model import CrossDiT, get_preset
 from k5model.flow_matching import TextCondition
@@ -24,12 +25,8 @@ pytestmark = pytest.mark.usefixtures("one_thread")
 
 @pytest.fixture(scope="module")
 def model() -> CrossDiT:
-    torch.manual_seed(0)
-    m = CrossDiT(get_preset("tiny"))
-    with torch.no_grad():  # random everything, so time/text/pooled all change the output
-        for p in m.parameters():
-            p.normal_(0.0, 0.1)
-    return m.eval()
+    # random everything, so time/text/pooled all change the output
+    return randomize(CrossDiT(get_preset("tiny")), std=0.1, seed=0).eval()
 
 
 def text(seed: int, length: int, batch: int = 1) -> TextCondition:

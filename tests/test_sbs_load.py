@@ -16,7 +16,7 @@ REPO = Path(__file__).resolve().parents[1]
 
 def test_load_smoke_loses_nothing(tmp_path: Path) -> None:
     out = tmp_path / "load.json"
-    proc = subprocess.run([sys.executable, "bench/sbs_load.py", "--smoke", "--undo-rate", "0.1", "--out", str(out)],
+    proc = subprocess.run([sys.executable, "-m", "bench.sbs_load", "--smoke", "--undo-rate", "0.1", "--out", str(out)],
                           cwd=REPO, capture_output=True, text=True, timeout=400)
     assert proc.returncode == 0, proc.stdout + proc.stderr
     result = json.loads(out.read_text())

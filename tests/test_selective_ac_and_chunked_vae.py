@@ -7,6 +7,7 @@ import copy
 
 import pytest
 import torch
+from helpers import randomize, small_forward_inputs
 from torch.utils._python_dispatch import TorchDispatchMode
 
 from k5model import CrossDiT, get_preset
@@ -27,23 +28,10 @@ class _CountAttention(TorchDispatchMode):
         return func(*args, **(kwargs or {}))
 
 
-def _inputs(cfg):
-    g = torch.Generator().manual_seed(0)
-    return dict(hidden_states=torch.randn(1, 3, 16, 16, cfg.visual_embed_dim, generator=g),
-                encoder_hidden_states=torch.randn(1, 8, cfg.in_text_dim, generator=g),
-                timestep=torch.tensor([500.0]), pooled_projections=torch.randn(1, cfg.in_text_dim2, generator=g),
-                visual_rope_pos=[torch.arange(3), torch.arange(8), torch.arange(8)], text_rope_pos=torch.arange(8),
-                scale_factor=(1.0, 2.0, 2.0))
-
-
 def test_selective_checkpointing_saves_attention_and_keeps_gradients():
     cfg = get_preset("tiny")
-    torch.manual_seed(0)
-    base = CrossDiT(cfg)
-    with torch.no_grad():
-        for p in base.parameters():
-            p.normal_(0, 0.02)
-    kw = _inputs(cfg)
+    base = randomize(CrossDiT(cfg), std=0.02, seed=0)
+    kw = small_forward_inputs(cfg, batch=1, height=16, width=16, text_len=8, seed=0, timestep=500.0)
     grads, calls = {}, {}
     for frac in (None, 0.0, 1.0):
         model = copy.deepcopy(base)

@@ -19,6 +19,7 @@ import logging
 import os
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Self
 
 import torch
 
@@ -143,13 +144,42 @@ class TextEncoding:
         return self.embeds.shape[0]
 
 
-class QwenTextEncoder:
-    """Qwen2.5-VL last hidden state with the Kandinsky 5 chat templates."""
+def _tokenizer_dir(model_dir: Path, tokenizer_path: str | os.PathLike | None, pipeline_sub: str) -> Path:
+    """``tokenizer_path`` if given, else the pipeline folder's ``pipeline_sub`` beside the model's, else the model's."""
+    if tokenizer_path is not None:
+        return Path(tokenizer_path)
+    if (model_dir.parent / pipeline_sub).is_dir() and model_dir.name == _MODEL_SUBFOLDERS[pipeline_sub]:
+        return model_dir.parent / pipeline_sub
+    return model_dir
+
+
+# tokenizer subfolder -> its model's subfolder in a diffusers pipeline folder
+_MODEL_SUBFOLDERS = {"tokenizer": "text_encoder", "tokenizer_2": "text_encoder_2"}
+
+
+class _FrozenTextModel:
+    """A frozen (eval, no grad) transformers text model with its tokenizer and the device its inputs go to."""
 
     def __init__(self, model: torch.nn.Module, tokenizer, *, device: torch.device | str = "cpu"):
         self.model = model.eval().requires_grad_(False)
         self.tokenizer = tokenizer
         self.device = torch.device(device)
+
+    @property
+    def dtype(self) -> torch.dtype:
+        return next(self.model.parameters()).dtype
+
+    def to(self, device: torch.device | str) -> Self:
+        self.model.to(device)
+        self.device = torch.device(device)
+        return self
+
+
+class QwenTextEncoder(_FrozenTextModel):
+    """Qwen2.5-VL last hidden state with the Kandinsky 5 chat templates."""
+
+    def __init__(self, model: torch.nn.Module, tokenizer, *, device: torch.device | str = "cpu"):
+        super().__init__(model, tokenizer, device=device)
         self._prefix_len: dict[str, int] = {}
 
     @classmethod
@@ -166,12 +196,7 @@ class QwenTextEncoder:
         from transformers import AutoTokenizer, Qwen2_5_VLForConditionalGeneration
 
         model_dir = _resolve(path, subfolder, "text_encoder", "config.json")
-        if tokenizer_path is not None:
-            tok_dir = Path(tokenizer_path)
-        elif (model_dir.parent / "tokenizer").is_dir() and model_dir.name == "text_encoder":
-            tok_dir = model_dir.parent / "tokenizer"
-        else:
-            tok_dir = model_dir
+        tok_dir = _tokenizer_dir(model_dir, tokenizer_path, "tokenizer")
         model = Qwen2_5_VLForConditionalGeneration.from_pretrained(model_dir, dtype=dtype, local_files_only=True)
         # AutoTokenizer also reads the tokenizer files inside a Qwen2VLProcessor folder (real diffusers repos).
         tokenizer = AutoTokenizer.from_pretrained(tok_dir, local_files_only=True)
@@ -181,15 +206,6 @@ class QwenTextEncoder:
     def hidden_size(self) -> int:
         cfg = self.model.config
         return getattr(cfg, "text_config", cfg).hidden_size
-
-    @property
-    def dtype(self) -> torch.dtype:
-        return next(self.model.parameters()).dtype
-
-    def to(self, device: torch.device | str) -> QwenTextEncoder:
-        self.model.to(device)
-        self.device = torch.device(device)
-        return self
 
     def _ids(self, text: str) -> list[int]:
         # No BOS/EOS: Qwen adds none, and prefix and full text must be tokenised the same way for the crop.
@@ -257,13 +273,8 @@ class QwenTextEncoder:
         return TextEncoding(embeds=embeds, mask=full_mask, lengths=full_mask.sum(1))
 
 
-class ClipTextEncoder:
+class ClipTextEncoder(_FrozenTextModel):
     """CLIP text model pooled output (``pooler_output``), prompts padded/truncated to 77 tokens."""
-
-    def __init__(self, model: torch.nn.Module, tokenizer, *, device: torch.device | str = "cpu"):
-        self.model = model.eval().requires_grad_(False)
-        self.tokenizer = tokenizer
-        self.device = torch.device(device)
 
     @classmethod
     def from_pretrained(
@@ -279,12 +290,7 @@ class ClipTextEncoder:
         from transformers import CLIPTextModel, CLIPTokenizer
 
         model_dir = _resolve(path, subfolder, "text_encoder_2", "config.json")
-        if tokenizer_path is not None:
-            tok_dir = Path(tokenizer_path)
-        elif model_dir.name == "text_encoder_2" and (model_dir.parent / "tokenizer_2").is_dir():
-            tok_dir = model_dir.parent / "tokenizer_2"
-        else:
-            tok_dir = model_dir
+        tok_dir = _tokenizer_dir(model_dir, tokenizer_path, "tokenizer_2")
         model = CLIPTextModel.from_pretrained(model_dir, dtype=dtype, local_files_only=True)
         tokenizer = CLIPTokenizer.from_pretrained(tok_dir, local_files_only=True)
         return cls(model.to(device), tokenizer, device=device)
@@ -292,11 +298,6 @@ class ClipTextEncoder:
     @property
     def hidden_size(self) -> int:
         return self.model.config.hidden_size
-
-    def to(self, device: torch.device | str) -> ClipTextEncoder:
-        self.model.to(device)
-        self.device = torch.device(device)
-        return self
 
     @torch.no_grad()
     def encode(self, prompts: list[str]) -> torch.Tensor:

@@ -1,0 +1,26 @@
+"""Helpers shared by the test modules: ``from helpers import ...`` (pytest puts tests/ on sys.path; ``bench`` is
+imported from the repository root, which ``python -m pytest`` run there, as ``make test`` does, puts on sys.path).
+
+Model-level helpers are the library's (``k5model.synthetic``), local servers the benchmarks' (``bench.common``);
+they are re-exported here so that tests have one place to import from.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from typing import Any
+
+from bench.common import free_port, moto_s3_server
+from k5model.config import CrossDiTConfig
+from k5model.synthetic import forward_inputs, randomize
+
+__all__ = ["free_port", "moto_s3_server", "randomize", "small_forward_inputs"]
+
+
+def small_forward_inputs(cfg: CrossDiTConfig, batch: int = 2, frames: int = 3, height: int = 8, width: int = 12,
+                         text_len: int = 7, seed: int = 1, timestep: float | Sequence[float] | None = None
+                         ) -> dict[str, Any]:
+    """The tests' CPU-sized forward (fp32): by default two samples at t·1000 = 300 and 900 on 3×8×12 latents."""
+    steps = (300.0, 900.0)[:batch] if timestep is None else timestep
+    return forward_inputs(cfg, frames, height, width, text_len, batch=batch, timestep=steps, seed=seed)
+
