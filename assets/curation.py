@@ -8,6 +8,7 @@ from typing import Any
 import dagster as dg
 
 from k5data.curation.catalog import Catalog
+from k5data.curation.checks import CheckOutcome, bucket_sanity, duplicate_hashes, uncaptioned_rows
 from k5data.curation.config import load_config
 from k5data.curation.curate import finalize, score_pending
 from k5data.curation.output import read_dataset
@@ -46,24 +47,19 @@ def scored_scenes(context: dg.AssetExecutionContext, k5_home: K5HomeResource,
     return dg.MaterializeResult(metadata={"scored_media": media_n, "rows": rows_n, "errors": errors})
 
 
-def _write_dataset(k5_home: K5HomeResource, curation: CurationResource,
-                   object_store: ObjectStoreResource) -> tuple[dict[str, Any], str]:
-    # The dataset "folder" is the store prefix holding dataset/ and quarantine.parquet.
-    out = curation.out or object_store.store().child(OBJECT_PREFIX)
-    summary, _ = finalize(_catalog(k5_home), out, curation.config())
-    return summary, out if isinstance(out, str) else out.location
-
-
 @dg.asset(deps=[scored_scenes], group_name="curation", kinds={"parquet"})
 def curated_dataset(context: dg.AssetExecutionContext, k5_home: K5HomeResource, curation: CurationResource,
                     object_store: ObjectStoreResource) -> dg.MaterializeResult:
     """Parquet dataset by short-side bucket and source (one row per image / scene) + quarantine.parquet."""
-    summary, out = _write_dataset(k5_home, curation, object_store)
-    context.log.info(f"curated dataset at {out}: {summary}")
+    # The dataset "folder" is the store prefix holding dataset/ and quarantine.parquet (or curation.out itself).
+    out = curation.out or object_store.store().child(OBJECT_PREFIX)
+    summary, _ = finalize(_catalog(k5_home), out, curation.config())
+    path = out if isinstance(out, str) else out.location
+    context.log.info(f"curated dataset at {path}: {summary}")
     hist = summary["reject_reasons"]
     table = "| reason | rows |\n|---|---|\n" + "".join(f"| {k} | {v} |\n" for k, v in hist.items())
     return dg.MaterializeResult(metadata={
-        "path": out, "rows": summary["rows"], "images": summary["images"], "scenes": summary["scenes"],
+        "path": path, "rows": summary["rows"], "images": summary["images"], "scenes": summary["scenes"],
         "passed": summary["passed"], "rejected": summary["rejected"], "quarantined": summary["quarantined"],
         "reject_reasons": dg.MetadataValue.md(table), "reject_histogram": dg.MetadataValue.json(hist),
         "buckets": dg.MetadataValue.json(summary["buckets"]), "domains": dg.MetadataValue.json(summary["domains"])})
@@ -73,40 +69,25 @@ def _dataset(context: dg.AssetCheckExecutionContext, curation: CurationResource)
     return read_dataset(str(latest_metadata(context, curated_dataset.key)["path"]), curation.config())
 
 
+def _result(outcome: CheckOutcome) -> dg.AssetCheckResult:
+    return dg.AssetCheckResult(passed=outcome.passed, metadata=outcome.metadata)
+
+
 @dg.asset_check(asset=curated_dataset, description="No two passed rows share a content hash or perceptual hash.")
 def no_duplicate_hashes(context: dg.AssetCheckExecutionContext, curation: CurationResource) -> dg.AssetCheckResult:
-    df = _dataset(context, curation)
-    passed = df[df["passed"]]
-    dup_ids = int(passed.duplicated(["media_id", "scene_index"]).sum())
-    dup_hash = int(passed.duplicated(["kind", "phash"]).sum())
-    return dg.AssetCheckResult(passed=dup_ids == 0 and dup_hash == 0,
-                               metadata={"passed_rows": len(passed), "duplicate_ids": dup_ids,
-                                         "duplicate_phashes": dup_hash})
+    return _result(duplicate_hashes(_dataset(context, curation)))
 
 
 @dg.asset_check(asset=curated_dataset, description="Every passed row has a non-empty caption.")
 def passed_rows_captioned(context: dg.AssetCheckExecutionContext,
                           curation: CurationResource) -> dg.AssetCheckResult:
-    df = _dataset(context, curation)
-    passed = df[df["passed"]]
-    missing = int((passed["caption"].fillna("").str.strip() == "").sum())
-    return dg.AssetCheckResult(passed=missing == 0, metadata={"passed_rows": len(passed), "uncaptioned": missing})
+    return _result(uncaptioned_rows(_dataset(context, curation)))
 
 
 @dg.asset_check(asset=curated_dataset, description="Buckets are 256/512/1024 for passed rows, match the short side, "
                                                   "and the dataset is not empty.")
 def bucket_counts_sane(context: dg.AssetCheckExecutionContext, curation: CurationResource) -> dg.AssetCheckResult:
-    cfg = curation.config()
-    df = _dataset(context, curation)
-    passed = df[df["passed"]]
-    allowed = set(cfg["buckets"])
-    short = passed[["width", "height"]].min(axis=1)
-    bad_bucket = int((~passed["bucket"].isin(allowed)).sum())
-    too_big = int((passed["bucket"] > short).sum())
-    counts = {str(k): int(v) for k, v in passed["bucket"].value_counts().sort_index().items()}
-    ok = len(passed) > 0 and bad_bucket == 0 and too_big == 0
-    return dg.AssetCheckResult(passed=ok, metadata={"bucket_counts": dg.MetadataValue.json(counts),
-                                                    "invalid_bucket": bad_bucket, "bucket_above_short_side": too_big})
+    return _result(bucket_sanity(_dataset(context, curation), curation.config()["buckets"]))
 
 
 CURATION_CHECKS = [no_duplicate_hashes, passed_rows_captioned, bucket_counts_sane]

@@ -1,9 +1,13 @@
-"""Live MLflow logging from inside a training job (rank 0): a trainer callback over the fluent MLflow API.
+"""MLflow logging helpers over the fluent MLflow API: live logging from inside a training job (rank 0), and the demo
+generation run's tracker.
 
 The Dagster asset creates the stage's run and hands its id to the job in ``K5_MLFLOW_RUN_ID`` (tracking URI in
 ``MLFLOW_TRACKING_URI``); the job resumes that run with system metrics on, logs every step's numeric metrics, the
 sample folders the ``SampleGenerator`` writes (``samples/step_<N>``) and, at the end, the exported EMA checkpoint.
 Kept in ``orchestration`` so ``k5model`` never imports MLflow.
+
+``MLflowGenerationTracker`` is the ``evaluation.demo_generation.GenerationTracker`` of the ``demo_generation`` asset:
+params, per-clip media and timings, totals, preview and a JSON record, in the run the asset started.
 """
 
 from __future__ import annotations
@@ -12,6 +16,7 @@ import math
 import os
 from collections.abc import Mapping
 from pathlib import Path
+from typing import Any
 
 from orchestration.settings import offline_env
 
@@ -63,3 +68,26 @@ class MLflowStepLogger:
             if ema.is_dir():
                 self.mlflow.set_tag("k5_checkpoint_uri", (ema / "transformer").resolve().as_uri())
         self.mlflow.end_run(status="FAILED" if failed else "FINISHED")
+
+
+class MLflowGenerationTracker:
+    """Logs a generation run into the active MLflow run (``MLflowResource.start_run``): params at the start, each
+    clip's mp4 under ``media/`` with its timings as metrics at step = clip index, then totals, ``preview.png`` and
+    ``generation.json``."""
+
+    def __init__(self) -> None:
+        import mlflow
+
+        self.mlflow = mlflow
+
+    def start(self, params: dict[str, Any]) -> None:
+        self.mlflow.log_params(params)
+
+    def clip(self, index: int, media: Path, metrics: dict[str, float]) -> None:
+        self.mlflow.log_artifact(str(media), artifact_path="media")
+        self.mlflow.log_metrics(metrics, step=index)
+
+    def finish(self, metrics: dict[str, float], preview: Path, record: dict[str, Any]) -> None:
+        self.mlflow.log_metrics(metrics)
+        self.mlflow.log_artifact(str(preview))
+        self.mlflow.log_dict(record, "generation.json")

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 import pytest
@@ -150,3 +151,40 @@ def test_rerun_registers_only_new_files(tmp_path: Path) -> None:
     assert second.scored_media == 1 and second.dataset["rows"] == 3
     # No sidecar and no VLM configured: rows are kept but rejected for the missing caption.
     assert second.dataset["reject_reasons"].get("no_caption") == 3
+
+
+def _dataset_rows(**changes: list) -> Any:
+    import pandas as pd
+
+    rows = {"media_id": ["a", "b", "c"], "scene_index": [0, 0, 0], "kind": ["image"] * 3,
+            "phash": ["01", "02", "03"], "caption": ["A cat.", "A dog.", "A car."], "width": [300, 600, 1200],
+            "height": [256, 512, 1024], "bucket": [256, 512, 1024], "passed": [True, True, True]}
+    rows.update(changes)
+    return pd.DataFrame(rows).astype({"passed": "boolean"})
+
+
+def test_dataset_checks_decide_both_ways() -> None:
+    from k5data.curation.checks import bucket_sanity, duplicate_hashes, uncaptioned_rows
+
+    good = _dataset_rows()
+    assert duplicate_hashes(good).passed and uncaptioned_rows(good).passed
+    assert bucket_sanity(good, [256, 512, 1024]).metadata == {
+        "bucket_counts": {"256": 1, "512": 1, "1024": 1}, "invalid_bucket": 0, "bucket_above_short_side": 0}
+    assert bucket_sanity(good, [256, 512, 1024]).passed
+
+    same_hash = duplicate_hashes(_dataset_rows(phash=["01", "01", "03"]))
+    assert not same_hash.passed and same_hash.metadata["duplicate_phashes"] == 1
+    same_id = duplicate_hashes(_dataset_rows(media_id=["a", "a", "c"]))
+    assert not same_id.passed and same_id.metadata["duplicate_ids"] == 1
+    # a rejected duplicate is what dedup is for: only passed rows count
+    assert duplicate_hashes(_dataset_rows(phash=["01", "01", "03"], passed=[True, False, True])).passed
+
+    blank = uncaptioned_rows(_dataset_rows(caption=["A cat.", "  ", None]))
+    assert not blank.passed and blank.metadata["uncaptioned"] == 2
+    assert uncaptioned_rows(_dataset_rows(caption=["A cat.", "A dog.", ""], passed=[True, True, False])).passed
+
+    assert not bucket_sanity(good, [256, 512]).passed  # 1024 not allowed
+    above = bucket_sanity(_dataset_rows(height=[256, 400, 1024]), [256, 512, 1024])
+    assert not above.passed and above.metadata["bucket_above_short_side"] == 1
+    empty = bucket_sanity(_dataset_rows(passed=[False, False, False]), [256, 512, 1024])
+    assert not empty.passed and empty.metadata["bucket_counts"] == {}

@@ -14,8 +14,9 @@ import pytest
 import yaml
 from mlflow.tracking import MlflowClient
 
-from assets.generation import degeneracy_problems, demo_generation, demo_generation_is_not_degenerate
+from assets.generation import demo_generation, demo_generation_is_not_degenerate
 from assets.models import tiny_model_bundle
+from evaluation.demo_generation import degeneracy_problems
 from evaluation.prompts import load_moviegen
 from k5model.media import read_video, save_media
 from orchestration.resources import MLflowResource, ObjectStoreResource, default_resources
