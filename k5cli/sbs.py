@@ -41,6 +41,30 @@ def score(judgments: str, out: str | None) -> None:
         click.echo(f"warning: {len(result['invalid_rows'])} invalid row(s) excluded", err=True)
 
 
+@sbs.command("export")
+@click.option("--db", "db", required=True, type=click.Path(exists=True, dir_okay=False),
+              help="Judgments store, e.g. K5_HOME/sbs/<comparison>/judgments.duckdb.")
+@click.option("--plan", "plan_path", required=True, type=click.Path(exists=True, dir_okay=False),
+              help="The comparison's plan.json (golden pairs are left out of the table).")
+@click.option("--include-simulated", is_flag=True, help="Keep the demo's simulated annotators ('simulated:*').")
+@click.argument("out", type=click.Path(dir_okay=False))
+def export(db: str, plan_path: str, include_simulated: bool, out: str) -> None:
+    """Write the judgments of a store to OUT (CSV, or Parquet for .parquet/.pq): the table ``k5 sbs score`` reads,
+    model 1 = A. The app may keep running: the export waits its turn on the file."""
+    from pathlib import Path
+
+    from evaluation.sbs.aggregate import export_for_scoring
+    from evaluation.sbs.judgments_store import StoreBusy
+    from evaluation.sbs.sbs_plan import Plan
+
+    try:
+        plan = Plan.from_json(Path(plan_path).read_text(encoding="utf-8"))
+        n = export_for_scoring(Path(db), plan, Path(out), include_simulated=include_simulated)
+    except (ValueError, KeyError, StoreBusy) as exc:
+        raise click.ClickException(str(exc)) from exc
+    click.echo(f"{n} judgments written to {out}", err=True)
+
+
 def main() -> None:
     sbs(prog_name="k5 sbs")
 

@@ -3,7 +3,12 @@
 Run:
     python -m ui.annotation_app serve --db judgments.duckdb --plan plan.json --media-root MEDIA \
         [--credentials creds.txt] [--host 127.0.0.1] [--port 7860]
+    python -m ui.annotation_app serve-demo K5_HOME/sbs/<comparison>  # demo logins, the comparison's own store
     python -m ui.annotation_app hash-password NAME < password.txt   # prints one credentials line
+
+For a comparison materialized by ``sbs_batch``, ``--db`` is ``K5_HOME/sbs/<comparison>/judgments.duckdb``: the store
+that the ``sbs_report`` asset scores, so what annotators enter here is what the report and the release gate see
+(the app and the report take turns on the file; no need to stop the app).
 
 Credentials file: one ``annotator:scrypt$n$r$p$salt_hex$hash_hex`` line per annotator (``#`` comments, blank lines
 allowed); without ``--credentials`` the ``annotators`` table of the judgments DB is used. Passwords are never stored
@@ -266,8 +271,8 @@ def main(argv: list[str] | None = None) -> int:
     s.add_argument("--credentials", help="credentials file; default: the DB's annotators table")
     s.add_argument("--host", default="127.0.0.1")
     s.add_argument("--port", type=int, default=7860)
-    d = sub.add_parser("serve-demo", help="serve a materialized SBS batch folder with a fresh judgments DB and "
-                       "demo logins (every planned annotator, password 'demo'); used by `make ui`")
+    d = sub.add_parser("serve-demo", help="serve a materialized SBS batch folder (K5_HOME/sbs/<comparison>) on its "
+                       "judgments store, with demo logins (every planned annotator, password 'demo'); used by `make ui`")
     d.add_argument("batch", help="folder written by the sbs_batch asset (plan.json, media/)")
     d.add_argument("--host", default="127.0.0.1")
     d.add_argument("--port", type=int, default=7860)
@@ -283,8 +288,9 @@ def main(argv: list[str] | None = None) -> int:
         if not (batch / "plan.json").exists():
             parser.error(f"{batch} has no plan.json; materialize an sbs_batch first (make demo)")
         plan = Plan.from_json((batch / "plan.json").read_text())
-        # A separate DB: the demo's own judgments.duckdb holds simulated votes and is read by the report asset.
-        store = JudgmentsStore(batch / "ui_judgments.duckdb")
+        # The comparison's one judgments store, which sbs_report scores: what is entered here reaches the report
+        # (the demo's simulated votes live there too, under "simulated:*" names that nobody can log in as).
+        store = JudgmentsStore(batch / "judgments.duckdb")
         names = sorted({a.annotator for a in plan.assignments})
         for name in names:
             if not store.check_password(name, "demo"):

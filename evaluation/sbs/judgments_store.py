@@ -1,9 +1,11 @@
-"""DuckDB storage of SBS judgments.
+"""DuckDB storage of SBS judgments: one store per comparison (``K5_HOME/sbs/<comparison>/judgments.duckdb``), read
+and written by the annotation app, the ``sbs_report`` asset and ``k5 sbs export``.
 
-DuckDB admits one writing process, so the annotation app's process owns the ``JudgmentsStore`` and every
-statement runs under one lock on one connection: concurrent annotators (threads) are serialised, each write is its
-own transaction and is committed before the call returns -- the UI confirms a judgment only after that, so a crash
-loses nothing that was confirmed on screen.
+DuckDB admits one process on a file at a time, so every operation opens the file, runs in one transaction and
+closes it again: the running app and a report (or an export) take turns; a process that finds the file locked by
+another retries for ``busy_timeout_s`` before raising ``StoreBusy``. Within a process one lock serialises the
+operations (concurrent annotators are threads). Each write is committed before the call returns -- the UI confirms a
+judgment only after that, so a crash loses nothing that was confirmed on screen.
 
 Tables
   annotators(annotator PK, password)                     password = "scrypt$n$r$p$salt_hex$hash_hex"
@@ -22,6 +24,9 @@ import hashlib
 import hmac
 import os
 import threading
+import time
+from collections.abc import Iterable, Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass
 from datetime import UTC, datetime
 from pathlib import Path
@@ -43,6 +48,10 @@ class InvalidJudgment(ValueError):
 
 class AlreadyJudged(ValueError):
     """The annotator already judged this criterion of this item (undo first)."""
+
+
+class StoreBusy(RuntimeError):
+    """Another process kept the judgments file locked for longer than the store's busy timeout."""
 
 
 # --- passwords ------------------------------------------------------------------------------------------------------
@@ -111,18 +120,39 @@ class Task:
 
 
 class JudgmentsStore:
-    """The app's single owner of the DuckDB file. Thread-safe: one lock around one connection."""
+    """One comparison's judgments file. Thread-safe; the file is open only during an operation (module docstring)."""
 
-    def __init__(self, path: str | Path) -> None:
+    def __init__(self, path: str | Path, busy_timeout_s: float = 30.0) -> None:
         self.path = str(path)
+        self.busy_timeout_s = busy_timeout_s
         self._lock = threading.Lock()
-        self._con = duckdb.connect(self.path)
+        Path(self.path).parent.mkdir(parents=True, exist_ok=True)
+        with self._connection() as con:
+            con.execute(_SCHEMA)
+
+    @contextmanager
+    def _connection(self) -> Iterator[duckdb.DuckDBPyConnection]:
+        """The file, opened for one operation under the thread lock (retrying while another process holds it)."""
         with self._lock:
-            self._con.execute(_SCHEMA)
+            deadline = time.monotonic() + self.busy_timeout_s
+            while True:
+                try:
+                    con = duckdb.connect(self.path)
+                    break
+                except duckdb.IOException as exc:
+                    if "lock" not in str(exc).lower():
+                        raise
+                    if time.monotonic() > deadline:
+                        raise StoreBusy(f"{self.path} stayed locked by another process for {self.busy_timeout_s:.0f}"
+                                        f" s ({exc}); retry when it is done") from exc
+                    time.sleep(0.05)
+            try:
+                yield con
+            finally:
+                con.close()
 
     def close(self) -> None:
-        with self._lock:
-            self._con.close()
+        """Nothing stays open between operations; kept so callers can use the store as a context manager."""
 
     def __enter__(self) -> JudgmentsStore:
         return self
@@ -131,15 +161,14 @@ class JudgmentsStore:
         self.close()
 
     def _query(self, sql: str, params: list | tuple = ()) -> list[tuple]:
-        with self._lock:
-            return self._con.execute(sql, params).fetchall()
+        with self._connection() as con:
+            return con.execute(sql, params).fetchall()
 
     # --- set-up ---------------------------------------------------------------------------------------------------
 
     def load_plan(self, plan: Plan) -> None:
         """Insert the plan's items and assignments (idempotent: rows already there are kept as they are)."""
-        with self._lock:
-            con = self._con
+        with self._connection() as con:
             con.execute("BEGIN")
             try:
                 for i in plan.items:
@@ -155,8 +184,8 @@ class JudgmentsStore:
 
     def set_password(self, annotator: str, password: str) -> None:
         hashed = hash_password(password)  # slow on purpose: outside the lock
-        with self._lock:
-            self._con.execute("INSERT OR REPLACE INTO annotators VALUES (?, ?)", [annotator, hashed])
+        with self._connection() as con:
+            con.execute("INSERT OR REPLACE INTO annotators VALUES (?, ?)", [annotator, hashed])
 
     def check_password(self, annotator: str, password: str) -> bool:
         rows = self._query("SELECT password FROM annotators WHERE annotator = ?", [annotator])
@@ -167,43 +196,65 @@ class JudgmentsStore:
     def record(self, annotator: str, item_id: str, criterion: str, choice_screen: str) -> int:
         """Store one judgment as clicked on screen (model 1 = left); returns its seq once committed.
         Raises NotAssigned, InvalidJudgment or AlreadyJudged; nothing is written then."""
-        if not is_valid(criterion, choice_screen):
-            raise InvalidJudgment(f"{choice_screen!r} is not an option of {criterion!r}")
-        with self._lock:
-            con = self._con
+        with self._connection() as con:
             con.execute("BEGIN")
             try:
-                row = con.execute(
-                    "SELECT a.a_on_left, i.kind FROM assignments a JOIN items i USING (item_id) "
-                    "WHERE a.annotator = ? AND a.item_id = ?", [annotator, item_id]).fetchone()
-                if row is None:
-                    raise NotAssigned(f"{item_id!r} is not assigned to {annotator!r}")
-                a_on_left, kind = bool(row[0]), row[1]
-                visual, pf = criteria_for(kind)
-                if criterion not in visual + pf:
-                    raise InvalidJudgment(f"{criterion!r} is not asked for {kind} pairs")
-                if con.execute("SELECT 1 FROM skips WHERE annotator = ? AND item_id = ?",
-                               [annotator, item_id]).fetchone():
-                    raise AlreadyJudged(f"{item_id!r} was skipped by {annotator!r}")
-                if con.execute("SELECT 1 FROM judgments WHERE annotator = ? AND item_id = ? AND criterion = ?",
-                               [annotator, item_id, criterion]).fetchone():
-                    raise AlreadyJudged(f"{annotator!r} already judged {criterion!r} of {item_id!r}")
-                seq = con.execute("SELECT nextval('action_seq')").fetchone()[0]
-                con.execute("INSERT INTO judgments VALUES (?, ?, ?, ?, ?, ?, ?, ?)",
-                            [seq, annotator, item_id, criterion, choice_screen,
-                             unswap_choice(choice_screen, a_on_left), a_on_left, _utcnow()])
+                seq = self._insert(con, annotator, item_id, criterion, choice_screen)
                 con.execute("COMMIT")
             except Exception:
                 con.execute("ROLLBACK")
                 raise
+        return seq
+
+    def record_many(self, rows: Iterable[tuple[str, str, str, str]]) -> int:
+        """Bulk ``record`` of (annotator, item_id, criterion, choice_screen) rows in one transaction (e.g. simulated
+        raters); rows already judged are left as they are. All or nothing on any other refusal. Returns rows written."""
+        written = 0
+        with self._connection() as con:
+            con.execute("BEGIN")
+            try:
+                for annotator, item_id, criterion, choice_screen in rows:
+                    try:
+                        self._insert(con, annotator, item_id, criterion, choice_screen)
+                        written += 1
+                    except AlreadyJudged:
+                        pass
+                con.execute("COMMIT")
+            except Exception:
+                con.execute("ROLLBACK")
+                raise
+        return written
+
+    @staticmethod
+    def _insert(con: duckdb.DuckDBPyConnection, annotator: str, item_id: str, criterion: str,
+                choice_screen: str) -> int:
+        if not is_valid(criterion, choice_screen):
+            raise InvalidJudgment(f"{choice_screen!r} is not an option of {criterion!r}")
+        row = con.execute(
+            "SELECT a.a_on_left, i.kind FROM assignments a JOIN items i USING (item_id) "
+            "WHERE a.annotator = ? AND a.item_id = ?", [annotator, item_id]).fetchone()
+        if row is None:
+            raise NotAssigned(f"{item_id!r} is not assigned to {annotator!r}")
+        a_on_left, kind = bool(row[0]), row[1]
+        visual, pf = criteria_for(kind)
+        if criterion not in visual + pf:
+            raise InvalidJudgment(f"{criterion!r} is not asked for {kind} pairs")
+        if con.execute("SELECT 1 FROM skips WHERE annotator = ? AND item_id = ?", [annotator, item_id]).fetchone():
+            raise AlreadyJudged(f"{item_id!r} was skipped by {annotator!r}")
+        if con.execute("SELECT 1 FROM judgments WHERE annotator = ? AND item_id = ? AND criterion = ?",
+                       [annotator, item_id, criterion]).fetchone():
+            raise AlreadyJudged(f"{annotator!r} already judged {criterion!r} of {item_id!r}")
+        seq = con.execute("SELECT nextval('action_seq')").fetchone()[0]
+        con.execute("INSERT INTO judgments VALUES (?, ?, ?, ?, ?, ?, ?, ?)",
+                    [seq, annotator, item_id, criterion, choice_screen, unswap_choice(choice_screen, a_on_left),
+                     a_on_left, _utcnow()])
         return int(seq)
 
     def skip(self, annotator: str, item_id: str, reason: str) -> int:
         """Skip an assigned item with a (non-empty) reason; its partial judgments stay but it counts as done."""
         if not reason.strip():
             raise ValueError("a skip needs a reason")
-        with self._lock:
-            con = self._con
+        with self._connection() as con:
             con.execute("BEGIN")
             try:
                 if con.execute("SELECT 1 FROM assignments WHERE annotator = ? AND item_id = ?",
@@ -221,8 +272,7 @@ class JudgmentsStore:
     def undo_last(self, annotator: str) -> tuple[str, str, str | None] | None:
         """Remove the annotator's latest action (judgment or skip). Returns ("judgment", item, criterion),
         ("skip", item, None) or None when there is nothing to undo. Only ever touches the caller's own rows."""
-        with self._lock:
-            con = self._con
+        with self._connection() as con:
             con.execute("BEGIN")
             try:
                 row = con.execute(
@@ -244,8 +294,7 @@ class JudgmentsStore:
     def next_task(self, annotator: str) -> Task | None:
         """Resume point: the first item in queue order that is neither skipped nor fully judged, and its first
         unjudged criterion (visual criteria first, then prompt following). None when the queue is finished."""
-        with self._lock:
-            con = self._con
+        with self._connection() as con:
             queue = con.execute(
                 "SELECT a.item_id, a.a_on_left, i.prompt, i.media_a, i.media_b, i.kind FROM assignments a "
                 "JOIN items i USING (item_id) WHERE a.annotator = ? ORDER BY a.position", [annotator]).fetchall()
@@ -291,8 +340,8 @@ class JudgmentsStore:
 
     def judgments_frame(self) -> pd.DataFrame:
         """All judgments in A/B terms (model 1 = A) plus the raw side mapping and timestamps."""
-        with self._lock:
-            return self._con.execute(
+        with self._connection() as con:
+            return con.execute(
                 "SELECT item_id, annotator, criterion, choice, choice_screen, a_on_left, created_at, seq "
                 "FROM judgments ORDER BY seq").df()
 

@@ -38,6 +38,9 @@ def stacked_bars_png(distribution: dict[str, dict[str, float]], name_a: str, nam
 
     crits = [c for c in ALL_CRITERIA if c in distribution]
     fig, ax = plt.subplots(figsize=(11, 0.45 * len(crits) + 1.6), dpi=110)
+    if not crits:  # nothing judged yet: an honest empty chart rather than no report at all
+        ax.text(0.5, 0.5, "no judgments yet", ha="center", va="center", fontsize=12)
+        ax.set_axis_off()
     for row, c in enumerate(crits):
         left = 0.0
         for choice, color in SEGMENTS:
@@ -55,7 +58,7 @@ def stacked_bars_png(distribution: dict[str, dict[str, float]], name_a: str, nam
     ax.xaxis.set_major_formatter(matplotlib.ticker.PercentFormatter(1.0))
     handles = [plt.Rectangle((0, 0), 1, 1, color=col) for _, col in SEGMENTS]
     labels = [CHOICE_LABELS[ch].replace("Model 1", name_a).replace("Model 2", name_b) for ch, _ in SEGMENTS]
-    ax.legend(handles, labels, ncol=4, fontsize=7, loc="upper center", bbox_to_anchor=(0.5, -0.06 - 0.3 / len(crits)),
+    ax.legend(handles, labels, ncol=4, fontsize=7, loc="upper center", bbox_to_anchor=(0.5, -0.06 - 0.3 / max(1, len(crits))),
               frameon=False)
     ax.set_title(title or f"{name_a} vs {name_b}", fontsize=10)
     fig.tight_layout()
@@ -70,9 +73,10 @@ def _fmt(x: float | None) -> str:
     return "—" if x is None else f"{x:.3f}"
 
 
-def html_report(summary: dict, name_a: str, name_b: str, png: str | Path, path: str | Path, title: str = "") -> Path:
+def html_report(summary: dict, name_a: str, name_b: str, png: str | Path, path: str | Path, title: str = "",
+                note: str = "") -> Path:
     """Self-contained HTML page (the PNG is embedded) with scores, 95% intervals, agreement and golden accuracy.
-    ``summary`` is ``sbs_scores.full_summary`` output."""
+    ``summary`` is ``sbs_scores.full_summary`` output; ``note`` (e.g. "simulated judgments") is shown as a banner."""
     img = base64.b64encode(Path(png).read_bytes()).decode()
     a, b = html.escape(name_a), html.escape(name_b)
     ci = summary.get("ci95", {})
@@ -92,11 +96,13 @@ def html_report(summary: dict, name_a: str, name_b: str, png: str | Path, path: 
                        if c in summary["criteria"])
     golden = "".join(f"<tr><td>{html.escape(ann)}</td><td>{g['correct']}/{g['checked']}</td>"
                      f"<td>{g['accuracy']:.0%}</td></tr>" for ann, g in summary.get("golden_accuracy", {}).items())
+    banner = (f"<p id='k5-note' style='background:#fde0dd;padding:8px;font-weight:bold'>{html.escape(note)}</p>"
+              if note else "")
     head = f"<tr><th></th><th>{a}</th><th>95% CI</th><th>{b}</th><th>95% CI</th></tr>"
     page = f"""<!doctype html><html><head><meta charset="utf-8"><title>{html.escape(title or f'{name_a} vs {name_b}')}
 </title><style>body{{font-family:sans-serif;max-width:1100px;margin:auto}}td,th{{padding:3px 10px;text-align:right}}
 td:first-child{{text-align:left}}table{{border-collapse:collapse}}tr:nth-child(even){{background:#f4f4f4}}</style>
-</head><body><h1>Side-by-side: {a} (model 1) vs {b} (model 2)</h1>
+</head><body><h1>Side-by-side: {a} (model 1) vs {b} (model 2)</h1>{banner}
 <p>{summary.get('n_items', 0)} prompts, {summary.get('n_judgments', 0)} judgments (golden pairs excluded).
 Scores follow the report §8.2 formulas per prompt, averaged over prompts; intervals: percentile bootstrap over
 prompts. Pairwise agreement {_fmt(summary.get('pairwise_agreement'))}, Krippendorff's alpha (nominal)

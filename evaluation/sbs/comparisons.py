@@ -1,0 +1,162 @@
+"""Which SBS comparisons exist: a small registry of ``Comparison`` records naming two lineage models.
+
+A lineage model is ``stage:<stage>`` (a report Table 4 stage; its published pipeline folder is found through the
+stage asset's latest materialization) or ``folder:<absolute path>`` (an external released pipeline folder). The
+comparison key, used as the Dagster partition key and as the folder name under ``K5_HOME/sbs/``, is
+``<name A>_vs_<name B>``; model A is model 1 everywhere (plan, store, scores, reports).
+
+Only comparisons that can succeed are offered: stage references must name Table 4 stages (checked when the record
+is built), and a ``folder:`` model is offered only while its folder holds a ``model_index.json``.
+"""
+
+from __future__ import annotations
+
+import json
+import re
+from collections.abc import Callable, Iterable
+from dataclasses import dataclass
+from pathlib import Path
+
+from k5model.training.stages import CHAINS, TABLE4
+
+STAGE = "stage"
+FOLDER = "folder"
+
+
+@dataclass(frozen=True, kw_only=True)
+class LineageModel:
+    """One side of a comparison."""
+
+    kind: str
+    """``"stage"`` (a Table 4 stage trained by its ``train_<stage>`` asset) or ``"folder"`` (an external pipeline)."""
+    ref: str
+    """Stage name, or the absolute path of the pipeline folder."""
+
+    def __post_init__(self) -> None:
+        if self.kind == STAGE:
+            if self.ref not in TABLE4:
+                raise ValueError(f"stage:{self.ref} is not a Table 4 stage; choose one of {', '.join(TABLE4)}")
+        elif self.kind == FOLDER:
+            if not Path(self.ref).is_absolute():
+                raise ValueError(f"folder:{self.ref} must be an absolute path to a pipeline folder")
+        else:
+            raise ValueError(f"unknown lineage model kind {self.kind!r}: use 'stage:<stage>' or 'folder:<path>'")
+
+    @classmethod
+    def parse(cls, text: str) -> LineageModel:
+        """``"stage:video_lite_lr"`` or ``"folder:/abs/path"``."""
+        kind, sep, ref = text.partition(":")
+        if not sep or not ref:
+            raise ValueError(f"{text!r} is not a lineage model: write 'stage:<stage>' or 'folder:<absolute path>'")
+        return cls(kind=kind, ref=ref)
+
+    @property
+    def name(self) -> str:
+        """Short name used in comparison keys, plots and MLflow: the stage, or the folder's base name."""
+        if self.kind == STAGE:
+            return self.ref
+        return re.sub(r"[^A-Za-z0-9_]+", "_", Path(self.ref).name).strip("_") or "folder"
+
+    @property
+    def asset_key(self) -> str | None:
+        """Dagster asset that produces the model (stages only)."""
+        return f"train_{self.ref}" if self.kind == STAGE else None
+
+    def __str__(self) -> str:
+        return f"{self.kind}:{self.ref}"
+
+
+@dataclass(frozen=True, kw_only=True)
+class Comparison:
+    """One side-by-side comparison: model A (model 1) against model B (model 2) on one prompt set."""
+
+    model_a: LineageModel
+    """Model 1: usually the newer stage or the candidate."""
+    model_b: LineageModel
+    """Model 2: the baseline."""
+    prompt_set: str
+    """``"moviegen"`` (video models) or ``"parti"`` (image models)."""
+    description: str = ""
+    """One line for the Dagster UI and the report."""
+
+    def __post_init__(self) -> None:
+        if self.prompt_set not in ("moviegen", "parti"):
+            raise ValueError(f"prompt_set must be 'moviegen' or 'parti', got {self.prompt_set!r}")
+        if str(self.model_a) == str(self.model_b):
+            raise ValueError(f"a comparison needs two different models, got {self.model_a} twice")
+
+    @property
+    def key(self) -> str:
+        return f"{self.model_a.name}_vs_{self.model_b.name}"
+
+    @property
+    def models(self) -> tuple[LineageModel, LineageModel]:
+        return self.model_a, self.model_b
+
+    def can_run(self) -> bool:
+        """False only for a ``folder:`` model whose folder is not a pipeline (stages are produced by their assets)."""
+        return all(m.kind == STAGE or (Path(m.ref) / "model_index.json").is_file() for m in self.models)
+
+
+def _prompt_set_of_chain(chain: str) -> str:
+    return "parti" if chain.startswith("image") else "moviegen"
+
+
+def stage_comparison(a: str, b: str, description: str = "") -> Comparison:
+    """Stage ``a`` (model A) against stage ``b``; the prompt set follows the chain of ``a``."""
+    chain = next(c for c, stages in CHAINS.items() if a in stages)
+    return Comparison(model_a=LineageModel(kind=STAGE, ref=a), model_b=LineageModel(kind=STAGE, ref=b),
+                      prompt_set=_prompt_set_of_chain(chain), description=description)
+
+
+def _registry() -> list[Comparison]:
+    video_lite = CHAINS["video_lite"]
+    out = [stage_comparison(video_lite[-1], video_lite[0],
+                            "demo: the last Video Lite stage (MR 10 s, NABLA) against the first (T2I LR)")]
+    # Every stage against the stage it started from: what did this stage add?
+    for chain, stages in CHAINS.items():
+        for stage in stages:
+            parent = TABLE4[stage].parent
+            if parent is not None:
+                out.append(stage_comparison(stage, parent, f"{chain}: {stage} against its parent {parent}"))
+    return out
+
+
+COMPARISONS: dict[str, Comparison] = {c.key: c for c in _registry()}
+DEMO_COMPARISON: str = COMPARISONS[f"{CHAINS['video_lite'][-1]}_vs_{CHAINS['video_lite'][0]}"].key
+
+
+def offered(comparisons: Iterable[Comparison] = ()) -> list[str]:
+    """Partition keys: every registered comparison that can run (registry order)."""
+    pool = list(comparisons) or list(COMPARISONS.values())
+    return [c.key for c in pool if c.can_run()]
+
+
+def get_comparison(key: str) -> Comparison:
+    if key not in COMPARISONS:
+        raise KeyError(f"unknown SBS comparison {key!r}; registered: {', '.join(COMPARISONS)}")
+    return COMPARISONS[key]
+
+
+def stages_referenced(comparisons: Iterable[Comparison] = ()) -> list[str]:
+    """Every stage some comparison uses (Table 4 order): the ``train_<stage>`` deps of the SBS assets."""
+    pool = list(comparisons) or list(COMPARISONS.values())
+    used = {m.ref for c in pool for m in c.models if m.kind == STAGE}
+    return [s for s in TABLE4 if s in used]
+
+
+def resolve_model(model: LineageModel, stage_pipeline: Callable[[str], Path]) -> Path:
+    """The pipeline folder of a lineage model. ``stage_pipeline(stage)`` says where a stage published its pipeline
+    (the orchestration layer reads it from the stage asset's materialization). Raises FileNotFoundError naming what to
+    materialize or fix when the folder is not a complete pipeline."""
+    path = Path(model.ref) if model.kind == FOLDER else Path(stage_pipeline(model.ref))
+    if not (path / "model_index.json").is_file():
+        fix = f"materialize {model.asset_key} first" if model.kind == STAGE else "point it at a pipeline folder"
+        raise FileNotFoundError(f"{model}: no pipeline at {path} (no model_index.json); {fix}")
+    return path
+
+
+def pipeline_media_kind(folder: Path) -> str:
+    """"image" for a T2I pipeline folder, else "video" (from ``model_index.json``)."""
+    cls = json.loads((Path(folder) / "model_index.json").read_text()).get("_class_name", "")
+    return "image" if "T2I" in cls else "video"
