@@ -6,7 +6,7 @@ included). Deviation = max |latent mean − diffusers untiled latent mean| (and 
 so the cost of chunking is visible next to the cost of diffusers' own tiling. Note that diffusers' "untiled" encode
 still tiles in time (17-frame tiles, 4 overlapping frames blended) above 16 frames; ``--whole-clip`` adds the
 deviation from the true whole-clip encode (``CausalChunkEncoder.encode_whole_clip``: GroupNorm and attention over
-every frame, convolutions exact in 16-frame slices since cuDNN takes no single 121×512×768 input; about 45 GB).
+every frame, convolutions exact in 16-frame slices since cuDNN takes no single 121×512×768 input).
 
 Variants of ours: ``c<chunk frames>[_compile][_ncdhw]``: channels-last-3d is the default layout, ``_ncdhw`` the
 previous contiguous layout; ``_compile`` compiles the GroupNorm → SiLU → buffer write.

@@ -18,7 +18,7 @@ BACKENDS = ("sdpa", "flex", "math")
 
 @lru_cache(maxsize=1)
 def _sdpa_priority():
-    """cuDNN first on GPU: for these long bf16 sequences it ran ~45% faster than flash on H100 (465 vs 320 TFLOP/s)."""
+    """cuDNN first on GPU: for these long bf16 sequences it is much faster than flash (docs/benchmarks.md)."""
     from torch.nn.attention import SDPBackend
 
     return [SDPBackend.CUDNN_ATTENTION, SDPBackend.FLASH_ATTENTION, SDPBackend.EFFICIENT_ATTENTION, SDPBackend.MATH]

@@ -67,8 +67,8 @@ def apply_rope(x: torch.Tensor, rope: Rope, cast: torch.dtype | None = None) -> 
     """Rotate pairs (x[2i], x[2i+1]) by the angle table, in fp32 (the official code never rounds here).
 
     Written as ``x·cos' + swap(x)·sin'`` with per-element tables (cos repeated, sin with alternating sign) and the
-    pair swap as a flip: compiled, this is one element-wise read of x. The stack-of-halves form made inductor emit a
-    q/k norm+RoPE kernel twice as slow (0.55 vs 0.28 ms per video_lite block on H100). Same values: a − b = a + (−b).
+    pair swap as a flip: compiled, this is one element-wise read of x, where the stack-of-halves form made inductor's
+    q/k norm+RoPE kernel twice as slow (docs/benchmarks.md, "Figures behind the code"). Same values: a − b = a + (−b).
     """
     xf = x.float()
     cos = torch.repeat_interleave(rope.cos, 2, dim=-1)
@@ -366,8 +366,7 @@ class CrossDiT(nn.Module):
         norm/modulation/gate element-wise work around the matmuls and attention.
 
         On CUDA, inductor's coordinate-descent tuning of the fused kernels' block sizes is on unless ``options`` say
-        otherwise (or a ``mode`` is given): on an H200 it took a 5 s video_lite forward from 1.393 to 1.382 s, for a
-        longer first compile."""
+        otherwise (or a ``mode`` is given): slightly faster kernels for a longer first compile (docs/benchmarks.md)."""
         compile_kwargs = block_compile_kwargs(self.device, **compile_kwargs)
         for block in [*self.text_transformer_blocks, *self.visual_transformer_blocks]:
             block.compile(**compile_kwargs)

@@ -1,15 +1,13 @@
 """Triton kernels for GPU inference: the per-head q/k RMSNorm + RoPE of an attention call, and the MLP's exact GELU.
 
-Inductor's fusion of q/k RMSNorm and RoPE ran at 1.2-1.5 TB/s on H200s (0.47-0.56 ms for q and k of one 5 s
-video_lite block), a third of the card's copy bandwidth. :func:`rms_norm_rope` reads each token's heads once,
-normalises them in fp32, rounds to the input dtype exactly where the model does, rotates the pairs with the token's
-cos/sin (loaded once for all its heads) and writes them once: 0.34 ms against the composite's 0.47 ms in one
-process; its 132 calls take 9.4 ms of a whole compiled forward, where the composite path took 16 ms.
+Inductor's fusion of q/k RMSNorm and RoPE runs at a third of the card's copy bandwidth. :func:`rms_norm_rope` reads
+each token's heads once, normalises them in fp32, rounds to the input dtype exactly where the model does, rotates the
+pairs with the token's cos/sin (loaded once for all its heads) and writes them once.
 
-Inductor's GELU is bound by libdevice's erf as much as by memory (0.50 ms for one block's 47,616 × 7,168 hidden
-values, 2.7 TB/s). :func:`gelu` computes the same exact-erf GELU with a 5-term polynomial erf (Abramowitz-Stegun
-7.1.26, |error| < 1.5e-7, far below bf16's rounding step): 12.9 ms against 15.3 ms over a whole forward, with 5e-5
-of the bf16 outputs one rounding step away from inductor's (bench/dense_forward_probe.py).
+Inductor's GELU is bound by libdevice's erf as much as by memory. :func:`gelu` computes the same exact-erf GELU with a
+5-term polynomial erf (Abramowitz-Stegun 7.1.26, |error| < 1.5e-7, far below bf16's rounding step); rare bf16
+outputs land one rounding step away from inductor's. Timings of both against the composite path:
+docs/benchmarks.md ("Figures behind the code"; measured with ``python -m bench.dense_forward_probe``).
 
 Neither has a backward: the model calls them where no gradient is needed and keeps the composite (inductor-fused)
 path for training. They are ``torch.library.triton_op`` s, so compiled blocks trace straight through them; they are

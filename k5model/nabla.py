@@ -198,8 +198,8 @@ def nabla_block_mask(
         k_max = min(nb, math.ceil(force_density * nb - 1e-9))
         mask = torch.zeros(B, Hh, nb, nb, dtype=torch.bool, device=q.device)
         if same is None:
-            # every row keeps exactly k_max blocks, so the top-k need not come back sorted (sorting them was ~1 ms
-            # a layer at 10 s)
+            # every row keeps exactly k_max blocks, so the top-k need not come back sorted (sorting cost a layer
+            # about a millisecond at 10 s; docs/benchmarks.md)
             mask.scatter_(-1, logits.topk(k_max, dim=-1, sorted=False).indices, True)
         else:
             inds = logits.topk(k_max, dim=-1).indices
@@ -375,8 +375,8 @@ def nabla_attention(
         needs_grad = torch.is_grad_enabled() and any(t.requires_grad for t in (q, k, v))
         kernel_options = None
         if q.is_cuda and (not needs_grad or (TRAIN_WITH_64_BLOCKS and enable_64_token_flex_backward())):
-            # Exact 64-token full blocks with 64-wide tiles. On H100 (torch 2.11) this forward ran 4.2x faster than
-            # dense SDPA at 18% density, while the 128-token form below was 4x slower than dense.
+            # Exact 64-token full blocks with 64-wide tiles: several times faster than dense SDPA at NABLA densities,
+            # where the 128-token form below is slower than dense (docs/benchmarks.md, NABLA attention kernels).
             flex_block, kernel_options = BLOCK, dict(FLEX_KERNEL_OPTIONS_64)
         elif q.is_cuda:
             # Training without the backward config hook: 128-token kernel blocks (2x2 NABLA blocks, partial ones
@@ -387,8 +387,8 @@ def nabla_attention(
         fmask = to_flex_block_mask(block_mask, q.shape[1], doc_ids, flex_block=flex_block, q_blocks=needs_grad)
         # The CPU path is eager on purpose (a correctness reference, not a fast path), so its "called without
         # torch.compile" warning is silenced; under compile the context manager would break the graph, and inside an
-        # activation-checkpointed block one graph break makes dynamo run the whole block eagerly (a 10 s NABLA
-        # training step measured 7.9 s with it, most of it in unfused element-wise kernels).
+        # activation-checkpointed block one graph break makes dynamo run the whole block eagerly (unfused element-wise
+        # kernels dominated a 10 s NABLA training step; docs/benchmarks.md).
         quiet = contextlib.nullcontext() if torch.compiler.is_compiling() else warnings.catch_warnings()
         with quiet:
             if not torch.compiler.is_compiling():

@@ -308,7 +308,7 @@ class CausalChunkEncoder:
     def encode_whole_clip(self, pixels: torch.Tensor, slice_frames: int = 16) -> torch.Tensor:
         """The reference the chunks approximate: GroupNorm statistics and the mid-block attention over the whole
         clip (diffusers' encode without any tiling), the convolutions run in ``slice_frames`` slices (exact).
-        Memory grows with the clip (about 45 GB at 121×512×768 fp16)."""
+        Memory grows with the whole clip (docs/benchmarks.md gives it for 121×512×768 fp16)."""
         convs = {id(m): _WholeConv(m, memory_format=self.memory_format, slice_frames=slice_frames)
                  for m in self.vae.encoder.modules() if hasattr(m, "time_causal_padding")}
         with self._settings(pixels):
