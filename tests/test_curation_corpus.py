@@ -9,6 +9,7 @@ from pathlib import Path
 import pandas as pd
 import pytest
 from click.testing import CliRunner
+from helpers import moto_s3_server
 
 from k5cli.curate import curate
 from k5data.curation.config import load_config
@@ -124,13 +125,8 @@ def test_rerun_adds_nothing(local_run: dict) -> None:
 
 def test_same_rows_from_s3(local_run: dict, tmp_path: Path) -> None:
     import boto3
-    from moto.server import ThreadedMotoServer
 
-    server = ThreadedMotoServer(ip_address="127.0.0.1", port=0, verbose=False)
-    server.start()
-    try:
-        host, port = server.get_host_and_port()
-        endpoint = f"http://{host}:{port}"
+    with moto_s3_server() as endpoint:
         env = {"AWS_ACCESS_KEY_ID": "test", "AWS_SECRET_ACCESS_KEY": "test", "AWS_DEFAULT_REGION": "us-east-1"}
         old = {k: os.environ.get(k) for k in env}
         os.environ.update(env)
@@ -148,8 +144,6 @@ def test_same_rows_from_s3(local_run: dict, tmp_path: Path) -> None:
         finally:
             for k, v in old.items():
                 os.environ.pop(k) if v is None else os.environ.__setitem__(k, v)
-    finally:
-        server.stop()
     assert summary.dataset["quarantined"] == 5
     assert "run1/quarantine.parquet" in keys and "run1/dataset/256/corpus/part-00000.parquet" in keys
     assert remote["source_uri"].str.startswith("s3://raw/corpus/").all()

@@ -7,7 +7,6 @@ from __future__ import annotations
 import json
 import os
 import signal
-import socket
 import subprocess
 import sys
 import time
@@ -19,6 +18,7 @@ import dagster as dg
 import numpy as np
 import pandas as pd
 import pytest
+from helpers import moto_s3_server
 from PIL import Image
 
 from k5data.latents.buckets import BUCKETS, choose_bucket
@@ -104,16 +104,8 @@ def reference(dataset: Path, encoders: LatentEncoders) -> dict:
 
 @pytest.fixture(scope="module")
 def s3() -> Iterator[str]:
-    from moto.server import ThreadedMotoServer
-
-    sock = socket.socket()
-    sock.bind(("127.0.0.1", 0))
-    port = sock.getsockname()[1]
-    sock.close()
-    server = ThreadedMotoServer(ip_address="127.0.0.1", port=port)
-    server.start()
-    yield f"http://127.0.0.1:{port}"
-    server.stop()
+    with moto_s3_server() as endpoint:
+        yield endpoint
 
 
 @pytest.fixture

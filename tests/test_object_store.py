@@ -3,27 +3,19 @@ and the curation output written and rewritten through them."""
 
 from __future__ import annotations
 
-import socket
 from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
+from helpers import moto_s3_server
 
 from k5data.object_store import LocalStore, ObjectStore, S3Store, key_order, open_store
 
 
 @pytest.fixture(scope="module")
 def s3_endpoint() -> Iterator[str]:
-    from moto.server import ThreadedMotoServer
-
-    sock = socket.socket()
-    sock.bind(("127.0.0.1", 0))
-    port = sock.getsockname()[1]
-    sock.close()
-    server = ThreadedMotoServer(ip_address="127.0.0.1", port=port, verbose=False)
-    server.start()
-    yield f"http://127.0.0.1:{port}"
-    server.stop()
+    with moto_s3_server() as endpoint:
+        yield endpoint
 
 
 @pytest.fixture(params=["local", "s3"])

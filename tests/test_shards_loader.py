@@ -2,7 +2,6 @@
 from __future__ import annotations
 
 import json
-import socket
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -10,6 +9,7 @@ import numpy as np
 import pyarrow as pa
 import pyarrow.compute  # noqa: F401
 import pytest
+from helpers import moto_s3_server
 
 from k5data.latents.shards import LatentSample, read_index, write_shards
 from k5data.loading.loader import PackedLatentLoader
@@ -64,16 +64,8 @@ def test_round_trip_and_crash_resume_local(tmp_path: Path) -> None:
 
 @pytest.fixture(scope="module")
 def s3() -> Iterator[str]:
-    from moto.server import ThreadedMotoServer
-
-    sock = socket.socket()
-    sock.bind(("127.0.0.1", 0))
-    port = sock.getsockname()[1]
-    sock.close()
-    server = ThreadedMotoServer(ip_address="127.0.0.1", port=port)
-    server.start()
-    yield f"http://127.0.0.1:{port}"
-    server.stop()
+    with moto_s3_server() as endpoint:
+        yield endpoint
 
 
 def test_crash_resume_s3(s3: str, monkeypatch: pytest.MonkeyPatch) -> None:
