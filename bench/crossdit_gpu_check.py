@@ -46,7 +46,8 @@ def check_nabla(device, dtype, smoke: bool) -> dict:
         out_inf = model(**kw).sample
     model.set_options(attention=AttentionOptions(backend="math"))  # NABLA -> masked SDPA with the same block mask
     out_m, gx_m, g_m = fwd_bwd(model, kw)
-    return {"nabla_out_rel": rel(out_f, out_m), "nabla_inference_out_rel": rel(out_inf, out_m), "nabla_input_grad_rel": rel(gx_f, gx_m),
+    return {"nabla_out_rel": rel(out_f, out_m), "nabla_inference_out_rel": rel(out_inf, out_m),
+            "nabla_input_grad_rel": rel(gx_f, gx_m),
             "nabla_param_grad_rel_max": max(rel(a, b) for a, b in zip(g_f, g_m)), "tokens": frames * h * w // 4}
 
 
@@ -83,8 +84,9 @@ def check_packed(device, smoke: bool) -> dict:
         model.set_options(attention=AttentionOptions(backend="sdpa"))
         errs = []
         for i, (lat, txt) in enumerate(zip(lats, texts)):
+            sizes = (lat.shape[0], lat.shape[1] // 2, lat.shape[2] // 2)
             alone = model(lat[None], txt[None], t[i:i + 1], pooled[i:i + 1],
-                          [torch.arange(s, device=device) for s in (lat.shape[0], lat.shape[1] // 2, lat.shape[2] // 2)],
+                          [torch.arange(s, device=device) for s in sizes],
                           torch.arange(txt.shape[0], device=device), scale_factor=(1.0, 2.0, 2.0)).sample[0]
             errs.append(rel(packed[i], alone))
     return {"packed_flex_vs_alone_rel_max": max(errs)}

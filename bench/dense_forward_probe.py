@@ -4,8 +4,8 @@ Times, on the shapes of one 5 s 512×768 forward (47,616 tokens, 14 heads of 128
 - cuDNN / flash SDPA on (B, S, H, D)-strided views (what the model passes) and on contiguous (B, H, S, D) tensors;
 - the q/k RMSNorm + RoPE: the model's composite path compiled, and the Triton kernel of ``k5model.kernels``;
 - the exact GELU of the MLP: inductor's and the Triton kernel of ``k5model.kernels``;
-- the whole compiled forward with either q/k path, launched from Python, and replayed from one captured CUDA graph (the difference is what
-  host-side launching costs the GPU).
+- the whole compiled forward with either q/k path, launched from Python, and replayed from one captured CUDA graph
+  (the difference is what host-side launching costs the GPU).
 
     python -m bench.dense_forward_probe            # GPU
     python -m bench.dense_forward_probe --smoke    # CPU, tiny shapes: the code path the tests run

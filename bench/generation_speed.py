@@ -21,6 +21,7 @@ import torch
 from bench.common import device_info, diffusers_twin, sync, video_setup, write_result
 from k5model import CrossDiT
 from k5model.config import NABLA_10S
+from k5model.flow_matching import rope_positions
 from k5model.runtime_options import NablaOptions
 from k5model.sampling import sample, sampling_grid
 from k5model.synthetic import randomize
@@ -31,7 +32,7 @@ def diffusers_loop(model, noise, cond, uncond, steps, shift, guidance, scale_fac
     x = noise.clone()
     grid = sampling_grid(steps, shift).to(x.device)
     b, t, h, w, _ = x.shape
-    pos = [torch.arange(t, device=x.device), torch.arange(h // 2, device=x.device), torch.arange(w // 2, device=x.device)]
+    pos = rope_positions(x.shape, device=x.device)
     zeros = torch.zeros(b, t, h, w, 17, device=x.device, dtype=x.dtype)
     for i in range(steps):
         inp = torch.cat([x, zeros], -1).to(cond[0].dtype)

@@ -84,7 +84,8 @@ def main() -> None:
         for name, (z, seconds, peak) in results.items():
             print(json.dumps({"size": size, "frames": args.frames, "plan": name, "seconds": round(seconds, 3),
                               "peak_gib": round(peak, 2), "reference": ref_name,
-                              "max_abs_dev": float((z - ref).abs().max()), "mean_abs_dev": float((z - ref).abs().mean()),
+                              "max_abs_dev": float((z - ref).abs().max()),
+                              "mean_abs_dev": float((z - ref).abs().mean()),
                               "plan_detail": str(plans[name] or "256/192 px, 16/12 frames")}),
                   flush=True)
 

@@ -134,7 +134,8 @@ def run(n_annotators: int, duration: float, think_ms: float, undo_rate: float, s
     lat = np.array([x for s in sims for x in s.latencies]) * 1000
     confirmed = sum(s.confirmed for s in sims)
     stored = sum(per_user.values())
-    mismatched = {s.user: [s.confirmed, per_user.get(s.user, 0)] for s in sims if s.confirmed != per_user.get(s.user, 0)}
+    mismatched = {s.user: [s.confirmed, per_user.get(s.user, 0)] for s in sims
+                  if s.confirmed != per_user.get(s.user, 0)}
     return {
         "annotators": n_annotators, "duration_s": duration, "wall_s": round(wall, 1), "think_ms": think_ms,
         "requests": int(lat.size), "throughput_rps": round(lat.size / wall, 1) if wall else None,
@@ -163,7 +164,8 @@ def main(argv: list[str] | None = None) -> int:
     print(text)
     if args.out:
         Path(args.out).write_text(text + "\n")
-    ok = result["lost"] == 0 and not result["mismatched_annotators"] and result["app_alive_at_end"] and result["confirmed"] > 0
+    ok = (result["lost"] == 0 and not result["mismatched_annotators"] and result["app_alive_at_end"]
+          and result["confirmed"] > 0)
     return 0 if ok else 1
 
 

@@ -106,7 +106,8 @@ def visual_rope(
     return torch.cat(grids, dim=-1)
 
 
-def modulate(x: torch.Tensor, shift: torch.Tensor, scale: torch.Tensor, dtype: torch.dtype | None = None) -> torch.Tensor:
+def modulate(x: torch.Tensor, shift: torch.Tensor, scale: torch.Tensor,
+             dtype: torch.dtype | None = None) -> torch.Tensor:
     """LayerNorm (no affine) then adaptive scale/shift, all in fp32; result in ``dtype`` (default: the residual's)."""
     return (F.layer_norm(x.float(), x.shape[-1:]) * (1.0 + scale.float()) + shift.float()).to(dtype or x.dtype)
 
@@ -284,7 +285,8 @@ class OutLayer(nn.Module):
         return self.out_layer(modulate(x, shift, scale, self.out_layer.weight.dtype))
 
     def unpatchify(self, x: torch.Tensor, grid: Sequence[int]) -> torch.Tensor:
-        """(B, S, C·pt·ph·pw) on a (T, H, W) token grid -> (B, T·pt, H·ph, W·pw, C); features flatten as (C, pt, ph, pw)."""
+        """(B, S, C·pt·ph·pw) on a (T, H, W) token grid -> (B, T·pt, H·ph, W·pw, C); features flatten as
+        (C, pt, ph, pw)."""
         pt, ph, pw = self.patch_size
         t, h, w = grid
         x = x.view(x.shape[0], t, h, w, -1, pt, ph, pw).permute(0, 1, 5, 2, 6, 3, 7, 4)
@@ -435,8 +437,8 @@ class CrossDiT(nn.Module):
             raise ValueError(f"hidden_states must be (B, T, H, W, C), got shape {tuple(hidden_states.shape)}")
         if hidden_states.shape[-1] != self.config.visual_embed_dim:
             raise ValueError(
-                f"hidden_states has {hidden_states.shape[-1]} channels, the model expects {self.config.visual_embed_dim}"
-                f" (visual_cond={self.config.visual_cond})"
+                f"hidden_states has {hidden_states.shape[-1]} channels, the model expects "
+                f"{self.config.visual_embed_dim} (visual_cond={self.config.visual_cond})"
             )
         if timestep.ndim == 0:
             timestep = timestep.expand(hidden_states.shape[0])

@@ -23,8 +23,8 @@ layer, head and denoising step, which 64×64 blocks of the attention matrix carr
    full blocks (no mask_mod), run with 64-wide kernel tiles, forward and backward. Inductor's default H100 backward
    tiles for head_dim 64 are 128 wide and must divide the BlockMask's block size, so
    :func:`enable_64_token_flex_backward` adds a 64×64 backward config; where that hook is unavailable training falls
-   back to 128-token kernel blocks (2×2 NABLA blocks, partial ones masked exactly by a mask_mod). On CPU (FlexAttention has no CPU backward) the block mask is expanded to a dense
-   boolean mask for SDPA.
+   back to 128-token kernel blocks (2×2 NABLA blocks, partial ones masked exactly by a mask_mod). On CPU
+   (FlexAttention has no CPU backward) the block mask is expanded to a dense boolean mask for SDPA.
 
 Packed sequences: several samples may be concatenated in one sequence, each in its own fractal order (so every
 64-block belongs to exactly one sample). ``doc_ids`` (one id per block) restricts the map's softmax to the row's own

@@ -38,7 +38,7 @@ class AttentionOptions:
 
 @dataclass(frozen=True, kw_only=True)
 class NablaOptions:
-    """Benchmark knobs of NABLA attention (see ``k5model.nabla.nabla_block_mask``); the defaults run the model's rule."""
+    """Benchmark knobs of NABLA attention (see ``k5model.nabla.nabla_block_mask``); defaults run the model's rule."""
 
     force_density: float | None = None
     """Keep the top ``force_density`` fraction of blocks in every row instead of the cumulative-mass rule (random

@@ -16,8 +16,8 @@ from k5model.runtime_options import AttentionOptions
 
 # Tolerances. With ``AttentionOptions(rope_cast=bf16)`` our model performs the same rounding as diffusers (which casts
 # the rotated q/k to bf16 even in fp32), so fp32 outputs must agree to float round-off. With the official fp32 RoPE the
-# only difference is that rounding: |Δq|/|q| <= 2^-8 per element, which through the tiny random network (weights N(0, 0.2),
-# outputs of magnitude ~5) moves outputs by ~1e-4 absolute; we allow 2e-3 relative to the output scale.
+# only difference is that rounding: |Δq|/|q| <= 2^-8 per element, which through the tiny random network (weights
+# N(0, 0.2), outputs of magnitude ~5) moves outputs by ~1e-4 absolute; we allow 2e-3 relative to the output scale.
 EXACT_ATOL = 1e-5
 ROPE_REL_TOL = 2e-3
 

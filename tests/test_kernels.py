@@ -1,5 +1,5 @@
-"""The Triton inference kernels (q/k RMSNorm + RoPE, GELU) against the model's composite path (GPU only: CI has none, the device runs
-these)."""
+"""The Triton inference kernels (q/k RMSNorm + RoPE, GELU) against the model's composite path (GPU only: CI has
+none, the device runs these)."""
 
 import pytest
 import torch

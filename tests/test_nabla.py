@@ -1,4 +1,5 @@
-"""NABLA block-sparse attention (k5model.nabla): layout, STA, block masks against loops and diffusers, attention paths."""
+"""NABLA block-sparse attention (k5model.nabla): layout, STA, block masks against loops and diffusers, attention
+paths."""
 
 from __future__ import annotations
 

@@ -86,7 +86,8 @@ def test_no_private_torch_patch_outside_this_module():
             continue
         tree = ast.parse(path.read_text())
         for node in ast.walk(tree):
-            if isinstance(node, ast.ImportFrom) and (node.module or "").startswith(("torch._dynamo", "torch._inductor")):
+            private = ("torch._dynamo", "torch._inductor")
+            if isinstance(node, ast.ImportFrom) and (node.module or "").startswith(private):
                 offenders.append(f"{path.relative_to(root.parent)}:{node.lineno} imports {node.module}")
             if isinstance(node, ast.Attribute) and node.attr in ("_dynamo", "_inductor"):
                 offenders.append(f"{path.relative_to(root.parent)}:{node.lineno} uses torch.{node.attr}")

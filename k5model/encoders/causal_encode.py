@@ -136,7 +136,8 @@ class _StreamConv:
         if pw0:
             new[..., ph0:ph0 + h, :pw0].copy_(new[..., ph0:ph0 + h, pw0:pw0 + 1].expand(-1, -1, -1, -1, pw0))
         if pw1:
-            new[..., ph0:ph0 + h, pw0 + w:].copy_(new[..., ph0:ph0 + h, pw0 + w - 1:pw0 + w].expand(-1, -1, -1, -1, pw1))
+            edge = new[..., ph0:ph0 + h, pw0 + w - 1:pw0 + w]
+            new[..., ph0:ph0 + h, pw0 + w:].copy_(edge.expand(-1, -1, -1, -1, pw1))
         if ph0:
             new[:, :, :, :ph0].copy_(new[:, :, :, ph0:ph0 + 1].expand(-1, -1, -1, ph0, -1))
         if ph1:

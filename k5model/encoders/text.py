@@ -8,9 +8,10 @@ loaded tokenizer. Checked against the real Qwen vocabulary (its BPE ranks), this
 engineer . Describe the image by detailing the color , shape , size , texture , quantity , text , spatial
 relationships of the objects and background : <|im_end|> \\n <|im_start|> user \\n`` = 41 tokens. diffusers spells
 "prompt" (one token instead of " prom"+"t") and so crops one token less (128/40/54). The other official splits are
-" dynam|ism", " scre|n" (typo "scren") and " post|processing". Editing is the exception: its prefix is 52 tokens but the official code crops 55, i.e. it also
-drops the first 3 prompt tokens; pass ``crop_start=OFFICIAL_CROP["edit"]`` to reproduce that.
-``OFFICIAL_CROP`` records the official numbers; ``crop_start=`` overrides the computed crop.
+" dynam|ism", " scre|n" (typo "scren") and " post|processing". Editing is the exception: its prefix is 52 tokens
+but the official code crops 55, i.e. it also drops the first 3 prompt tokens; pass
+``crop_start=OFFICIAL_CROP["edit"]`` to reproduce that. ``OFFICIAL_CROP`` records the official numbers;
+``crop_start=`` overrides the computed crop.
 """
 
 from __future__ import annotations
