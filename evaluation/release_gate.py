@@ -92,12 +92,12 @@ def decide(summary: dict, *, candidate: str, champion: str | None, margin: float
                             baseline=None, **base_info)
     side = sides[cand]
     baseline = next(name for name, s in sides.items() if s != side)
-    if champion is not None and lineage_name(champion) != baseline:
+    if champion and lineage_name(champion) != baseline:
         return GateDecision(False, f"the comparison measures {cand} against {baseline}, not against the champion "
                             f"{lineage_name(champion)}; run an SBS of the candidate against the champion",
                             baseline=baseline, **base_info)
     verdicts = tuple(_group_verdict(summary, g, side, margin) for g in groups)
-    against = f"the champion {baseline}" if champion is not None else f"the baseline {baseline} (no champion yet)"
+    against = f"the champion {baseline}" if champion else f"the baseline {baseline} (no champion yet)"
     failed = [v.group for v in verdicts if not v.passed]
     label = " (simulated judgments)" if simulated else ""
     if simulated and not allow_simulated:

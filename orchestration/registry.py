@@ -130,7 +130,8 @@ def apply_gate(tracking_uri: str, name: str, version: str, summary: dict, *, mar
                                 baseline=None, champion=lineage_name(cand_name), margin=margin,
                                 comparison=summary.get("comparison"), simulated=bool(summary.get("simulated")))
     else:
-        champ_name = None if champion is None else champion.tags.get(f"{TAG}lineage_name") or f"version {champion.version}"
+        champ_name = None if champion is None else (champion.tags.get(f"{TAG}lineage_name")
+                                                     or f"unknown:version {champion.version}")  # registered by hand
         decision = decide(summary, candidate=cand_name, champion=champ_name, margin=margin, groups=groups,
                           allow_simulated=allow_simulated)
         if decision.promote:

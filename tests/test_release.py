@@ -7,11 +7,12 @@ from __future__ import annotations
 
 import json
 import shutil
-import socket
 from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
+from helpers import moto_s3_server
+from test_release_gate import A, B, summary
 
 from evaluation.model_card import ReleaseLineage, render_model_card
 from k5data.object_store import LocalStore, open_store
@@ -26,7 +27,6 @@ from orchestration.registry import (
     register_release,
     resolve,
 )
-from tests.test_release_gate import A, B, summary
 
 pytestmark = pytest.mark.usefixtures("one_thread")
 
@@ -197,7 +197,7 @@ def test_gate_moves_champion_only_when_it_passes(pipeline: Path, tmp_path: Path,
     # no champion, clear win over the baseline: the first champion
     won = apply_gate(tracking[0], name, first.version, summary(0.8), margin=0.0)
     assert won.promote and "no champion yet" in won.reason
-    assert alias_version(tracking[0], name, CHAMPION).version == first.version
+    assert str(alias_version(tracking[0], name, CHAMPION).version) == first.version
     assert "already the champion" in apply_gate(tracking[0], name, first.version, summary(0.8)).reason
 
     # a second candidate (another stage's content) against the champion: the comparison must be against it
@@ -206,28 +206,20 @@ def test_gate_moves_champion_only_when_it_passes(pipeline: Path, tmp_path: Path,
     (changed / "scheduler" / "scheduler_config.json").write_text(
         json.dumps({**json.loads((pipeline / "scheduler" / "scheduler_config.json").read_text()), "shift": 3.0}))
     second = release(tracking, publish_folder(changed, store, "video_lite"), stage="video_lite_mr_5s")
-    assert resolve(tracking[0], "models:/k5-video_lite@candidate").version == second.version
+    assert str(resolve(tracking[0], "models:/k5-video_lite@candidate").version) == second.version
     c2 = "stage:video_lite_mr_5s"
     wrong = apply_gate(tracking[0], name, second.version, summary(0.9, model_a=c2, model_b=B))
     assert not wrong.promote and "not against the champion" in wrong.reason  # B is not the champion (A is)
     loses = apply_gate(tracking[0], name, second.version, summary(0.4, model_a=c2, model_b=A))
-    assert not loses.promote and alias_version(tracking[0], name, CHAMPION).version == first.version
+    assert not loses.promote and str(alias_version(tracking[0], name, CHAMPION).version) == first.version
     beats = apply_gate(tracking[0], name, second.version, summary(0.85, model_a=c2, model_b=A), margin=0.2)
-    assert beats.promote and alias_version(tracking[0], name, CHAMPION).version == second.version
+    assert beats.promote and str(alias_version(tracking[0], name, CHAMPION).version) == second.version
 
 
 @pytest.fixture(scope="module")
 def s3_endpoint() -> Iterator[str]:
-    from moto.server import ThreadedMotoServer
-
-    sock = socket.socket()
-    sock.bind(("127.0.0.1", 0))
-    port = sock.getsockname()[1]
-    sock.close()
-    server = ThreadedMotoServer(ip_address="127.0.0.1", port=port)
-    server.start()
-    yield f"http://127.0.0.1:{port}"
-    server.stop()
+    with moto_s3_server() as endpoint:
+        yield endpoint
 
 
 @pytest.mark.slow  # moto server

@@ -10,11 +10,11 @@ from pathlib import Path
 import dagster as dg
 import pytest
 from mlflow.tracking import MlflowClient
+from test_release_gate import summary
 
 from assets.release import FAMILIES, champion_gate, release
 from orchestration.registry import alias_version
 from orchestration.resources import K5HomeResource, MLflowResource, ObjectStoreResource
-from tests.test_release_gate import summary
 
 STAGES = ("video_lite_t2i_lr", "video_lite_lr", "video_lite_mr_5s", "video_lite_mr_10s")
 COMPARISON = "video_lite_mr_10s_vs_video_lite_t2i_lr"
