@@ -48,6 +48,30 @@ def free_port() -> int:
         return s.getsockname()[1]
 
 
+def start_app(args: list[str]) -> tuple[subprocess.Popen, str]:
+    """``python -m ui.annotation_app ARGS --port <free>`` as a real server; returns it and its URL once it answers."""
+    port = free_port()
+    proc = subprocess.Popen([sys.executable, "-m", "ui.annotation_app", *args, "--port", str(port)], cwd=REPO,
+                            stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+    url = f"http://127.0.0.1:{port}/"
+    deadline = time.time() + 120
+    while True:
+        try:
+            urllib.request.urlopen(url, timeout=2)
+            return proc, url
+        except OSError:
+            if proc.poll() is not None or time.time() > deadline:
+                proc.kill()
+                raise RuntimeError(f"app did not start: {proc.stdout.read()}") from None
+            time.sleep(0.5)
+
+
+def stop_app(proc: subprocess.Popen) -> None:
+    if proc.poll() is None:
+        proc.send_signal(signal.SIGTERM)
+        proc.wait(timeout=30)
+
+
 @pytest.fixture(scope="module")
 def server(tmp_path_factory: pytest.TempPathFactory):
     assert os.path.exists(CHROMIUM), "Debian's chromium package is required (apt-get install -y chromium)"
@@ -60,28 +84,12 @@ def server(tmp_path_factory: pytest.TempPathFactory):
     (root / "plan.json").write_text(plan.to_json())
     (root / "creds.txt").write_text("# annotator:scrypt hash\n"
                                     + "".join(f"{u}:{hash_password(p)}\n" for u, p in PASSWORDS.items()))
-    port = free_port()
     db = root / "judgments.duckdb"
-    proc = subprocess.Popen([sys.executable, "-m", "ui.annotation_app", "serve", "--db", str(db), "--plan",
-                             str(root / "plan.json"), "--media-root", str(media), "--credentials",
-                             str(root / "creds.txt"), "--port", str(port)], cwd=REPO,
-                            stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
-    url = f"http://127.0.0.1:{port}/"
-    deadline = time.time() + 120
-    while True:
-        try:
-            urllib.request.urlopen(url, timeout=2)
-            break
-        except OSError:
-            if proc.poll() is not None or time.time() > deadline:
-                proc.kill()
-                raise RuntimeError(f"app did not start: {proc.stdout.read()}") from None
-            time.sleep(0.5)
+    proc, url = start_app(["serve", "--db", str(db), "--plan", str(root / "plan.json"), "--media-root", str(media),
+                           "--credentials", str(root / "creds.txt")])
     info = {"url": url, "db": db, "proc": proc, "prompt_p0": plan.items[0].prompt}
     yield info
-    if proc.poll() is None:
-        proc.send_signal(signal.SIGTERM)
-        proc.wait(timeout=30)
+    stop_app(proc)
 
 
 @pytest.fixture(scope="module")
@@ -169,8 +177,7 @@ def test_two_annotators_complete_both_phases_with_shortcuts(server, browser) -> 
     page.wait_for_function("document.querySelector('#k5-header').innerText.includes('1/1 pairs done')")
     page.context.close()
 
-    server["proc"].send_signal(signal.SIGTERM)
-    server["proc"].wait(timeout=30)
+    stop_app(server["proc"])
     con = duckdb.connect(str(server["db"]), read_only=True)
     rows = con.execute("SELECT annotator, item_id, criterion, choice_screen, choice, a_on_left, created_at "
                        "FROM judgments ORDER BY seq").fetchall()

@@ -184,3 +184,58 @@ def test_password_hashing(store: JudgmentsStore) -> None:
     store.set_password("ann1", "pw1")
     assert store.check_password("ann1", "pw1") and not store.check_password("ann1", "pw2")
     assert not store.check_password("ghost", "pw1")
+
+
+_HOLDER = """
+import sys, time, duckdb
+con = duckdb.connect(sys.argv[1])  # another process (the app, a report, an export) in the middle of an operation
+print("locked", flush=True)
+time.sleep(float(sys.argv[2]))
+con.close()
+"""
+
+
+def _hold(path: Path, seconds: float) -> subprocess.Popen:
+    proc = subprocess.Popen([sys.executable, "-c", _HOLDER, str(path), str(seconds)], stdout=subprocess.PIPE, text=True)
+    assert proc.stdout.readline().strip() == "locked"
+    return proc
+
+
+def test_processes_take_turns_on_the_file_and_a_long_lock_is_named(tmp_path: Path) -> None:
+    import time
+
+    from evaluation.sbs.judgments_store import StoreBusy
+
+    path = tmp_path / "j.duckdb"
+    store = JudgmentsStore(path, busy_timeout_s=0.5)
+    store.load_plan(small_plan())
+    holder = _hold(path, 60)
+    try:
+        with pytest.raises(StoreBusy, match="locked by another process"):
+            store.record("ann1", "v1", "visual_1", "model1_better")
+    finally:
+        holder.kill()
+        holder.wait()
+    assert store.count_judgments() == 0  # nothing half-written
+    # a short lock is waited out: the write lands once the other process lets go
+    store.busy_timeout_s = 60
+    holder = _hold(path, 1.5)
+    t0 = time.monotonic()
+    store.record("ann1", "v1", "visual_1", "model1_better")
+    assert time.monotonic() - t0 > 0.5 and holder.wait(timeout=30) == 0
+    assert store.count_judgments("ann1") == 1
+    # the store keeps nothing open between operations: another process can read right away
+    read = subprocess.run([sys.executable, "-c", "import duckdb, sys; c = duckdb.connect(sys.argv[1], read_only=True);"
+                           "print(c.execute('SELECT count(*) FROM judgments').fetchone()[0])", str(path)],
+                          capture_output=True, text=True, timeout=60)
+    assert read.stdout.strip() == "1", read.stderr
+
+
+def test_record_many_is_all_or_nothing_and_keeps_existing_rows(store: JudgmentsStore) -> None:
+    store.record("ann1", "v1", "visual_1", "model2_better")
+    rows = [("ann1", "v1", "visual_1", "model1_better"), ("ann1", "v1", "visual_2", "equally")]
+    assert store.record_many(rows) == 1  # visual_1 was already judged: kept as it was
+    assert store.judgments_frame().set_index("criterion").loc["visual_1", "choice_screen"] == "model2_better"
+    with pytest.raises(NotAssigned):
+        store.record_many([("ann1", "v1", "visual_3", "equally"), ("ann2", "v2", "visual_1", "equally")])
+    assert store.count_judgments() == 2  # the refused batch wrote nothing
