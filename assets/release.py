@@ -100,7 +100,8 @@ def release(context: dg.AssetExecutionContext, config: ReleaseConfig, k5_home: K
     card = render_model_card(name=name, lineage=lineage_, source_uri=published.uri, summary=summary,
                              manifest_sha256=published.manifest.sha256, total_bytes=published.manifest.total_bytes)
     version = register_release(mlflow.resolved_tracking_uri(), mlflow.experiment_id(), lineage=lineage_,
-                               published=published, card=card)
+                               published=published, card=card,
+                               run_tags={"dagster_asset": "release", "dagster_run_id": context.run_id})
     context.log.info(f"{name} version {version.version} ({'reused' if version.reused else 'new'}): {published.uri}")
     return dg.MaterializeResult(metadata={
         **facts, "model": name, "version": version.version, "models_uri": f"models:/{name}@{CANDIDATE}",

@@ -75,10 +75,11 @@ def _find_version(client: Any, name: str, manifest_sha256: str) -> Any | None:
 
 
 def register_release(tracking_uri: str, experiment_id: str, *, lineage: ReleaseLineage, published: PublishedFolder,
-                     card: str) -> ReleaseVersion:
+                     card: str, run_tags: dict[str, str] | None = None) -> ReleaseVersion:
     """Register ``published`` as a new version of ``k5-<family>`` (source = its store URI) with lineage tags and the
-    model card, and point ``candidate`` at it. Idempotent: content already registered (same manifest sha256) gets
-    ``candidate`` again instead of a duplicate version."""
+    model card, and point ``candidate`` at it. ``run_tags``: extra tags of the release run (e.g. the Dagster run and
+    asset). Idempotent: content already registered (same manifest sha256) gets ``candidate`` again instead of a
+    duplicate version."""
     from mlflow.exceptions import MlflowException
 
     client, name = _client(tracking_uri), model_name(lineage.family)
@@ -92,7 +93,7 @@ def register_release(tracking_uri: str, experiment_id: str, *, lineage: ReleaseL
         return ReleaseVersion(name, str(existing.version), existing.source, existing.run_id or "",
                               published.manifest.sha256, reused=True)
     tags = lineage_tags(lineage, published)
-    run = client.create_run(experiment_id, run_name=f"release/{name}/{lineage.stage}", tags=tags)
+    run = client.create_run(experiment_id, run_name=f"release/{name}/{lineage.stage}", tags={**tags, **(run_tags or {})})
     run_id = run.info.run_id
     client.log_text(run_id, card, "model_card.md")
     client.log_text(run_id, published.manifest.to_json(), "manifest.json")

@@ -81,6 +81,7 @@ def test_release_asset_and_gate_both_ways(recorded: dg.DagsterInstance, tmp_path
     assert version.tags["k5.training_run_ids"] == ",".join(f"{s}=run-{s}" for s in STAGES)
     assert version.tags["k5.dataset_snapshot"] == "curated@7" and version.tags["k5.gate.decision"] == "keep"
     assert version.tags["k5.dagster_run_id"] == kept.run_id and "samples consumed: 24" in version.description
+    assert client.get_run(version.run_id).data.tags["dagster_run_id"] == kept.run_id  # MLflow -> Dagster link
 
     promoted = run_release(recorded, tmp_path, margin=0.0)
     assert promoted.success
