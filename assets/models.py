@@ -1,7 +1,6 @@
 """Model assets: pipeline folders that later assets load from."""
 
 # No `from __future__ import annotations`: Dagster inspects the real `context` type hints at definition time.
-import json
 from pathlib import Path
 
 import dagster as dg
@@ -16,25 +15,6 @@ def tiny_model_dir(home: K5HomeResource) -> Path:
     return home.paths.models / f"tiny_{TINY_KIND}"
 
 
-def component_parameter_counts(model_dir: Path) -> dict[str, int]:
-    """Parameters per pipeline component, read from safetensors headers (no weights loaded)."""
-    from safetensors import safe_open
-
-    index = json.loads((model_dir / "model_index.json").read_text())
-    counts: dict[str, int] = {}
-    for name in sorted(k for k in index if not k.startswith("_")):
-        total = 0
-        for f in sorted((model_dir / name).glob("*.safetensors")):
-            with safe_open(str(f), framework="pt") as st:
-                for key in st.keys():  # noqa: SIM118 - safe_open is not a dict
-                    n = 1
-                    for dim in st.get_slice(key).get_shape():
-                        n *= dim
-                    total += n
-        counts[name] = total
-    return counts
-
-
 @dg.asset(
     group_name="models",
     kinds={"pytorch", "diffusers"},
@@ -44,6 +24,7 @@ def component_parameter_counts(model_dir: Path) -> dict[str, int]:
     description="Tiny random Kandinsky 5 T2V pipeline folder (diffusers layout) for CPU demos and tests.",
 )
 def tiny_model_bundle(context: dg.AssetExecutionContext, k5_home: K5HomeResource) -> dg.MaterializeResult:
+    from k5model.checkpoint import component_parameter_counts
     from k5model.tiny import build_tiny_pipeline
 
     # Idempotent: a complete folder of the same kind/seed is reused, so re-materializing is cheap.

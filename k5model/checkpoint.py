@@ -206,3 +206,22 @@ def checkpoint_dtypes(path: str | os.PathLike) -> dict[str, str]:
     """dtype per tensor name without loading data (used to check the fp32-modulation layout)."""
     with safe_open(str(path), framework="pt") as f:
         return {k: str(f.get_slice(k).get_dtype()) for k in f.keys()}
+
+
+def component_parameter_counts(model_dir: str | os.PathLike) -> dict[str, int]:
+    """Parameters per component of a diffusers pipeline folder (``model_index.json`` names them), read from the
+    safetensors headers: no weights are loaded."""
+    model_dir = Path(model_dir)
+    index = json.loads((model_dir / "model_index.json").read_text())
+    counts: dict[str, int] = {}
+    for name in sorted(k for k in index if not k.startswith("_")):
+        total = 0
+        for f in sorted((model_dir / name).glob("*.safetensors")):
+            with safe_open(str(f), framework="pt") as st:
+                for key in st.keys():  # noqa: SIM118 - safe_open is not a dict
+                    n = 1
+                    for dim in st.get_slice(key).get_shape():
+                        n *= dim
+                    total += n
+        counts[name] = total
+    return counts
