@@ -60,17 +60,10 @@ class TilePlan:
             setattr(vae, f"tile_sample_min_{axis}", side if n == 1 else stride + self.overlap)
 
 
-# Per supported video resolution (report §7.1: "since Kandinsky 5 supports a limited set of input spatial resolutions,
-# we determined optimal tile sizes"; "fewer tiles means less quality loss"). Measured with bench/latent_tiling.py on
-# an H100 (fp16, 121 frames, random weights at the real size; diffusers' default = 256-px tiles, 16 frames):
-#   low (256x384): no tiles at all, 0.68 s / 20.6 GB and exact (default 1.39 s / 2.5 GB, mean |dz| 0.134);
-#   medium (512x768): whole frames in 16-frame causal chunks (bench/vae_encode.py, H200): 1.28 s / 8.1 GB, max |dz|
-#   0.039 from the whole-clip encode, against 3.63 s / 13.3 GB and 1.09 for diffusers' 16-frame temporal tiles and
-#   5.66 s / 2.9 GB for its default;
-#   high (1280x768, 1408x640): 2 tiles along the long side, 10.2 s / 17.1 GB and 9.3 s / 15.6 GB (default 15.4 s and
-#   15.0 s at ~3.2 GB; whole frames 10.9 s / 34 GB), max |dz| vs whole frames 0.14-0.15 (default 0.21-0.23); the
-#   chunked encoder has not been measured at these sizes yet.
-# Override per run with LatentConfig.tiling (e.g. smaller GPUs).
+# Per supported video resolution (report §7.1: "fewer tiles means less quality loss"): no tiles where the whole clip
+# fits, causal chunks of whole frames for the 512 class (nearest to the whole-clip encode), else the fewest spatial
+# tiles; measured in docs/benchmarks.md, "Latent tiling per video resolution". Override per run with
+# LatentConfig.tiling (e.g. smaller GPUs).
 _LOW, _MID = TilePlan(frames=None), TilePlan(chunk_frames=16)
 VIDEO_TILING: dict[str, TilePlan] = {
     "256x256": _LOW, "256x384": _LOW, "384x256": _LOW,
