@@ -17,7 +17,7 @@ from pydantic import Field
 
 from evaluation.model_card import ReleaseLineage
 from evaluation.release_gate import OVERALL_GROUPS
-from k5model.training.stages import CHAINS, lineage
+from k5model.training.stages import CHAINS, get_table_stage, lineage
 from orchestration.lineage import Context, latest_metadata, stage_pipeline_dir
 from orchestration.resources import K5HomeResource, MLflowResource, ObjectStoreResource
 
@@ -27,21 +27,35 @@ FAMILIES = dg.StaticPartitionsDefinition(list(CHAINS))
 class ReleaseConfig(dg.Config):
     stage: str | None = Field(None, description="stage of the family's chain to release; unset: its last stage")
     comparison: str | None = Field(None, description="sbs_report partition that gates the release; unset: "
-                                   "'<stage>_vs_<first stage of the chain>' (Video Lite: the demo comparison)")
+                                   "'<stage>_vs_<first stage of the chain>' if registered (Video Lite: the demo "
+                                   "comparison), else '<stage>_vs_<parent stage>'")
     margin: float = Field(0.0, description="the lower bound of the candidate's 95% advantage interval must exceed "
                           "this on every gated group for `champion` to move")
     groups: list[str] = Field(default_factory=lambda: list(OVERALL_GROUPS), description="overall SBS groups gated")
     allow_simulated: bool = Field(True, description="let simulated judgments (demo) move `champion`")
+    latency_steps: int | None = Field(4, description="Euler steps of the model card's latency measurement (one "
+                                      "generation through K5Pipeline); None: not measured")
+    latency_device: str = Field("cpu", description="torch device of the latency measurement")
 
 
 def stage_and_comparison(family: str, config: ReleaseConfig) -> tuple[str, str]:
+    """The stage to release and the SBS comparison that gates it (checked against the SBS registry)."""
+    from evaluation.sbs.comparisons import COMPARISONS
+
     chain = CHAINS[family]
     stage = config.stage or chain[-1]
     if stage not in chain:
         raise dg.Failure(f"stage {stage!r} is not in the {family} chain ({', '.join(chain)})")
-    if config.comparison is None and stage == chain[0]:
-        raise dg.Failure(f"{stage} is the first stage of {family}: set `comparison` to an SBS that gates it")
-    return stage, config.comparison or f"{stage}_vs_{chain[0]}"
+    unknown = [g for g in config.groups if g not in OVERALL_GROUPS]
+    if unknown or not config.groups:
+        raise dg.Failure(f"groups {config.groups}: choose one or more of {list(OVERALL_GROUPS)}")
+    parent = get_table_stage(stage).parent
+    tried = [config.comparison] if config.comparison else [f"{stage}_vs_{s}" for s in (chain[0], parent) if s]
+    comparison = next((c for c in tried if c in COMPARISONS), None)
+    if comparison is None or stage not in (m.ref for m in COMPARISONS[comparison].models):
+        raise dg.Failure(f"no SBS comparison of {stage} to gate the release (tried {tried}); set `comparison` to a "
+                         "registered one that includes it")
+    return stage, comparison
 
 
 def release_lineage(context: Context, home: K5HomeResource, family: str, stage: str,
@@ -87,7 +101,7 @@ def sbs_summary(context: Context, home: K5HomeResource, comparison: str) -> tupl
 )
 def release(context: dg.AssetExecutionContext, config: ReleaseConfig, k5_home: K5HomeResource,
             mlflow: MLflowResource, object_store: ObjectStoreResource) -> dg.MaterializeResult:
-    from evaluation.model_card import render_model_card
+    from evaluation.model_card import measure_latency, render_model_card
     from k5data.publish import manifest_summary, publish_folder
     from orchestration.registry import CANDIDATE, model_name, register_release
 
@@ -97,7 +111,9 @@ def release(context: dg.AssetExecutionContext, config: ReleaseConfig, k5_home: K
     summary, summary_path = sbs_summary(context, k5_home, comparison)
     published = publish_folder(folder, object_store.store(), family)
     name, facts = model_name(family), manifest_summary(published)
-    card = render_model_card(name=name, lineage=lineage_, source_uri=published.uri, summary=summary,
+    latency = None if config.latency_steps is None else measure_latency(folder, steps=config.latency_steps,
+                                                                          device=config.latency_device)
+    card = render_model_card(name=name, lineage=lineage_, source_uri=published.uri, summary=summary, latency=latency,
                              manifest_sha256=published.manifest.sha256, total_bytes=published.manifest.total_bytes)
     version = register_release(mlflow.resolved_tracking_uri(), mlflow.experiment_id(), lineage=lineage_,
                                published=published, card=card,

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import re
 from dataclasses import dataclass, field
+from pathlib import Path
 from typing import Any
 
 from evaluation.release_gate import OVERALL_GROUPS, GateDecision
@@ -115,3 +116,18 @@ def render_model_card(*, name: str, lineage: ReleaseLineage, source_uri: str, ma
              "## Data", "", *data, "", *_sbs_section(summary), "", "## Latency", ""]
     lines += [f"- {k}: {v:.3f} s" for k, v in latency.items()] if latency else ["Not measured for this release."]
     return "\n".join(lines) + "\n\n" + gate_section(decision) + "\n"
+
+
+def measure_latency(folder: Path, *, size: int = 64, frames: int = 5, steps: int = 4, device: str = "cpu",
+                    prompt: str = "a red fox running through snow") -> dict[str, float]:
+    """Seconds of one generation (text encoding, ``steps`` Euler steps, VAE decode; model load excluded) with the
+    pipeline folder through ``K5Pipeline``: the card's latency line, labelled with what was measured. The side rounds
+    up to the model's size multiple (NABLA models: 128 px)."""
+    from k5model.pipeline import K5Pipeline
+
+    pipe = K5Pipeline.from_pretrained(folder, device=device)
+    side = -(-size // pipe.size_multiple) * pipe.size_multiple
+    n = frames if pipe.is_video else None
+    result = pipe.generate(prompt, height=side, width=side, num_frames=n, num_steps=steps, seed=0, progress=False)
+    label = f"{side}x{side}" + (f"x{n} frames" if n else "") + f", {steps} steps, {device}"
+    return {label: float(result.timings["total_s"])}

@@ -12,7 +12,7 @@ import pytest
 from mlflow.tracking import MlflowClient
 from test_release_gate import summary
 
-from assets.release import FAMILIES, champion_gate, release
+from assets.release import FAMILIES, ReleaseConfig, champion_gate, release, stage_and_comparison
 from orchestration.registry import alias_version
 from orchestration.resources import K5HomeResource, MLflowResource, ObjectStoreResource
 
@@ -82,6 +82,7 @@ def test_release_asset_and_gate_both_ways(recorded: dg.DagsterInstance, tmp_path
     assert version.tags["k5.dataset_snapshot"] == "curated@7" and version.tags["k5.gate.decision"] == "keep"
     assert version.tags["k5.dagster_run_id"] == kept.run_id and "samples consumed: 24" in version.description
     assert client.get_run(version.run_id).data.tags["dagster_run_id"] == kept.run_id  # MLflow -> Dagster link
+    assert "64x64x5 frames, 4 steps, cpu" in version.description  # latency measured on the released folder
 
     promoted = run_release(recorded, tmp_path, margin=0.0)
     assert promoted.success
@@ -105,3 +106,17 @@ def test_definitions_wire_release_into_the_lineage() -> None:
     assert "release" not in main_nodes and not any("champion_gate" in n for n in main_nodes)
     (spec,) = champion_gate.check_specs
     assert spec.blocking and spec.description and spec.partitions_def == FAMILIES
+
+
+def test_release_config_resolves_stage_and_gating_comparison() -> None:
+    assert stage_and_comparison("video_lite", ReleaseConfig()) == ("video_lite_mr_10s", COMPARISON)
+    # no last-vs-first comparison registered for Image Lite: the stage against its parent
+    assert stage_and_comparison("image_lite", ReleaseConfig()) == ("image_edit_hr", "image_edit_hr_vs_image_edit_mr")
+    assert stage_and_comparison("video_lite", ReleaseConfig(stage="video_lite_lr"))[1] == \
+        "video_lite_lr_vs_video_lite_t2i_lr"
+    for bad, needle in ((ReleaseConfig(stage="image_lite_lr"), "not in the video_lite chain"),
+                        (ReleaseConfig(stage="video_lite_t2i_lr"), "no SBS comparison of video_lite_t2i_lr"),
+                        (ReleaseConfig(comparison="video_lite_lr_vs_video_lite_t2i_lr"), "no SBS comparison"),
+                        (ReleaseConfig(groups=["visual_1"]), "choose one or more")):
+        with pytest.raises(dg.Failure, match=needle):
+            stage_and_comparison("video_lite", bad)
