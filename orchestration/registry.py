@@ -147,6 +147,19 @@ def apply_gate(tracking_uri: str, name: str, version: str, summary: dict, *, mar
     return decision
 
 
+def release_status(tracking_uri: str, family: str) -> list[str]:
+    """What a demo prints about a family's release: the candidate version and its source, the gate's decision on it
+    and why, and the champion."""
+    name = model_name(family)
+    candidate, champion = alias_version(tracking_uri, name, CANDIDATE), alias_version(tracking_uri, name, CHAMPION)
+    if candidate is None:
+        return [f"{name}: no release registered"]
+    gate = candidate.tags.get(f"{TAG}gate.decision", "not run")
+    return [f"{name} version {candidate.version} (@{CANDIDATE}): {candidate.source}",
+            f"gate: {gate}" + (f" ({candidate.tags[TAG + 'gate.reason']})" if gate != "not run" else ""),
+            f"@{CHAMPION}: " + ("none" if champion is None else f"version {champion.version} ({champion.source})")]
+
+
 @contextmanager
 def _s3_endpoint(endpoint_url: str | None) -> Iterator[None]:
     """MLflow's S3 repository reads ``MLFLOW_S3_ENDPOINT_URL``; our stores read ``K5_S3_ENDPOINT_URL``."""

@@ -25,6 +25,7 @@ from orchestration.registry import (
     download_release,
     model_name,
     register_release,
+    release_status,
     resolve,
 )
 
@@ -192,11 +193,16 @@ def test_gate_moves_champion_only_when_it_passes(pipeline: Path, tmp_path: Path,
     # no champion, margin the interval does not clear: keep, and no champion appears
     kept = apply_gate(tracking[0], name, first.version, summary(0.8), margin=0.9)
     assert not kept.promote and alias_version(tracking[0], name, CHAMPION) is None
+    assert release_status(tracking[0], "video_lite")[2] == "@champion: none"
+    assert release_status(tracking[0], "image_lite") == ["k5-image_lite: no release registered"]
     mv = MlflowClient(tracking[0]).get_model_version(name, first.version)
     assert mv.tags["k5.gate.decision"] == "keep" and "**keep**" in mv.description
     # no champion, clear win over the baseline: the first champion
     won = apply_gate(tracking[0], name, first.version, summary(0.8), margin=0.0)
     assert won.promote and "no champion yet" in won.reason
+    status = release_status(tracking[0], "video_lite")
+    assert status[0] == f"k5-video_lite version 1 (@candidate): {first.source}" and status[1].startswith("gate: promote")
+    assert status[2].startswith("@champion: version 1")
     assert str(alias_version(tracking[0], name, CHAMPION).version) == first.version
     assert "already the champion" in apply_gate(tracking[0], name, first.version, summary(0.8)).reason
 
