@@ -125,6 +125,7 @@ def build_report(root: Path, settings: ReportSettings, log=print) -> ReportResul
     simulated = bool(settings.simulate)
     golden = plan.golden_map()
     summary = full_summary(valid, golden=golden, n_boot=settings.n_boot)
+    scored = valid.loc[~valid["item_id"].isin(list(golden))]  # the rows behind the scores (n_judgments)
     name_a, name_b = plan.meta.get("model_a", "A"), plan.meta.get("model_b", "B")
     comparison = plan.meta.get("comparison", root.name)
     # model_a/model_b are lineage names ("stage:<stage>", "folder:<path>"), what the release gate matches against
@@ -133,7 +134,7 @@ def build_report(root: Path, settings: ReportSettings, log=print) -> ReportResul
                     "model_b": plan.meta.get("model_b_ref", name_b), "model_a_name": name_a, "model_b_name": name_b,
                     "judgments_source": source, "simulated": simulated, "invalid_rows": invalid,
                     "annotators": sorted(valid["annotator"].unique().tolist()),
-                    "n_simulated_judgments": int(simulated_mask(valid).sum())})
+                    "n_simulated_judgments": int(simulated_mask(scored).sum())})
     per_item = valid.groupby("item_id")["annotator"].nunique().to_dict()
     cov = {i.item_id: int(per_item.get(i.item_id, 0)) for i in plan.items}
 
