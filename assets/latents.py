@@ -44,6 +44,25 @@ def _curated_rows(context: dg.AssetExecutionContext | dg.AssetCheckExecutionCont
     return read_dataset(str(latest_metadata(context, curated_dataset.key)["path"]), curation.config())
 
 
+def index_summary(store: Any, prefix: str) -> dict[str, Any]:
+    """Samples and archives per (modality, resolution class) of a shard index, as metadata."""
+    from k5data.latents.shards import read_index
+
+    index = read_index(store, prefix)
+    per_class = Counter(zip(index.column("modality").to_pylist(), index.column("res_class").to_pylist()))
+    shards = Counter((sh.split("/")[1], sh.split("/")[2]) for sh in set(index.column("shard").to_pylist()))
+    table = "| modality | class | samples | shards |\n|---|---|---|---|\n" + "".join(
+        f"| {m} | {r} | {n} | {shards[(m, r)]} |\n" for (m, r), n in sorted(per_class.items()))
+    return {"buckets": dg.MetadataValue.md(table), "classes": dg.MetadataValue.json(sorted(map(list, per_class)))}
+
+
+def dataset_snapshot(context: dg.AssetExecutionContext) -> str:
+    """The curated dataset version the shards come from: its path and the Dagster run that wrote it."""
+    event = context.instance.get_latest_materialization_event(curated_dataset.key)
+    meta = latest_metadata(context, curated_dataset.key)
+    return f"{meta['path']}@{event.run_id}" if event is not None else str(meta["path"])
+
+
 @dg.asset(
     deps=[curated_dataset, tiny_model_bundle],
     group_name="latents",
@@ -55,7 +74,6 @@ def _curated_rows(context: dg.AssetExecutionContext | dg.AssetCheckExecutionCont
 def latent_shards(context: dg.AssetExecutionContext, config: LatentShardsConfig, curation: CurationResource,
                   object_store: ObjectStoreResource) -> dg.MaterializeResult:
     from k5data.latents.encode import LatentEncoders, encode_dataset
-    from k5data.latents.shards import read_index
 
     cfg = _latent_config(config)
     video_vae = config.video_vae or str(upstream_path(context, tiny_model_bundle.key))
@@ -64,19 +82,14 @@ def latent_shards(context: dg.AssetExecutionContext, config: LatentShardsConfig,
     summary = encode_dataset(_curated_rows(context, curation), store, prefix, encoders, cfg,
                              curation.config().endpoint_url)
     context.log.info(f"latent shards at {store.uri(prefix)}: {summary}")
-    index = read_index(store, prefix)
-    per_class = Counter(zip(index.column("modality").to_pylist(), index.column("res_class").to_pylist()))
-    shards = Counter((sh.split("/")[1], sh.split("/")[2]) for sh in set(index.column("shard").to_pylist()))
-    table = "| modality | class | samples | shards |\n|---|---|---|---|\n" + "".join(
-        f"| {m} | {r} | {n} | {shards[(m, r)]} |\n" for (m, r), n in sorted(per_class.items()))
     return dg.MaterializeResult(metadata={
-        "prefix": prefix, "index_uri": store.uri(f"{prefix}/index.parquet"),
+        "prefix": prefix, "index_uri": store.uri(f"{prefix}/index.parquet"), "dataset_snapshot": dataset_snapshot(context),
         "samples": summary["index_samples"], "shards": summary["index_shards"], "encoded": summary["encoded"],
         "already_encoded": summary["already_encoded"], "skipped": dg.MetadataValue.json(summary["skipped"]),
         "seconds": summary["seconds"], "samples_per_s": summary["samples_per_s"],
         "vae_frames_per_s": summary["frames_per_s_encode"], "latent_bytes": summary["latent_bytes"],
         "video_vae": video_vae, "image_vae": config.image_vae or "(video VAE, 1-frame videos)",
-        "buckets": dg.MetadataValue.md(table),
+        **index_summary(store, prefix),
         "config": dg.MetadataValue.json({k: v for k, v in vars(cfg).items() if k not in ("tiling", "per_shard")}),
     })
 

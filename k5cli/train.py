@@ -1,6 +1,11 @@
-"""``k5 plan`` and ``k5 stages``: Table 4 stages and the §7.3 step-time / memory planner (no torch use of its own)."""
+"""``k5 train`` (options generated from ``TrainJob``), ``k5 plan`` and ``k5 stages``: Table 4 stages and the §7.3
+step-time / memory planner (no torch import at load time)."""
 
 from __future__ import annotations
+
+import dataclasses
+from pathlib import Path
+from typing import Any
 
 import click
 
@@ -93,38 +98,62 @@ class _ProgressBar:
         self.bar.set_postfix(loss=f"{metrics.get('loss', float('nan')):.4f}", lr=f"{metrics.get('lr', 0.0):.2e}")
 
 
-@click.command("train", context_settings={"ignore_unknown_options": True})
-@click.argument("stage")
-@click.option("--out", required=True, type=click.Path(file_okay=False), help="run folder (checkpoints, metrics, EMA)")
-@click.option("--steps", type=int, default=None, help="train until this step (default: the stage's)")
-@click.option("--demo", is_flag=True, help="a Table 4 stage scaled to the tiny preset (CPU)")
-@click.option("--nproc", type=int, default=1, show_default=True, help="processes (GPUs); >1 launches torchrun")
-@click.argument("extra", nargs=-1, type=click.UNPROCESSED)
-def train(stage: str, out: str, steps: int | None, demo: bool, nproc: int, extra: tuple[str, ...]) -> None:
-    """Train STAGE (a Table 4 stage name, or tiny_demo) with a progress bar; the same code Dagster launches.
+_CLICK_TYPES = {"int": click.INT, "float": click.FLOAT, "str": click.STRING}
 
-    Extra options go to ``python -m k5model.training.run`` (e.g. --resume, --init DIR, --bf16, --ckpt-every N)."""
+
+def job_options(command: Any, optional_out: bool = False) -> Any:
+    """One click option per ``TrainJob`` field (``--field-name``), its help the field's docstring: the dataclasses
+    are the only place an option is defined."""
+    from k5model.training.job import job_fields
+
+    for section, f, doc in reversed(job_fields()):
+        flag = "--" + f.name.replace("_", "-")
+        kind = str(f.type).replace(" | None", "")
+        default = f.default if f.default is not dataclasses.MISSING else None
+        if kind == "bool":
+            decl = f"{flag}/--no-{flag[2:]}" if default else flag
+            command = click.option(decl, f.name, is_flag=True, default=bool(default), show_default=bool(default),
+                                   help=f"[{section}] {doc}")(command)
+        else:
+            required = f.name == "out" and not optional_out
+            command = click.option(flag, f.name, type=_CLICK_TYPES[kind], default=None if required else default,
+                                   required=required, show_default=default is not None and not required,
+                                   help=f"[{section}] {doc}")(command)
+    return command
+
+
+@click.command("train")
+@job_options
+def train(**values: Any) -> None:
+    """Train a stage (a Table 4 stage name, or tiny_demo) with a progress bar: the same TrainJob and trainer that
+    the Dagster stage assets launch. With --nproc N > 1, torchrun runs N processes."""
     import subprocess
     import sys
 
-    argv = ["--stage", stage, "--out", out, *(["--steps", str(steps)] if steps else []), *(["--demo"] if demo else []),
-            *extra]
-    if nproc > 1:
+    from k5cli.main import K5Error
+    from k5model.training.job import TrainJob
+
+    try:
+        job = TrainJob.from_flat(**values)
+    except ValueError as err:
+        raise K5Error(str(err)) from None
+    out = Path(job.checkpoint.out)
+    if job.parallel.nproc > 1:
         # several processes: torchrun prints rank 0's JSON lines; the bar belongs to the single-process path
-        cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc-per-node", str(nproc), "-m",
-               "k5model.training.run", *argv]
+        out.mkdir(parents=True, exist_ok=True)
+        (out / "job.json").write_text(job.to_json())
+        cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc-per-node", str(job.parallel.nproc), "-m",
+               "k5cli.train_run", "--job", str(out / "job.json")]
         raise SystemExit(subprocess.call(cmd))
     import contextlib
     import io
 
-    from k5model.training import run
+    from k5cli.train_run import resolve_stage, run_training
 
-    target = steps
-    if target is None:
-        target = run.resolve_stage(stage, demo).steps
+    target = job.stage.steps if job.stage.steps is not None else resolve_stage(job).steps
     bar = _ProgressBar(total=target)
     # the bar replaces the per-step JSON lines on the terminal (metrics.jsonl in OUT keeps them)
     with contextlib.redirect_stdout(io.StringIO()):
-        result = run.main(argv, callbacks=[bar])
+        result = run_training(job, callbacks=[bar])
     bar.bar.close()
     click.echo(f"{result['stage']}: trained to step {result['step']} -> {out}")

@@ -225,3 +225,42 @@ def component_parameter_counts(model_dir: str | os.PathLike) -> dict[str, int]:
                     total += n
         counts[name] = total
     return counts
+
+
+def assemble_pipeline_folder(base: str | os.PathLike, transformer: str | os.PathLike,
+                             out: str | os.PathLike) -> Path:
+    """A complete diffusers pipeline folder at ``out``: ``base``'s ``model_index.json``, the trained ``transformer``
+    folder copied in, and every other component of ``base`` (text encoders, tokenizers, VAE, scheduler) as a relative
+    symbolic link, so stages share the frozen parts instead of copying gigabytes each. Anything that follows links
+    (``from_pretrained``, a publish to the object store) sees a self-contained folder.
+
+    Built under a temporary name and renamed into place: ``out`` is absent or complete. Returns ``out``."""
+    import shutil
+
+    base, transformer, out = Path(base).resolve(), Path(transformer), Path(out)
+    index_path = base / "model_index.json"
+    if not index_path.is_file():
+        raise CheckpointError(f"base pipeline {base} has no model_index.json; pass a diffusers pipeline folder")
+    if not (transformer / CONFIG_NAME).is_file():
+        raise CheckpointError(f"{transformer} is not a transformer folder (no {CONFIG_NAME})")
+    index = json.loads(index_path.read_text())
+    components = sorted(k for k in index if not k.startswith("_"))
+    missing = [c for c in components if c != "transformer" and not (base / c).is_dir()]
+    if missing:
+        raise CheckpointError(f"base pipeline {base} lacks the component folders {missing}")
+    out.parent.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.tmp-", dir=out.parent))
+    try:
+        shutil.copytree(transformer, tmp / "transformer")
+        for name in components:
+            if name != "transformer":
+                (tmp / name).symlink_to(os.path.relpath(base / name, out.parent.resolve() / out.name))
+        shutil.copy2(index_path, tmp / "model_index.json")
+        tmp.chmod(0o755)
+        if out.exists():
+            shutil.rmtree(out)
+        os.rename(tmp, out)
+    finally:
+        if tmp.exists():
+            shutil.rmtree(tmp, ignore_errors=True)
+    return out

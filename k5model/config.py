@@ -115,6 +115,8 @@ PRESETS: dict[str, CrossDiTConfig] = {
         num_visual_blocks=2, axes_dims=(4, 6, 6), visual_cond=True,
     ),
 }
+# The tiny preset as an image model (no visual-condition channels, like image_lite): the demo's Image Lite stages.
+PRESETS["tiny_image"] = PRESETS["tiny"].replace(visual_cond=False)
 
 # Nominal sizes the presets must land near (report Table 3 / model cards).
 NOMINAL_PARAMS = {"video_lite": 2e9, "video_pro": 19e9, "image_lite": 6e9}

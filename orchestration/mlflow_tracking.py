@@ -65,8 +65,7 @@ class MLflowStepLogger:
                 self.mlflow.log_artifacts(str(ema / "transformer"), "transformer")
             for single in sorted(ema.glob("*.safetensors")):
                 self.mlflow.log_artifact(str(single), "checkpoint")
-            if ema.is_dir():
-                self.mlflow.set_tag("k5_checkpoint_uri", (ema / "transformer").resolve().as_uri())
+            # the checkpoint tag is set by the stage asset once the run folder is published (never a .partial path)
         self.mlflow.end_run(status="FAILED" if failed else "FINISHED")
 
 

@@ -1,7 +1,7 @@
 """Subprocess / pod side of a training stage launched by Dagster Pipes.
 
-``python -m orchestration.pipes_train <k5model.training.run arguments>`` (or under ``torchrun``): runs the same trainer
-as the ``k5`` CLI. Rank 0 streams every step's metrics back to Dagster as Pipes log lines, logs them live to the
+``python -m orchestration.pipes_train --job JOB`` (JOB: ``TrainJob`` JSON, inline or a file; or under ``torchrun``):
+runs the same composition root (``k5cli.train_run``) as ``k5 train``. Rank 0 streams every step's metrics back to Dagster as Pipes log lines, logs them live to the
 stage's MLflow run when ``K5_MLFLOW_RUN_ID`` names one (see ``orchestration.mlflow_tracking``), and reports the
 stage's summary as materialization metadata. The other ranks only train. Kept outside ``k5model`` so the model
 library never imports Dagster or MLflow code.
@@ -9,7 +9,6 @@ library never imports Dagster or MLflow code.
 
 from __future__ import annotations
 
-import argparse
 import json
 import math
 import os
@@ -53,25 +52,22 @@ class PipesStepReporter:
                 "peak_mem_gib": float(self.last.get("peak_mem_gib", math.nan))}
 
 
-def _out_dir(argv: list[str]) -> Path:
-    parser = argparse.ArgumentParser(add_help=False)
-    parser.add_argument("--out", type=Path, required=True)
-    return parser.parse_known_args(argv)[0].out
-
-
 def main(argv: list[str]) -> int:
-    from k5model.training import run
+    from k5cli.train_run import load_job, run_training
 
+    if len(argv) != 2 or argv[0] != "--job":
+        raise SystemExit("usage: python -m orchestration.pipes_train --job JOB.json|'{...}'")
+    job = load_job(argv[1])
     if os.environ.get("RANK", "0") != "0":  # torchrun worker other than rank 0: train only
-        run.main(argv)
+        run_training(job)
         return 0
     from orchestration.mlflow_tracking import MLflowStepLogger
 
     with open_dagster_pipes() as pipes:
         reporter = PipesStepReporter(pipes)
-        tracker = MLflowStepLogger.from_env(_out_dir(argv))
+        tracker = MLflowStepLogger.from_env(Path(job.checkpoint.out))
         try:
-            result = run.main(argv, callbacks=[reporter, *([tracker] if tracker else [])])
+            result = run_training(job, callbacks=[reporter, *([tracker] if tracker else [])])
         except BaseException:
             if tracker is not None:
                 tracker.finish(failed=True)
@@ -79,7 +75,7 @@ def main(argv: list[str]) -> int:
         if tracker is not None:
             tracker.finish()
         meta = {**reporter.summary(), "stage": result["stage"], "step": result["step"],
-                "world_size": result["world_size"]}
+                "world_size": result["world_size"], "resumed_from": result["resumed_from"] or 0}
         if tracker is not None:
             meta.update(mlflow_run_id=tracker.run_id, samples_logged=len(tracker.logged_samples))
         pipes.report_asset_materialization(metadata=meta)

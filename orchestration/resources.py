@@ -113,29 +113,38 @@ class MLflowResource(dg.ConfigurableResource):
                                 tags={"k5_lineage": chain, "dagster_run_id": dagster_run_id})
         return run.info.run_id
 
-    def start_stage_run(self, chain: str, stage: str, dagster_run_id: str, params: dict[str, Any]) -> str:
-        """Create the stage's run (status RUNNING) under the chain's lineage run, with ``params`` (the stage config).
+    def start_stage_run(self, chain: str, stage: str, dagster_run_id: str, params: dict[str, Any],
+                        tags: dict[str, str] | None = None) -> str:
+        """Create the stage's run (status RUNNING) under the chain's lineage run (set RUNNING again), with ``params``
+        (the stage config) and ``tags`` (links back to Dagster, data lineage).
 
         Returns its id: the training job resumes it (``K5_MLFLOW_RUN_ID``) and logs step metrics, system metrics,
-        samples and the exported checkpoint into it live; ``end_stage_run`` closes it from this side."""
-        from mlflow.entities import Param
+        samples and the exported checkpoint into it live; ``end_stage_run`` closes it and its lineage run."""
+        from mlflow.entities import Param, RunStatus
 
         client = self._client()
         parent = self.lineage_run_id(chain, dagster_run_id)
+        client.update_run(parent, status=RunStatus.to_string(RunStatus.RUNNING))
         run = client.create_run(self.experiment_id(), run_name=stage,
                                 tags={"mlflow.parentRunId": parent, "k5_stage": stage, "k5_chain": chain,
-                                      "dagster_run_id": dagster_run_id})
+                                      "dagster_run_id": dagster_run_id, **(tags or {})})
         client.log_batch(run.info.run_id, params=[Param(k, str(v)[:6000]) for k, v in sorted(params.items())])
         return run.info.run_id
 
-    def end_stage_run(self, run_id: str, *, failed: bool = False) -> str:
-        """Mark a stage run FAILED (``failed``), or FINISHED if the job left it RUNNING; returns its UI link."""
+    def end_stage_run(self, run_id: str, *, failed: bool = False, tags: dict[str, str] | None = None) -> str:
+        """Mark a stage run FAILED (``failed``), or FINISHED if the job left it RUNNING, and its lineage run the same
+        (a later stage of the chain sets the lineage run RUNNING again); ``tags`` are set first. Returns its link."""
         client = self._client()
+        for key, value in (tags or {}).items():
+            client.set_tag(run_id, key, value)
         run = client.get_run(run_id)
         if failed:
             client.set_terminated(run_id, status="FAILED")
         elif run.info.status == "RUNNING":
             client.set_terminated(run_id, status="FINISHED")
+        parent = run.data.tags.get("mlflow.parentRunId")
+        if parent:
+            client.set_terminated(parent, status="FAILED" if failed else "FINISHED")
         return self.run_url(run)
 
 

@@ -1,8 +1,8 @@
 """How a training stage runs as an external job through Dagster Pipes: a local subprocess (default) or a Kubernetes
 GPU pod (``PipesK8sClient``), chosen by ``TrainingJobResource.backend`` (``$K5_PIPES`` in ``default_resources``).
 
-Both run the same command, ``python -m orchestration.pipes_train <k5model.training.run args>``, under ``torchrun`` when
-more than one process per node is asked for. The pod spec is built by a pure function, ``build_training_pod_spec``
+Both run the same command, ``python -m orchestration.pipes_train --job <TrainJob JSON>``, under ``torchrun`` when the
+job asks for more than one process (``TrainJob.parallel.nproc``, also the pod's GPU count). The pod spec is built by a pure function, ``build_training_pod_spec``
 (tested against the kubernetes client models without a cluster; ``infra/k8s/training-pod.yaml`` is its rendering).
 
 Kubernetes assumptions (see infra/k8s/README.md): one pod = one node's GPUs (multi-node needs a JobSet / PyTorchJob
@@ -21,19 +21,19 @@ from typing import Any
 
 import dagster as dg
 
+from k5model.training.job import TrainJob
+
 BACKENDS = ("subprocess", "k8s")
 GPU_RESOURCE = "nvidia.com/gpu"
 
 
-def training_command(args: Sequence[str], *, nproc_per_node: int = 1, python: str = sys.executable) -> list[str]:
-    """The job's command: ``python -m orchestration.pipes_train ARGS``, or torchrun with ``nproc_per_node`` workers
-    (rank 0 talks to Dagster and MLflow, the others only train)."""
-    if nproc_per_node < 1:
-        raise ValueError(f"nproc_per_node must be >= 1, got {nproc_per_node}")
-    if nproc_per_node == 1:
-        return [python, "-m", "orchestration.pipes_train", *args]
-    return [python, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node", str(nproc_per_node),
-            "-m", "orchestration.pipes_train", *args]
+def training_command(job: TrainJob, *, python: str = sys.executable) -> list[str]:
+    """The job's command: ``python -m orchestration.pipes_train --job JSON``, or torchrun with
+    ``job.parallel.nproc`` workers (rank 0 talks to Dagster and MLflow, the others only train)."""
+    args = ["-m", "orchestration.pipes_train", "--job", job.to_json()]
+    if job.parallel.nproc == 1:
+        return [python, *args]
+    return [python, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node", str(job.parallel.nproc), *args]
 
 
 def build_training_pod_spec(
@@ -108,7 +108,9 @@ class TrainingJobResource(dg.ConfigurableResource):
     ``backend="k8s"`` as a GPU pod through ``dagster_k8s.PipesK8sClient``.
 
     ``from_env()`` reads ``K5_PIPES`` (subprocess | k8s), ``K5_TRAIN_IMAGE``, ``K5_K8S_NAMESPACE``,
-    ``K5_GPUS_PER_POD``, ``K5_NPROC_PER_NODE``, ``K5_HOME_PVC``, ``K5_K8S_SECRET``, ``K5_K8S_SERVICE_ACCOUNT``."""
+    ``K5_GPUS_PER_POD``, ``K5_NPROC_PER_NODE``, ``K5_HOME_PVC``, ``K5_K8S_SECRET``, ``K5_K8S_SERVICE_ACCOUNT``.
+    The processes of a job are the job's own (``TrainJob.parallel.nproc``); ``default_nproc`` is what a stage asset
+    puts there when its config names none."""
 
     backend: str = "subprocess"
     nproc_per_node: int | None = None  # default: 1 locally, gpus_per_pod on Kubernetes
@@ -145,33 +147,33 @@ class TrainingJobResource(dg.ConfigurableResource):
                     raise ValueError(f"{var}={env[var]!r} is not a valid {cast.__name__}") from err
         return cls(**fields)
 
-    def _nproc(self) -> int:
+    def default_nproc(self) -> int:
         if self.nproc_per_node is not None:
             return self.nproc_per_node
         return max(self.gpus_per_pod, 1) if self.backend == "k8s" else 1
 
-    def pod_spec(self, args: Sequence[str], env: Mapping[str, str]) -> dict[str, Any]:
-        """The Kubernetes pod spec this resource would launch for ``args`` (see ``build_training_pod_spec``)."""
+    def pod_spec(self, job: TrainJob, env: Mapping[str, str]) -> dict[str, Any]:
+        """The Kubernetes pod spec this resource would launch for ``job`` (see ``build_training_pod_spec``)."""
         from orchestration.settings import K5Paths
 
         home = self.k5_home_mount or str(K5Paths.from_env().home)
         return build_training_pod_spec(
-            image=self.image or "", command=training_command(args, nproc_per_node=self._nproc(), python="python"),
-            env={**env, "K5_HOME": home}, gpus=self.gpus_per_pod, k5_home=home, k5_home_pvc=self.k5_home_pvc or "",
+            image=self.image or "", command=training_command(job, python="python"),
+            env={**env, "K5_HOME": home}, gpus=job.parallel.nproc, k5_home=home, k5_home_pvc=self.k5_home_pvc or "",
             cpu=self.cpu, memory=self.memory, shm_size=self.shm_size, secret_env=self.secret_env,
             service_account=self.service_account, node_selector=self.node_selector)
 
-    def run(self, context: dg.AssetExecutionContext, args: Sequence[str],
+    def run(self, context: dg.AssetExecutionContext, job: TrainJob,
             env: Mapping[str, str]) -> dg.PipesClientCompletedInvocation:
         """Run one stage; blocks until the job ends (raises if it fails), streaming its Pipes messages meanwhile."""
         if self.backend == "subprocess":
-            cmd = training_command(args, nproc_per_node=self._nproc())
+            cmd = training_command(job)
             context.log.info(f"training job (subprocess): {shlex.join(cmd)}")
             return dg.PipesSubprocessClient().run(context=context, command=cmd, env=dict(env))
         if self.backend == "k8s":
             from dagster_k8s import PipesK8sClient
 
-            spec = self.pod_spec(args, env)
+            spec = self.pod_spec(job, env)
             context.log.info(f"training job (k8s, namespace {self.namespace}): "
                              f"{shlex.join(spec['containers'][0]['command'])}")
             client = PipesK8sClient(load_incluster_config=self.load_incluster_config,
@@ -186,13 +188,14 @@ class TrainingJobResource(dg.ConfigurableResource):
 EXAMPLE = {"image": "registry.example.com/k5-lifecycle:latest", "gpus": 8, "k5_home": "/k5", "k5_home_pvc": "k5-home",
            "secret_env": "k5-object-store", "service_account": "k5-trainer",
            "node_selector": {"nvidia.com/gpu.product": "NVIDIA-H100-80GB-HBM3"}}
-EXAMPLE_ARGS = ["--stage", "video_lite_mr_5s", "--out", "/k5/models/training/.video_lite_mr_5s.partial",
-                "--init", "/k5/models/training/video_lite_lr/ema/transformer", "--bf16", "--activation-checkpointing",
-                "--shards", "latents/video_mr", "--store", "s3://k5-objects",
-                "--text-encoders", "/k5/models/kandinsky5lite_t2v", "--ckpt-every", "500",
-                "--sample-every", "1000", "--sample-pipeline", "/k5/models/kandinsky5lite_t2v",
-                "--sample-prompts", "/k5/models/training/.video_lite_mr_5s.partial/validation_prompts.txt",
-                "--sample-steps", "50", "--sample-cache", "/k5/cache/sample_text"]
+EXAMPLE_JOB = TrainJob.from_flat(
+    stage="video_lite_mr_5s", bf16=True, shards="latents", store="s3://k5-objects", res_classes="medium",
+    text_encoders="/k5/models/kandinsky5lite_t2v", nproc=EXAMPLE["gpus"], activation_checkpointing=True,
+    out="/k5/models/training/.video_lite_mr_5s.partial", resume=True, ckpt_every=500,
+    base_pipeline="/k5/models/kandinsky5lite_t2v", sample_every=1000,
+    sample_pipeline="/k5/models/kandinsky5lite_t2v",
+    sample_prompts="/k5/models/training/.video_lite_mr_5s.partial/validation_prompts.txt", sample_steps=50,
+    sample_cache="/k5/cache/sample_text", init="/k5/models/training/video_lite_lr/ema/transformer")
 
 
 def example_pod_manifest() -> dict[str, Any]:
@@ -200,7 +203,7 @@ def example_pod_manifest() -> dict[str, Any]:
     labels Dagster adds at launch)."""
     env = {"MLFLOW_TRACKING_URI": "http://mlflow.k5.svc.cluster.local:5000", "K5_HOME": EXAMPLE["k5_home"]}
     spec = build_training_pod_spec(
-        image=EXAMPLE["image"], command=training_command(EXAMPLE_ARGS, nproc_per_node=EXAMPLE["gpus"], python="python"),
+        image=EXAMPLE["image"], command=training_command(EXAMPLE_JOB, python="python"),
         env=env, gpus=EXAMPLE["gpus"], k5_home=EXAMPLE["k5_home"], k5_home_pvc=EXAMPLE["k5_home_pvc"],
         secret_env=EXAMPLE["secret_env"], service_account=EXAMPLE["service_account"],
         node_selector=EXAMPLE["node_selector"])

@@ -144,14 +144,16 @@ def test_demo_scaling_keeps_identity_and_trains_one_step() -> None:
         table = get_table_stage(name)
         demo = demo_scaling(name, steps=1)
         assert isinstance(demo, StageConfig)
+        preset = "tiny_image" if table.preset == "image_lite" else "tiny"  # image models: no condition channels
         assert (demo.name, demo.parent, demo.attention, demo.model_preset) == (name, table.parent, table.attention,
-                                                                              "tiny")
+                                                                              preset)
         assert demo.lr == table.lr and demo.weight_decay == table.weight_decay
         torch.manual_seed(0)
-        model = CrossDiT(get_preset("tiny", attention_type=demo.attention))
+        model = CrossDiT(get_preset(demo.model_preset, attention_type=demo.attention))
         cfg = model.config
+        assert cfg.visual_cond == (preset == "tiny")
         data = SyntheticLatentSource(demo, in_channels=cfg.in_visual_dim, text_dim=cfg.in_text_dim,
-                                     pooled_dim=cfg.in_text_dim2)
+                                     pooled_dim=cfg.in_text_dim2, visual_cond=cfg.visual_cond)
         metrics = Trainer(model, demo, data, data.null_condition()).train(1)
         assert len(metrics) == 1 and math.isfinite(metrics[0]["loss"]) and metrics[0]["lr"] == table.lr
     # relative sizes survive: 256x384 px -> 4x6, 512x768 px -> 8x12 latents

@@ -14,6 +14,7 @@ import yaml
 from dagster_k8s.models import k8s_model_from_dict, k8s_snake_case_dict
 from dagster_k8s.pipes import build_pod_body
 
+from k5model.training.job import TrainJob
 from orchestration.training_jobs import (
     TrainingJobResource,
     build_training_pod_spec,
@@ -22,7 +23,7 @@ from orchestration.training_jobs import (
 )
 
 REPO = Path(__file__).resolve().parents[1]
-ARGS = ["--stage", "video_lite_lr", "--out", "/k5/models/training/.video_lite_lr.partial", "--steps", "10"]
+JOB = TrainJob.from_flat(stage="video_lite_lr", out="/k5/models/training/.video_lite_lr.partial", steps=10, nproc=8)
 
 
 def _resource(**overrides) -> TrainingJobResource:
@@ -33,7 +34,7 @@ def _resource(**overrides) -> TrainingJobResource:
 
 def test_pod_spec_validates_as_pipes_k8s_client_builds_it() -> None:
     env = {"MLFLOW_TRACKING_URI": "http://mlflow:5000", "K5_MLFLOW_RUN_ID": "abc123"}
-    spec = _resource().pod_spec(ARGS, env)
+    spec = _resource().pod_spec(JOB, env)
     # strict model validation: an unknown or misspelt key anywhere raises
     k8s_model_from_dict(kubernetes.client.V1PodSpec, k8s_snake_case_dict(kubernetes.client.V1PodSpec, spec))
     # the pod PipesK8sClient.run submits for this base spec (it adds the Pipes bootstrap env vars to container 0)
@@ -43,7 +44,8 @@ def test_pod_spec_validates_as_pipes_k8s_client_builds_it() -> None:
     (c,) = pod.spec.containers
     assert c.image == "registry.example.com/k5:1"
     assert c.command[:7] == ["python", "-m", "torch.distributed.run", "--standalone", "--nproc-per-node", "8", "-m"]
-    assert c.command[7:] == ["orchestration.pipes_train", *ARGS]
+    assert c.command[7:9] == ["orchestration.pipes_train", "--job"]
+    assert TrainJob.from_json(c.command[9]) == JOB  # the typed job travels whole, as JSON
     assert c.resources.limits == {"nvidia.com/gpu": "8", "memory": "900Gi"} == c.resources.requests
     env_vars = {e.name: e.value for e in c.env}
     assert env_vars["K5_MLFLOW_RUN_ID"] == "abc123" and env_vars["MLFLOW_TRACKING_URI"] == "http://mlflow:5000"
@@ -61,27 +63,30 @@ def test_pod_spec_validates_as_pipes_k8s_client_builds_it() -> None:
 
 def test_pod_settings_errors_name_the_bad_input() -> None:
     with pytest.raises(ValueError, match="K5_TRAIN_IMAGE"):
-        _resource(image=None).pod_spec(ARGS, {})
+        _resource(image=None).pod_spec(JOB, {})
     with pytest.raises(ValueError, match="K5_HOME_PVC"):
-        _resource(k5_home_pvc=None).pod_spec(ARGS, {})
+        _resource(k5_home_pvc=None).pod_spec(JOB, {})
     with pytest.raises(ValueError, match="must be an absolute path"):
         build_training_pod_spec(image="i", command=["x"], env={}, gpus=1, k5_home="k5", k5_home_pvc="p")
     with pytest.raises(ValueError, match="K5_PIPES='slurm'"):
         TrainingJobResource.from_env({"K5_PIPES": "slurm"})
     with pytest.raises(ValueError, match="K5_GPUS_PER_POD='eight'"):
         TrainingJobResource.from_env({"K5_PIPES": "k8s", "K5_GPUS_PER_POD": "eight"})
-    with pytest.raises(ValueError, match="nproc_per_node"):
-        training_command(ARGS, nproc_per_node=0)
+    with pytest.raises(ValueError, match="nproc and replicate must be >= 1"):
+        JOB.replace(nproc=0)
 
 
 def test_local_command_and_env_selection() -> None:
     local = TrainingJobResource.from_env({})
     assert local.backend == "subprocess"
-    assert training_command(ARGS) == [sys.executable, "-m", "orchestration.pipes_train", *ARGS]
+    one = JOB.replace(nproc=1)
+    assert training_command(one) == [sys.executable, "-m", "orchestration.pipes_train", "--job", one.to_json()]
+    assert local.default_nproc() == 1
     k8s = TrainingJobResource.from_env({"K5_PIPES": "k8s", "K5_TRAIN_IMAGE": "img:2", "K5_GPUS_PER_POD": "4",
                                         "K5_HOME_PVC": "claim", "K5_K8S_NAMESPACE": "train"})
     assert (k8s.backend, k8s.image, k8s.gpus_per_pod, k8s.k5_home_pvc, k8s.namespace) == ("k8s", "img:2", 4, "claim",
                                                                                            "train")
+    assert k8s.default_nproc() == 4  # what a stage asset puts in its job when its config names no process count
 
 
 def test_definitions_load_with_k8s_client_selected(tmp_path: Path) -> None:
@@ -92,7 +97,8 @@ def test_definitions_load_with_k8s_client_selected(tmp_path: Path) -> None:
         "job = defs.resolve_job_def('main_job')\n"
         "r = defs.resources['training_job']\n"
         "assert r.backend == 'k8s' and r.image == 'registry.example.com/k5:1' and r.gpus_per_pod == 2, r\n"
-        "spec = r.pod_spec(['--stage', 'video_lite_lr'], {})\n"
+        "from k5model.training.job import TrainJob\n"
+        "spec = r.pod_spec(TrainJob.from_flat(stage='video_lite_lr', out='/k5/x', nproc=r.default_nproc()), {})\n"
         "assert spec['containers'][0]['resources']['limits'] == {'nvidia.com/gpu': '2'}\n"
         "print('ok', len(job.asset_layer.executable_asset_keys))\n"
     )

@@ -15,7 +15,7 @@ import pytest
 import torch
 
 from k5model.crossdit import CrossDiT
-from k5model.flow_matching import flow_matching_loss
+from k5model.flow_matching import flow_matching_loss_packed
 from k5model.training.config import get_stage
 from k5model.training.parallel import (
     HostOffload,
@@ -42,10 +42,10 @@ def _grads(**ac) -> tuple[float, dict[str, torch.Tensor]]:
         apply_activation_checkpointing(model, **ac)
     data = SyntheticLatentSource(stage, text_dim=32, pooled_dim=32)
     batch = next(data)
-    while batch["task"] != "i2v":  # an I2V batch: the condition channels go through the blocks too
+    while batch.tasks[0] != "i2v":  # an I2V batch: the condition channels go through the blocks too
         batch = next(data)
-    loss, _ = flow_matching_loss(model, batch["x0"], batch["text_embeds"], batch["text_mask"], batch["pooled"],
-                                 generator=seeded_generator(0, 1), visual_cond=batch["visual_cond"])
+    loss, _ = flow_matching_loss_packed(model, batch.x0, batch.text_embeds, batch.pooled, condition=batch.condition,
+                                        clean_frames=batch.clean_frames, generator=seeded_generator(0, 1))
     loss.backward()
     return float(loss.detach()), {n.replace("_checkpoint_wrapped_module.", ""): p.grad.clone()
                          for n, p in model.named_parameters()}
@@ -93,7 +93,7 @@ def test_training_mesh_rejects_bad_replicate() -> None:
 def _torchrun(out: Path, *extra: str) -> list[dict]:
     # --standalone: torchrun binds its rendezvous to a free port itself (no pick-then-bind race with other tests)
     cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node", "4",
-           "-m", "k5model.training.run", "--stage", "tiny_demo", "--out", str(out),
+           "-m", "k5cli.train_run", "--stage", "tiny_demo", "--out", str(out),
            "--steps", "6", "--ckpt-every", "3", "--keep", "2", "--no-export", *extra]
     env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONUNBUFFERED": "1"}
     proc = subprocess.run(cmd, cwd=REPO, env=env, capture_output=True, text=True, timeout=120)

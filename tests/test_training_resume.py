@@ -87,7 +87,13 @@ def _trainer(**overrides) -> tuple[Trainer, SyntheticLatentSource]:
 def test_trainer_step_lr_ema_and_cfg_dropout() -> None:
     trainer, data = _trainer(uncond_prob=1.0)
     seen = []
-    trainer.model.register_forward_pre_hook(lambda m, a, kw: seen.append(kw["pooled_projections"]), with_kwargs=True)
+    packed = trainer.model.forward_packed
+
+    def record(*args, **kwargs):  # the trainer's one loss path runs forward_packed
+        seen.append(kwargs["pooled_projections"])
+        return packed(*args, **kwargs)
+
+    trainer.model.forward_packed = record
     before = {n: s.clone() for n, s in trainer.ema.shadow.items()}
     m1 = trainer.train_step()
     assert m1["lr"] == pytest.approx(2.5e-4) and m1["uncond_frac"] == 1.0
@@ -125,7 +131,7 @@ def test_stage_config_validates() -> None:
 
 
 def test_core_loop_imports_no_orchestration() -> None:
-    code = ("import sys, k5model.training.run; "
+    code = ("import sys, k5cli.train_run; "
             "bad = [m for m in ('dagster', 'mlflow') if m in sys.modules]; assert not bad, bad")
     subprocess.run([sys.executable, "-c", code], cwd=REPO, check=True, timeout=60)
 
@@ -166,7 +172,7 @@ def _free_port() -> int:
 
 def _cmd(out: Path, *extra: str) -> list[str]:
     return [sys.executable, "-m", "torch.distributed.run", "--nproc-per-node", "2", "--master-addr", "127.0.0.1",
-            "--master-port", str(_free_port()), "-m", "k5model.training.run", "--stage", "tiny_demo",
+            "--master-port", str(_free_port()), "-m", "k5cli.train_run", "--stage", "tiny_demo",
             "--out", str(out), "--steps", "12", "--ckpt-every", "4", *extra]
 
 

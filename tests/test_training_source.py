@@ -86,13 +86,13 @@ def test_task_mix_per_sample_and_condition_channels(shards: LocalStore, text: Te
     image_steps = 0
     for _ in range(150):
         b = next(src)
-        assert len(b["x0"]) == len(b["text_embeds"]) == b["pooled"].shape[0] == len(b["condition"])
-        assert sum(x.shape[0] for x in b["x0"]) <= 8 or len(b["x0"]) == 1  # packed up to t_max frames
-        image_steps += b["is_image"]
-        assert {x.shape[0] == 1 for x in b["x0"]} == {b["is_image"]}  # images only in image-only batches
-        for x, c, task, k, e in zip(b["x0"], b["condition"], b["tasks"], b["clean_frames"], b["text_embeds"]):
+        assert len(b.x0) == len(b.text_embeds) == b.pooled.shape[0] == len(b.condition)
+        assert sum(x.shape[0] for x in b.x0) <= 8 or len(b.x0) == 1  # packed up to t_max frames
+        image_steps += b.is_image
+        assert {x.shape[0] == 1 for x in b.x0} == {b.is_image}  # images only in image-only batches
+        for x, c, task, k, e in zip(b.x0, b.condition, b.tasks, b.clean_frames, b.text_embeds):
             tasks[task] += 1
-            assert (task in ("t2i", "edit")) == b["is_image"]
+            assert (task in ("t2i", "edit")) == b.is_image
             assert e.ndim == 2 and e.shape[1] == 32 and e.abs().sum(1).gt(0).all()  # real tokens only
             assert k == (1 if task == "i2v" else 0)
             if task == "i2v":
@@ -106,7 +106,7 @@ def test_task_mix_per_sample_and_condition_channels(shards: LocalStore, text: Te
     assert abs(tasks["i2v"] / videos - 0.3 / 0.8) < 0.07  # p(i2v | video sample)
     assert tasks["edit"] > 0 and tasks["t2i"] > tasks["edit"]  # 30 of 80 images are pairs, 80% of those edit
     t2v_only = ShardLatentSource(shards, "ds", _stage(tasks={"t2v": 1.0}), text, t_max=8)
-    assert t2v_only.modalities == ("video",) and all(t == "t2v" for _ in range(5) for t in next(t2v_only)["tasks"])
+    assert t2v_only.modalities == ("video",) and all(t == "t2v" for _ in range(5) for t in next(t2v_only).tasks)
     with pytest.raises(ValueError, match="visual_cond"):
         ShardLatentSource(shards, "ds", _stage(), text, visual_cond=False)
 
@@ -122,7 +122,7 @@ def test_ranks_read_disjoint_archives(shards: LocalStore, text: TextEncoders) ->
         stream = src.streams["video"]
         archives, seen = set(stream.loader.shards), []
         while True:  # one epoch of this rank's stream
-            ids = next(src)["ids"]
+            ids = next(src).ids
             if stream.epoch > 0:
                 break
             seen += ids
@@ -137,8 +137,8 @@ def test_exact_resume_across_epochs(shards: LocalStore, text: TextEncoders) -> N
         out = []
         for _ in range(n):
             b = next(src)
-            out.append((b["ids"], b["tasks"], [x.clone() for x in b["x0"]], [e.clone() for e in b["text_embeds"]],
-                        b["pooled"].clone(), [c.clone() for c in b["condition"]]))
+            out.append((b.ids, b.tasks, [x.clone() for x in b.x0], [e.clone() for e in b.text_embeds],
+                        b.pooled.clone(), [c.clone() for c in b.condition]))
         return out
 
     stage = _stage()

@@ -18,7 +18,10 @@ from k5data.latents.shards import LatentSample, Store, read_index, read_tar
 
 
 @dataclass
-class PackedBatch:
+class PackedSamples:
+    """Raw samples of one packed batch, as read from the archives (the trainer's ``PackedSamples`` is built from it by
+    ``k5data.loading.training_source``)."""
+
     latents: list[np.ndarray]  # each (T, H, W, 16), for CrossDiT.forward_packed
     ids: list[str]
     captions: list[str]
@@ -30,10 +33,12 @@ class PackedBatch:
 class PackedLatentLoader:
     def __init__(self, store: Store, prefix: str, t_max: int, image_step_fraction: float, seed: int,
                  queue_factor: float = 2.0, *, rank: int = 0, world_size: int = 1,
-                 modalities: tuple[str, ...] | None = None, shuffle_seed: int | None = None) -> None:
+                 modalities: tuple[str, ...] | None = None, shuffle_seed: int | None = None,
+                 res_classes: tuple[str, ...] = ()) -> None:
         """``rank``/``world_size``: this rank streams every world_size-th archive (disjoint archives per rank).
         ``modalities``: only archives of these ("image", "video"); None = all. ``shuffle_seed``: archive order
-        shuffled with it before the rank split (use the same seed on every rank); None = sorted order."""
+        shuffled with it before the rank split (use the same seed on every rank); None = sorted order.
+        ``res_classes``: only archives of these resolution classes (low, medium, high); empty = all."""
         if not 0 <= rank < world_size:
             raise ValueError(f"rank must be in [0, world_size={world_size}), got {rank}")
         self.store, self.prefix, self.t_max = store, prefix, t_max
@@ -41,8 +46,9 @@ class PackedLatentLoader:
         self.queue_factor = queue_factor  # why: a queue holding >= factor*t_max frames lets first-fit fill batches
         idx = read_index(store, prefix)
         shards = idx.column("shard").to_pylist()
-        keep = {sh for sh, mod in zip(shards, idx.column("modality").to_pylist())
-                if modalities is None or mod in modalities}
+        classes = idx.column("res_class").to_pylist()
+        keep = {sh for sh, mod, cls in zip(shards, idx.column("modality").to_pylist(), classes)
+                if (modalities is None or mod in modalities) and (not res_classes or cls in res_classes)}
         order = sorted(keep)  # deterministic archive order, optionally shuffled, split round-robin over ranks
         if shuffle_seed is not None:
             random.Random(shuffle_seed).shuffle(order)
@@ -83,7 +89,7 @@ class PackedLatentLoader:
     def __iter__(self) -> PackedLatentLoader:
         return self
 
-    def __next__(self) -> PackedBatch:
+    def __next__(self) -> PackedSamples:
         want_image = self.rng.random() < self.frac
         while not self._ready(want_image):
             if not self._pull():
@@ -94,7 +100,7 @@ class PackedLatentLoader:
                 return self._pop(left[0])
         return self._pop(self._ready(want_image)[0])
 
-    def _pop(self, key: tuple[bool, int, int]) -> PackedBatch:
+    def _pop(self, key: tuple[bool, int, int]) -> PackedSamples:
         # first-fit in FIFO order: oldest sample always goes first (no starvation), later ones fill the gaps
         q = self.queues[key]
         out, total, rest = [q[0]], q[0].latent.shape[0], []
@@ -105,7 +111,7 @@ class PackedLatentLoader:
             else:
                 rest.append(s)
         self.queues[key] = rest
-        return PackedBatch([s.latent for s in out], [s.id for s in out], [s.caption for s in out],
+        return PackedSamples([s.latent for s in out], [s.id for s in out], [s.caption for s in out],
                            [s.fps for s in out], key[0], [s.source_latent for s in out])
 
     def state_dict(self) -> dict[str, Any]:

@@ -1,20 +1,16 @@
 """Training batches from latent shards (report §6.1.2): the packed aspect-ratio loader, text embeddings computed on the
 fly (§6.1.1), a task drawn per sample, and the matching condition channels.
 
-``ShardLatentSource`` is a trainer data source (``k5model.training.trainer.Trainer``): each item is a *packed* batch
-
-    {"packed": True, "x0": [N x (T, H, W, 16)], "text_embeds": [N x (L_i, D)] real Qwen tokens only,
-     "text_mask": [N x (L_i,)] all True, "pooled": (N, D_pool) CLIP, "condition": [N x (T, H, W, 17)] or None,
-     "clean_frames": [N ints], "tasks": [N names], "ids": [...], "is_image": bool}
-
-that ``Trainer.train_step`` sends through ``flow_matching_loss_packed`` / ``CrossDiT.forward_packed``.
+``ShardLatentSource`` is a trainer data source (``k5model.training.trainer.Trainer``): each item is a
+``k5model.training.batch.PackedBatch`` (N latents of their own shapes, real Qwen tokens only, CLIP pooled vectors,
+per-sample tasks and condition channels) that ``Trainer.train_step`` sends through ``CrossDiT.forward_packed``.
 
 Tasks per sample, with the stage's probabilities (``StageConfig.tasks``): image-only batches (a fraction
 ``p(t2i)`` of the steps, report: images only in image-only batches) train T2I, or instruct editing for samples that
 carry a ``source_latent`` (probability ``edit_prob``); every video sample is I2V with probability
 ``p(i2v) / (p(t2v) + p(i2v))``, else T2V. Condition channels (``visual_cond`` models: 16 condition + 1 mask):
-T2V/T2I zeros; I2V the clean first latent frame with mask 1 on that frame (kept clean in the input, no loss);
-editing the source latent with mask ones. Each task uses its own Qwen template (video / i2v / image / edit).
+built by ``k5model.training.batch.condition_channels``. Each task uses its own Qwen template (video / i2v / image /
+edit). ``res_classes`` limits the archives read to a stage's resolution classes (its Table 4 row).
 
 Draws depend only on (seed, rank, batch index) and the loaders' states, so ``state_dict`` / ``load_state_dict``
 resume exactly. Images and videos stream from two loaders, each cycling through its own epochs, so the image-step
@@ -32,8 +28,9 @@ import numpy as np
 import torch
 
 from k5data.latents.shards import Store, read_index
-from k5data.loading.loader import PackedBatch, PackedLatentLoader
+from k5data.loading.loader import PackedLatentLoader, PackedSamples
 from k5model.flow_matching import TextCondition
+from k5model.training.batch import PackedBatch, pack
 from k5model.training.config import StageConfig
 
 TEMPLATE = {"t2v": "video", "i2v": "i2v", "t2i": "image", "edit": "edit"}  # Qwen prompt template of each task
@@ -100,9 +97,10 @@ class _Stream:
         return PackedLatentLoader(src.store, src.prefix, src.t_max, float(self.modality == "image"),
                                   seed=_seed(src.stage.seed, src.rank, self.epoch, salt), queue_factor=src.queue_factor,
                                   rank=src.rank, world_size=src.world_size, modalities=(self.modality,),
-                                  shuffle_seed=_seed(src.stage.seed, self.epoch, salt, 7))
+                                  shuffle_seed=_seed(src.stage.seed, self.epoch, salt, 7),
+                                  res_classes=src.res_classes)
 
-    def next(self) -> PackedBatch:
+    def next(self) -> PackedSamples:
         while True:
             try:
                 batch = next(self.loader)
@@ -127,7 +125,7 @@ class _Stream:
         self.loader.load_state_dict(state["loader"])
 
 
-class ShardLatentSource(Iterator[dict[str, Any]]):
+class ShardLatentSource(Iterator[PackedBatch]):
     """Endless packed training batches streamed from the shards under ``prefix`` (module docstring).
 
     ``t_max``: latent frames per batch (default ``stage.batch * stage.frames``). ``image_step_fraction``: share of
@@ -137,10 +135,11 @@ class ShardLatentSource(Iterator[dict[str, Any]]):
     def __init__(self, store: Store, prefix: str, stage: StageConfig, text: TextEncoders, *,
                  t_max: int | None = None, rank: int = 0, world_size: int = 1,
                  image_step_fraction: float | None = None, edit_prob: float = 0.8, visual_cond: bool = True,
-                 queue_factor: float = 2.0, device: torch.device | str = "cpu"):
+                 queue_factor: float = 2.0, device: torch.device | str = "cpu", res_classes: Sequence[str] = ()):
         self.store, self.prefix, self.stage, self.text = store, prefix.strip("/"), stage, text
         self.rank, self.world_size, self.edit_prob, self.visual_cond = rank, world_size, edit_prob, visual_cond
         self.queue_factor, self.device = queue_factor, torch.device(device)
+        self.res_classes = tuple(res_classes)
         self.t_max = int(t_max or stage.batch * stage.frames)
         if self.t_max < 1:
             raise ValueError(f"t_max must be >= 1, got {self.t_max}")
@@ -151,13 +150,16 @@ class ShardLatentSource(Iterator[dict[str, Any]]):
         index = read_index(store, self.prefix)
         if index.num_rows == 0:
             raise ValueError(f"no latent shards listed under {self.prefix!r} (missing {self.prefix}/index.parquet?)")
-        present = set(index.column("modality").to_pylist())
+        classes = index.column("res_class").to_pylist()
+        present = {m for m, c in zip(index.column("modality").to_pylist(), classes)
+                   if not self.res_classes or c in self.res_classes}
         wanted = {m for m, p in (("image", tasks.get("t2i", 0.0)),
                                  ("video", tasks.get("t2v", 0.0) + tasks.get("i2v", 0.0))) if p > 0}
         self.modalities = tuple(sorted(present & wanted))
         if not self.modalities:
+            where = f" of classes {list(self.res_classes)}" if self.res_classes else ""
             raise ValueError(f"stage {stage.name!r} trains {sorted(wanted)} samples but the shards under "
-                             f"{self.prefix!r} hold only {sorted(present)}")
+                             f"{self.prefix!r}{where} hold only {sorted(present) or 'none'}")
         if len(self.modalities) == 1:
             image_step_fraction = float(self.modalities == ("image",))
         elif image_step_fraction is None:
@@ -171,7 +173,7 @@ class ShardLatentSource(Iterator[dict[str, Any]]):
     def __iter__(self) -> ShardLatentSource:
         return self
 
-    def __next__(self) -> dict[str, Any]:
+    def __next__(self) -> PackedBatch:
         g = torch.Generator().manual_seed(_seed(self.stage.seed, self.rank, self.index, 2))
         self.index += 1
         image_step = float(torch.rand(1, generator=g)) < self.image_step_fraction
@@ -185,21 +187,10 @@ class ShardLatentSource(Iterator[dict[str, Any]]):
         else:
             tasks = ["i2v" if u < self.p_i2v else "t2v" for u in draws]
         x0 = [torch.from_numpy(np.asarray(lat, dtype=np.float32)).to(self.device) for lat in pb.latents]
-        condition, clean = None, [1 if task == "i2v" else 0 for task in tasks]
-        if self.visual_cond:
-            condition = []
-            for x, task, src in zip(x0, tasks, sources):
-                c = torch.zeros(*x.shape[:-1], x.shape[-1] + 1, device=self.device)
-                if task == "i2v":  # the clean first latent frame, mask 1 on it
-                    c[:1, ..., :-1], c[:1, ..., -1] = x[:1], 1.0
-                elif task == "edit":  # the source image's latent, mask ones
-                    c[..., :-1], c[..., -1] = torch.from_numpy(np.asarray(src, dtype=np.float32)), 1.0
-                condition.append(c)
+        edit_sources = [torch.from_numpy(np.asarray(src, dtype=np.float32)) if t == "edit" else None
+                        for t, src in zip(tasks, sources)]
         embeds, pooled = self.text.encode(pb.captions, tasks)
-        return {"packed": True, "x0": x0, "text_embeds": embeds,
-                "text_mask": [torch.ones(e.shape[0], dtype=torch.bool) for e in embeds], "pooled": pooled,
-                "condition": condition, "clean_frames": clean, "tasks": tasks, "ids": pb.ids, "is_image": pb.is_image,
-                "task": "t2i" if pb.is_image else "video"}
+        return pack(x0, embeds, pooled, tasks, visual_cond=self.visual_cond, sources=edit_sources, ids=pb.ids)
 
     def null_condition(self) -> TextCondition:
         return self.text.null_condition("t2i" if self.modalities == ("image",) else "t2v")

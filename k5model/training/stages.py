@@ -217,6 +217,7 @@ def demo_scaling(stage: TableStage | str, *, steps: int = 3, batch: int = 2) -> 
     resolutions = {k: v / total for k, v in resolutions.items()}
     frames = 3 if table.max_seconds > 5 else 2  # 10 s stages stay longer than 5 s ones
     return table.to_stage_config(
-        edit_as="t2i", steps=steps, batch=batch, resolutions=resolutions, frames=frames, model_preset="tiny",
+        edit_as="t2i", steps=steps, batch=batch, resolutions=resolutions, frames=frames,
+        model_preset="tiny_image" if table.preset == "image_lite" else "tiny",
         ema_decay=0.9, warmup_steps=1,
     )

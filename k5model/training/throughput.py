@@ -21,6 +21,7 @@ import torch
 import torch.distributed as dist
 
 from k5model.config import CrossDiTConfig
+from k5model.training.batch import PackedBatch
 
 GIB = 2**30
 
@@ -34,30 +35,14 @@ def forward_flops(cfg: CrossDiTConfig, tokens: int, text_len: int) -> float:
     return float(cfg.num_visual_blocks * per_block)
 
 
-def sample_shapes(cfg: CrossDiTConfig, batch: dict[str, Any]) -> list[tuple[int, int]]:
-    """(visual tokens, text tokens) of every sample of a trainer batch.
-
-    ``x0`` is one (B, F, H, W, C) tensor or a sequence of per-sample (F, H, W, C) / (1, F, H, W, C) tensors (packed
-    batches, ``k5data.loading.training_source``); text lengths come from ``text_mask`` (real tokens) or, packed, from each
-    sample's ``text_embeds`` (L_i, D); else the padded length."""
+def sample_shapes(cfg: CrossDiTConfig, batch: PackedBatch) -> list[tuple[int, int]]:
+    """(visual tokens, text tokens) of every sample of a packed trainer batch (text: real tokens only)."""
     pt, ph, pw = cfg.patch_size
-    x0 = batch["x0"]
-    samples = [s for s in x0] if torch.is_tensor(x0) else [s[0] if s.ndim == 5 else s for s in x0]
-    mask = batch.get("text_mask")
-    if torch.is_tensor(mask) and mask.ndim == 2 and mask.shape[0] == len(samples):
-        text = [int(n) for n in mask.sum(1)]
-    elif isinstance(mask, list | tuple) and len(mask) == len(samples):
-        text = [int(m.sum()) for m in mask]
-    elif isinstance(batch.get("text_embeds"), list | tuple):  # packed: per-sample (L_i, D), real tokens only
-        text = [int(e.shape[-2]) for e in batch["text_embeds"]]
-    else:
-        embeds = batch.get("text_embeds")
-        length = int(embeds.shape[-2]) if torch.is_tensor(embeds) else 0
-        text = [length] * len(samples)
-    return [((s.shape[0] // pt) * (s.shape[1] // ph) * (s.shape[2] // pw), t) for s, t in zip(samples, text)]
+    return [((x.shape[0] // pt) * (x.shape[1] // ph) * (x.shape[2] // pw), int(e.shape[-2]))
+            for x, e in zip(batch.x0, batch.text_embeds)]
 
 
-def batch_tokens_and_flops(cfg: CrossDiTConfig, batch: dict[str, Any]) -> tuple[int, float]:
+def batch_tokens_and_flops(cfg: CrossDiTConfig, batch: PackedBatch) -> tuple[int, float]:
     """Visual tokens and training model FLOPs (3 x forward) of one batch on one rank."""
     shapes = sample_shapes(cfg, batch)
     return sum(n for n, _ in shapes), sum(3 * forward_flops(cfg, n, t) for n, t in shapes)

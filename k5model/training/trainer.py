@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import math
 from collections.abc import Iterable, Iterator
-from typing import Any, Protocol
+from typing import Protocol
 
 import numpy as np
 import torch
@@ -17,12 +17,8 @@ import torch.distributed as dist
 import torch.nn as nn
 from torch.distributed.tensor import DTensor
 
-from k5model.flow_matching import (
-    TextCondition,
-    drop_text_condition,
-    flow_matching_loss,
-    flow_matching_loss_packed,
-)
+from k5model.flow_matching import TextCondition, flow_matching_loss_packed
+from k5model.training.batch import PackedBatch, pack
 from k5model.training.config import OptimConfig, StageConfig
 from k5model.training.parallel import clean_name
 
@@ -38,23 +34,26 @@ def seeded_generator(*key: int) -> torch.Generator:
 
 
 # ---------------------------------------------------------------------------------------------------------------------
-# Data: a deterministic synthetic latent source (tests, demo). Real sources just need the same batch dict and,
-# for exact resume, state_dict()/load_state_dict().
+# Data: a deterministic synthetic source (tests, benchmarks). Real sources (k5data.loading.training_source) yield the
+# same PackedBatch and, for exact resume, have state_dict()/load_state_dict().
 
 
-class SyntheticLatentSource(Iterator[dict[str, Any]]):
-    """Endless batches of random latents + text embeddings drawn per (seed, rank, batch index).
+class SyntheticLatentSource(Iterator[PackedBatch]):
+    """Endless packed batches of random latents + text embeddings drawn per (seed, rank, batch index).
 
-    Because a batch depends only on its index, ``state_dict`` is just the index and resume is exact."""
+    Each batch has one task drawn from the stage's mix (t2i batches hold images only, as on the shards) and one
+    resolution; text lengths vary per sample. A batch depends only on its index, so ``state_dict`` is just the index
+    and resume is exact."""
 
     def __init__(self, stage: StageConfig, *, rank: int = 0, in_channels: int = 16, text_dim: int = 32,
-                 pooled_dim: int = 32, max_text_len: int = 6):
+                 pooled_dim: int = 32, max_text_len: int = 6, visual_cond: bool = True):
         self.stage = stage
         self.rank = rank
         self.in_channels = in_channels
         self.text_dim = text_dim
         self.pooled_dim = pooled_dim
         self.max_text_len = max_text_len
+        self.visual_cond = visual_cond
         self.index = 0
         self._res_keys = list(stage.resolutions)
         self._res_p = torch.tensor([stage.resolutions[k] for k in self._res_keys], dtype=torch.float64)
@@ -64,20 +63,18 @@ class SyntheticLatentSource(Iterator[dict[str, Any]]):
     def __iter__(self) -> SyntheticLatentSource:
         return self
 
-    def __next__(self) -> dict[str, Any]:
+    def __next__(self) -> PackedBatch:
         g = seeded_generator(self.stage.seed, self.rank, self.index, 0)
         self.index += 1
         h, w = StageConfig.parse_resolution(self._res_keys[int(torch.multinomial(self._res_p, 1, generator=g))])
         task = self._tasks[int(torch.multinomial(self._task_p, 1, generator=g))]
         b, frames = self.stage.batch, 1 if task == "t2i" else self.stage.frames
-        x0 = torch.randn(b, frames, h, w, self.in_channels, generator=g)
-        lengths = torch.randint(1, self.max_text_len + 1, (b,), generator=g)
-        mask = torch.arange(self.max_text_len)[None] < lengths[:, None]
-        embeds = torch.randn(b, self.max_text_len, self.text_dim, generator=g) * mask[..., None]
+        x0 = list(torch.randn(b, frames, h, w, self.in_channels, generator=g).unbind(0))
+        lengths = torch.randint(1, self.max_text_len + 1, (b,), generator=g).tolist()
+        embeds = [torch.randn(n, self.text_dim, generator=g) for n in lengths]
         pooled = torch.randn(b, self.pooled_dim, generator=g)
-        visual_cond = torch.ones(b, dtype=torch.bool) if task == "i2v" else None
-        return {"x0": x0, "text_embeds": embeds, "text_mask": mask, "pooled": pooled, "task": task,
-                "visual_cond": visual_cond}
+        return pack(x0, embeds, pooled, [task] * b, visual_cond=self.visual_cond,
+                    ids=[f"synthetic-{self.rank}-{self.index - 1}-{i}" for i in range(b)])
 
     def null_condition(self) -> TextCondition:
         """Stand-in for the encoders' empty-prompt condition: fixed, shared by all ranks."""
@@ -166,7 +163,7 @@ class Trainer:
         self,
         model: nn.Module,
         stage: StageConfig,
-        data: Iterator[dict[str, Any]],
+        data: Iterator[PackedBatch],
         null_condition: TextCondition,
         *,
         callbacks: Iterable[StepCallback] = (),
@@ -201,13 +198,9 @@ class Trainer:
             return int(total.item())
         return int(value)
 
-    def _patch(self) -> tuple[int, ...]:
-        return tuple(getattr(getattr(self.model, "config", None), "patch_size", (1, 2, 2)))
-
-    def _packed_loss(self, batch: dict[str, Any], g: torch.Generator) -> tuple[torch.Tensor, torch.Tensor, int]:
-        """Loss of a packed batch (``batch["packed"]``: per-sample lists ``x0``, ``text_embeds``, ``condition``,
-        ``clean_frames``, see ``k5data.loading.training_source``) through ``CrossDiT.forward_packed``; returns (loss, dropped
-        text (N,) bool, real visual tokens)."""
+    def _loss(self, batch: PackedBatch, g: torch.Generator) -> tuple[torch.Tensor, torch.Tensor, int]:
+        """Flow-matching loss of a packed batch through ``CrossDiT.forward_packed``; returns (loss, dropped text (N,)
+        bool, real visual tokens)."""
         if not self._packed_forward_registered:
             from torch.distributed.fsdp import register_fsdp_forward_method
 
@@ -215,20 +208,19 @@ class Trainer:
             register_fsdp_forward_method(self.model, "forward_packed")
             self._packed_forward_registered = True
         dev = self.device
-        n = len(batch["x0"])
+        n = len(batch)
         # CFG training: the text of a fraction of samples becomes the empty prompt's (its real tokens only).
         dropped = torch.rand(n, generator=g) < self.stage.uncond_prob
         null = self.null_condition
         null_tokens = null.embeds[0] if null.mask is None else null.embeds[0][null.mask[0].bool()]
-        texts = [null_tokens.to(dev) if d else e.to(dev) for d, e in zip(dropped.tolist(), batch["text_embeds"])]
-        pooled = torch.where(dropped[:, None].to(dev), null.pooled.to(dev, batch["pooled"].dtype).expand(n, -1),
-                             batch["pooled"].to(dev))
-        condition = batch.get("condition")
+        texts = [null_tokens.to(dev) if d else e.to(dev) for d, e in zip(dropped.tolist(), batch.text_embeds)]
+        pooled = torch.where(dropped[:, None].to(dev), null.pooled.to(dev, batch.pooled.dtype).expand(n, -1),
+                             batch.pooled.to(dev))
+        condition = None if batch.condition is None else [c.to(dev) for c in batch.condition]
         with torch.autocast(dev.type, dtype=torch.bfloat16, enabled=self.stage.bf16):
             loss, aux = flow_matching_loss_packed(
-                self.model, [x.to(dev) for x in batch["x0"]], texts, pooled,
-                condition=None if condition is None else [None if c is None else c.to(dev) for c in condition],
-                clean_frames=batch.get("clean_frames"), generator=g, shift=self.stage.timestep_shift,
+                self.model, [x.to(dev) for x in batch.x0], texts, pooled, condition=condition,
+                clean_frames=batch.clean_frames, generator=g, shift=self.stage.timestep_shift,
                 scheme=self.stage.timestep_scheme,
             )
         return loss, dropped, int(aux["tokens"])
@@ -236,26 +228,12 @@ class Trainer:
     def train_step(self) -> dict[str, float]:
         self.model.train()
         batch = next(self.data)
+        if not isinstance(batch, PackedBatch):
+            raise TypeError(f"data sources yield PackedBatch, got {type(batch).__name__}")
         self.last_batch = batch  # read by callbacks (throughput.ThroughputMeter: tokens and FLOPs)
         step = self.step + 1
         g = seeded_generator(self.stage.seed, self.rank, step, 1)
-        if batch.get("packed"):
-            loss, dropped, tokens = self._packed_loss(batch, g)
-        else:
-            cond = TextCondition(batch["text_embeds"].to(self.device), batch["text_mask"].to(self.device),
-                                 batch["pooled"].to(self.device))
-            # CFG training: replace the text of a fraction of samples by the empty-prompt condition.
-            cond, dropped = drop_text_condition(cond, self.null_condition, self.stage.uncond_prob, generator=g)
-            with torch.autocast(self.device.type, dtype=torch.bfloat16, enabled=self.stage.bf16):
-                loss, _ = flow_matching_loss(
-                    self.model, batch["x0"].to(self.device), cond.embeds, cond.mask, cond.pooled, generator=g,
-                    shift=self.stage.timestep_shift, scheme=self.stage.timestep_scheme,
-                    visual_cond=batch["visual_cond"].to(self.device) if torch.is_tensor(batch["visual_cond"])
-                    else batch["visual_cond"],
-                )
-            b, t, h, w = batch["x0"].shape[:4]
-            pt, ph, pw = self._patch()
-            tokens = b * (t // pt) * (h // ph) * (w // pw)
+        loss, dropped, tokens = self._loss(batch, g)
         if not torch.isfinite(loss):
             raise FloatingPointError(f"non-finite loss {float(loss)} at step {step}")
         loss.backward()
@@ -269,7 +247,8 @@ class Trainer:
         self.step = step
         metrics = {"loss": self._global_mean(loss), "grad_norm": grad_norm, "lr": lr,
                    "uncond_frac": self._global_mean(dropped.float().mean()),
-                   "tokens": self._global_sum(tokens)}  # real visual tokens of the step, all ranks
+                   "tokens": self._global_sum(tokens),  # real visual tokens of the step, all ranks
+                   "samples": self._global_sum(len(batch))}
         if not math.isfinite(grad_norm):
             raise FloatingPointError(f"non-finite grad norm at step {step}")
         for cb in self.callbacks:
