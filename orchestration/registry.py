@@ -69,9 +69,12 @@ def lineage_tags(lineage: ReleaseLineage, published: PublishedFolder) -> dict[st
     return {TAG + k: v for k, v in tags.items() if v}
 
 
-def _find_version(client: Any, name: str, manifest_sha256: str) -> Any | None:
-    found = client.search_model_versions(f"name = '{name}' and tags.`{TAG}manifest_sha256` = '{manifest_sha256}'")
-    return min(found, key=lambda v: int(v.version)) if found else None
+def _find_version(client: Any, name: str, published: PublishedFolder) -> Any | None:
+    """The first version registered with the same content at the same source (another store: a new version)."""
+    found = client.search_model_versions(
+        f"name = '{name}' and tags.`{TAG}manifest_sha256` = '{published.manifest.sha256}'")
+    same = [v for v in found if v.source == published.uri]
+    return min(same, key=lambda v: int(v.version)) if same else None
 
 
 def register_release(tracking_uri: str, experiment_id: str, *, lineage: ReleaseLineage, published: PublishedFolder,
@@ -79,7 +82,7 @@ def register_release(tracking_uri: str, experiment_id: str, *, lineage: ReleaseL
     """Register ``published`` as a new version of ``k5-<family>`` (source = its store URI) with lineage tags and the
     model card, and point ``candidate`` at it. ``run_tags``: extra tags of the release run (e.g. the Dagster run and
     asset). Idempotent: content already registered (same manifest sha256) gets ``candidate`` again instead of a
-    duplicate version."""
+    duplicate version (content at another source: a new version)."""
     from mlflow.exceptions import MlflowException
 
     client, name = _client(tracking_uri), model_name(lineage.family)
@@ -87,7 +90,7 @@ def register_release(tracking_uri: str, experiment_id: str, *, lineage: ReleaseL
         client.get_registered_model(name)
     except MlflowException:
         client.create_registered_model(name, description=f"Kandinsky 5 {lineage.family} releases (k5 lifecycle)")
-    existing = _find_version(client, name, published.manifest.sha256)
+    existing = _find_version(client, name, published)
     if existing is not None:
         client.set_registered_model_alias(name, CANDIDATE, existing.version)
         return ReleaseVersion(name, str(existing.version), existing.source, existing.run_id or "",

@@ -6,6 +6,7 @@ and generated from; the champion gate moving (or not) the ``champion`` alias."""
 from __future__ import annotations
 
 import json
+import os
 import shutil
 from collections.abc import Iterator
 from pathlib import Path
@@ -247,8 +248,6 @@ def test_release_on_s3(pipeline: Path, tmp_path: Path, tracking, s3_endpoint: st
     assert resolve(tracking[0], "models:/k5-video_lite@candidate").source == published.uri
     got = download_release("models:/k5-video_lite@candidate", tmp_path / "dl", tracking[0])
     assert verify_folder(got) == published.manifest and version.version == "1"
-    import os
-
     assert "MLFLOW_S3_ENDPOINT_URL" not in os.environ  # set for the download only
     # a corrupted object in the bucket is caught at download, naming the file; nothing is left in dst
     key = f"objects/releases/video_lite/{local.manifest.digest}/model_index.json"
@@ -256,3 +255,5 @@ def test_release_on_s3(pipeline: Path, tmp_path: Path, tracking, s3_endpoint: st
     with pytest.raises(ManifestMismatch) as err:
         download_release("models:/k5-video_lite/1", tmp_path / "dl2", tracking[0])
     assert err.value.path == "model_index.json" and not any((tmp_path / "dl2").iterdir())
+    # the same content published to another store is another source: a new version; the S3 one again: reused
+    assert (release(tracking, local).version, release(tracking, published).version) == ("2", "1")
