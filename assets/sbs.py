@@ -18,12 +18,14 @@ from pathlib import Path
 import dagster as dg
 from pydantic import Field
 
-from evaluation.sbs.comparisons import get_comparison, offered, stages_referenced
+from evaluation.sbs.comparisons import DEMO_COMPARISON, get_comparison, offered, stages_referenced
 from orchestration.lineage import latest_metadata, stage_pipeline_dir
 from orchestration.resources import K5HomeResource, MLflowResource, ObjectStoreResource
 
 sbs_partitions = dg.StaticPartitionsDefinition(offered())
 SBS_STAGE_DEPS = [f"train_{stage}" for stage in stages_referenced()]
+# What `make demo` runs: sbs_job for DEMO_COMPARISON with this run config (simulated judgments, labelled as such).
+DEMO_SBS_RUN_CONFIG = {"ops": {"sbs_report": {"config": {"simulate": True}}}}
 
 
 class SbsBatchConfig(dg.Config):
@@ -175,3 +177,4 @@ def sbs_report(context: dg.AssetExecutionContext, config: SbsReportConfig, k5_ho
 
 
 sbs_assets = [sbs_batch, sbs_report]
+__all__ = ["DEMO_COMPARISON", "DEMO_SBS_RUN_CONFIG", "sbs_assets", "sbs_batch", "sbs_partitions", "sbs_report"]

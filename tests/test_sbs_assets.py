@@ -71,6 +71,7 @@ def test_only_comparisons_that_can_succeed_are_offered() -> None:
     graph_keys = {k.to_user_string() for k in defs.resolve_asset_graph().get_all_asset_keys()}
     deps = {d.asset_key.to_user_string() for d in sbs_batch.specs_by_key[dg.AssetKey("sbs_batch")].deps}
     assert deps == set(SBS_STAGE_DEPS) and deps <= graph_keys
+    assert defs.resolve_job_def("sbs_job").partitions_def.get_partition_keys() == keys
     # every check of the SBS assets says what it checks
     assert all(spec.description for spec in sbs_batch.check_specs) and all(spec.description for spec in
                                                                           sbs_report.check_specs)
