@@ -18,12 +18,16 @@ from pathlib import Path
 import dagster as dg
 from pydantic import Field
 
-from evaluation.sbs.comparisons import DEMO_COMPARISON, get_comparison, offered, stages_referenced
+from evaluation.sbs.comparisons import DEMO_COMPARISON, get_comparison, offered, registry, stages_referenced
 from orchestration.lineage import latest_metadata, stage_pipeline_dir
 from orchestration.resources import K5HomeResource, MLflowResource, ObjectStoreResource
+from orchestration.settings import K5Paths
 
-sbs_partitions = dg.StaticPartitionsDefinition(offered())
-SBS_STAGE_DEPS = [f"train_{stage}" for stage in stages_referenced()]
+# Built-in comparisons plus the lab's own (e.g. a stage against a released folder), read when the code location loads.
+EXTRA_COMPARISONS_FILE = K5Paths.from_env().home / "sbs" / "comparisons.json"
+REGISTRY = registry(EXTRA_COMPARISONS_FILE)
+sbs_partitions = dg.StaticPartitionsDefinition(offered(REGISTRY.values()))
+SBS_STAGE_DEPS = [f"train_{stage}" for stage in stages_referenced(REGISTRY.values())]
 # What `make demo` runs: sbs_job for DEMO_COMPARISON with this run config (simulated judgments, labelled as such).
 DEMO_SBS_RUN_CONFIG = {"ops": {"sbs_report": {"config": {"simulate": True}}}}
 
@@ -96,7 +100,7 @@ def sbs_batch(context: dg.AssetExecutionContext, config: SbsBatchConfig, k5_home
               object_store: ObjectStoreResource):
     from evaluation.sbs.batch import BatchSettings, build_batch, publish_batch
 
-    comparison = get_comparison(context.partition_key)
+    comparison = get_comparison(context.partition_key, REGISTRY)
     root = batch_dir(k5_home, comparison.key)
     settings = BatchSettings(**{**config.model_dump(), "annotators": tuple(config.annotators)})
     dirs = resolve_models(context, k5_home, comparison)
@@ -149,7 +153,7 @@ def sbs_report(context: dg.AssetExecutionContext, config: SbsReportConfig, k5_ho
     from evaluation.sbs.judgments_store import StoreBusy
     from evaluation.sbs.tracking import log_sbs_report
 
-    comparison = get_comparison(context.partition_key)
+    comparison = get_comparison(context.partition_key, REGISTRY)
     try:
         result = build_report(batch_dir(k5_home, comparison.key), ReportSettings(**config.model_dump()),
                               log=context.log.info)

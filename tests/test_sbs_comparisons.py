@@ -149,3 +149,28 @@ def test_a_new_batch_archives_the_old_judgments_only_when_the_plan_changed(tmp_p
     assert not (root / "judgments.duckdb").exists()
     with JudgmentsStore(archived / "judgments.duckdb") as store:
         assert store.count_judgments() == 2 * 3 * 17  # nothing lost
+
+
+def test_comparisons_declared_in_a_file_extend_the_registry(tmp_path: Path) -> None:
+    from evaluation.sbs.comparisons import load_comparisons, offered, registry
+
+    released = tmp_path / "k5-image_lite-v2"
+    released.mkdir()
+    (released / "model_index.json").write_text(json.dumps({"_class_name": "Kandinsky5T2IPipeline"}))
+    extra = tmp_path / "comparisons.json"
+    extra.write_text(json.dumps([{"model_a": "stage:image_lite_hr", "model_b": f"folder:{released}"},
+                                 {"model_a": "stage:video_lite_mr_10s", "model_b": f"folder:{tmp_path / 'gone'}"}]))
+    pool = registry(extra)
+    assert set(COMPARISONS) < set(pool)
+    mine = pool["image_lite_hr_vs_k5_image_lite_v2"]
+    assert mine.prompt_set == "parti" and str(mine.model_b) == f"folder:{released}"
+    offered_keys = offered(pool.values())
+    assert mine.key in offered_keys and "video_lite_mr_10s_vs_gone" not in offered_keys  # no folder: not offered
+    assert registry(tmp_path / "absent.json") == COMPARISONS
+    extra.write_text(json.dumps([{"model_a": "stage:image_lite_hr", "model_b": "folder:relative/path"}]))
+    with pytest.raises(ValueError, match=r"comparisons.json: entry 0 .*absolute"):
+        load_comparisons(extra)
+    extra.write_text(json.dumps([{"model_a": "stage:video_lite_mr_10s", "model_b": "stage:video_lite_t2i_lr",
+                                  "prompt_set": "parti"}]))
+    with pytest.raises(ValueError, match="already defined differently"):
+        registry(extra)

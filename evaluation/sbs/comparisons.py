@@ -6,7 +6,9 @@ comparison key, used as the Dagster partition key and as the folder name under `
 ``<name A>_vs_<name B>``; model A is model 1 everywhere (plan, store, scores, reports).
 
 Only comparisons that can succeed are offered: stage references must name Table 4 stages (checked when the record
-is built), and a ``folder:`` model is offered only while its folder holds a ``model_index.json``.
+is built), and a ``folder:`` model is offered only while its folder holds a ``model_index.json``. Besides the built-in
+registry, a lab declares its own comparisons (e.g. against a released folder) in a JSON file (``load_comparisons``;
+the Dagster code location reads ``K5_HOME/sbs/comparisons.json``).
 """
 
 from __future__ import annotations
@@ -126,21 +128,62 @@ COMPARISONS: dict[str, Comparison] = {c.key: c for c in _registry()}
 DEMO_COMPARISON: str = COMPARISONS[f"{CHAINS['video_lite'][-1]}_vs_{CHAINS['video_lite'][0]}"].key
 
 
-def offered(comparisons: Iterable[Comparison] = ()) -> list[str]:
-    """Partition keys: every registered comparison that can run (registry order)."""
-    pool = list(comparisons) or list(COMPARISONS.values())
+def _default_prompt_set(model: LineageModel) -> str:
+    if model.kind == STAGE:
+        return _prompt_set_of_chain(next(c for c, stages in CHAINS.items() if model.ref in stages))
+    folder = Path(model.ref)
+    return "parti" if (folder / "model_index.json").is_file() and pipeline_media_kind(folder) == "image" else "moviegen"
+
+
+def load_comparisons(path: Path) -> list[Comparison]:
+    """Comparisons declared in a JSON file, e.g. a trained stage against a released pipeline folder:
+    ``[{"model_a": "stage:video_lite_mr_10s", "model_b": "folder:/releases/k5-video_lite-v3",
+    "prompt_set": "moviegen", "description": "..."}]`` (``prompt_set`` and ``description`` optional; the prompt set
+    follows model A's media kind). Raises ValueError naming the file and the entry that is wrong."""
+    try:
+        entries = json.loads(Path(path).read_text(encoding="utf-8"))
+        if not isinstance(entries, list):
+            raise ValueError("the file must hold a JSON list of comparisons")
+        out = []
+        for n, e in enumerate(entries):
+            try:
+                a, b = LineageModel.parse(e["model_a"]), LineageModel.parse(e["model_b"])
+                out.append(Comparison(model_a=a, model_b=b, prompt_set=e.get("prompt_set") or _default_prompt_set(a),
+                                      description=e.get("description", "")))
+            except (KeyError, TypeError, ValueError) as exc:
+                raise ValueError(f"entry {n} ({e!r}): {exc}") from exc
+    except (OSError, ValueError) as exc:
+        raise ValueError(f"{path}: {exc}") from exc
+    return out
+
+
+def registry(extra_file: Path | None = None) -> dict[str, Comparison]:
+    """The built-in comparisons plus those declared in ``extra_file`` (when it exists), by key."""
+    out = dict(COMPARISONS)
+    if extra_file is not None and Path(extra_file).is_file():
+        for c in load_comparisons(extra_file):
+            if c.key in out and out[c.key] != c:
+                raise ValueError(f"{extra_file}: comparison {c.key!r} is already defined differently")
+            out[c.key] = c
+    return out
+
+
+def offered(comparisons: Iterable[Comparison] | None = None) -> list[str]:
+    """Partition keys: every comparison (default: the built-in registry) that can run, in order."""
+    pool = COMPARISONS.values() if comparisons is None else comparisons
     return [c.key for c in pool if c.can_run()]
 
 
-def get_comparison(key: str) -> Comparison:
-    if key not in COMPARISONS:
-        raise KeyError(f"unknown SBS comparison {key!r}; registered: {', '.join(COMPARISONS)}")
-    return COMPARISONS[key]
+def get_comparison(key: str, comparisons: dict[str, Comparison] | None = None) -> Comparison:
+    pool = COMPARISONS if comparisons is None else comparisons
+    if key not in pool:
+        raise KeyError(f"unknown SBS comparison {key!r}; registered: {', '.join(pool)}")
+    return pool[key]
 
 
-def stages_referenced(comparisons: Iterable[Comparison] = ()) -> list[str]:
+def stages_referenced(comparisons: Iterable[Comparison] | None = None) -> list[str]:
     """Every stage some comparison uses (Table 4 order): the ``train_<stage>`` deps of the SBS assets."""
-    pool = list(comparisons) or list(COMPARISONS.values())
+    pool = COMPARISONS.values() if comparisons is None else comparisons
     used = {m.ref for c in pool for m in c.models if m.kind == STAGE}
     return [s for s in TABLE4 if s in used]
 
