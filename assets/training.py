@@ -14,7 +14,7 @@ import dagster as dg
 
 from k5model.training.stages import CHAINS, get_table_stage
 from orchestration.lineage import latest_metadata, stage_dir, upstream_path
-from orchestration.resources import K5HomeResource, MLflowResource, ObjectStoreResource
+from orchestration.resources import K5HomeResource, MLflowResource, ObjectStoreResource, TrainingJobResource
 from orchestration.stage_runs import (
     TREND_MIN_STEPS,
     StageInputs,
@@ -23,7 +23,6 @@ from orchestration.stage_runs import (
     read_metrics,
     run_stage,
 )
-from orchestration.training_jobs import TrainingJobResource
 
 
 class StageRunConfig(dg.Config):

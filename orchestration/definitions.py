@@ -12,7 +12,6 @@ import assets.release
 import assets.sbs
 import assets.training
 from orchestration.resources import default_resources
-from orchestration.training_jobs import TrainingJobResource
 
 # New asset modules go here: assets and asset checks are collected from each module.
 ASSET_MODULES = [assets.models, assets.generation, assets.curation, assets.latents, assets.sbs, assets.training,
@@ -54,8 +53,6 @@ release_job = dg.define_asset_job(
 defs = dg.Definitions(
     assets=all_assets,
     asset_checks=all_asset_checks,
-    resources={**default_resources(),
-               # training stages run as external Pipes jobs: a local subprocess, or a GPU pod with K5_PIPES=k8s
-               "training_job": TrainingJobResource.from_env()},
+    resources=default_resources(),  # training stages run as Pipes jobs: a subprocess, or a GPU pod (K5_PIPES=k8s)
     jobs=[main_job, curation_shards_job, sbs_job, release_job],
 )

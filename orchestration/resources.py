@@ -7,7 +7,9 @@ Unset fields resolve from ``orchestration.settings`` when a run uses them (not a
 
 from __future__ import annotations
 
-from collections.abc import Iterator
+import os
+import shlex
+from collections.abc import Iterator, Mapping
 from contextlib import contextmanager
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
@@ -15,6 +17,7 @@ from typing import TYPE_CHECKING, Any
 import dagster as dg
 
 from orchestration.settings import K5Paths, offline_env
+from orchestration.training_jobs import BACKENDS, build_training_pod_spec, training_command
 
 if TYPE_CHECKING:
     import mlflow
@@ -22,6 +25,7 @@ if TYPE_CHECKING:
     from k5data.curation.config import CurationConfig
     from k5data.object_store import LocalStore, S3Store
     from k5data.sources import Source
+    from k5model.training.job import TrainJob
 
 offline_env()  # before anything imports mlflow: its telemetry client reads the env at start-up
 
@@ -217,7 +221,89 @@ class CurationResource(dg.ConfigurableResource):
         return Source(self.resolved_source(home), cfg.endpoint_url, cfg.section("s3")["region"])
 
 
+class TrainingJobResource(dg.ConfigurableResource):
+    """Launches ``orchestration.pipes_train`` through Dagster Pipes: ``backend="subprocess"`` on this machine,
+    ``backend="k8s"`` as a GPU pod through ``dagster_k8s.PipesK8sClient``.
+
+    ``from_env()`` reads ``K5_PIPES`` (subprocess | k8s), ``K5_TRAIN_IMAGE``, ``K5_K8S_NAMESPACE``,
+    ``K5_GPUS_PER_POD``, ``K5_NPROC_PER_NODE``, ``K5_HOME_PVC``, ``K5_K8S_SECRET``, ``K5_K8S_SERVICE_ACCOUNT``.
+    The processes of a job are the job's own (``TrainJob.parallel.nproc``); ``default_nproc`` is what a stage asset
+    puts there when its config names none."""
+
+    backend: str = "subprocess"
+    nproc_per_node: int | None = None  # default: 1 locally, gpus_per_pod on Kubernetes
+    image: str | None = None
+    namespace: str = "default"
+    gpus_per_pod: int = 8
+    cpu: str | None = None
+    memory: str | None = None
+    shm_size: str = "64Gi"
+    k5_home_pvc: str | None = None
+    k5_home_mount: str | None = None  # default: this process's K5 home, so paths in the command resolve in the pod
+    secret_env: str | None = None
+    service_account: str | None = None
+    node_selector: dict[str, str] = {}
+    load_incluster_config: bool | None = None
+    kubeconfig_file: str | None = None
+    pod_wait_timeout_s: float = 0.0  # 0 = wait without limit (a full stage runs for days)
+
+    @classmethod
+    def from_env(cls, environ: Mapping[str, str] | None = None) -> TrainingJobResource:
+        env = os.environ if environ is None else environ
+        backend = env.get("K5_PIPES", "subprocess").strip().lower()
+        if backend not in BACKENDS:
+            raise ValueError(f"K5_PIPES={env.get('K5_PIPES')!r} is not one of {BACKENDS}")
+        fields: dict[str, Any] = {"backend": backend}
+        for var, name, cast in (("K5_TRAIN_IMAGE", "image", str), ("K5_K8S_NAMESPACE", "namespace", str),
+                                ("K5_GPUS_PER_POD", "gpus_per_pod", int), ("K5_NPROC_PER_NODE", "nproc_per_node", int),
+                                ("K5_HOME_PVC", "k5_home_pvc", str), ("K5_K8S_SECRET", "secret_env", str),
+                                ("K5_K8S_SERVICE_ACCOUNT", "service_account", str)):
+            if env.get(var):
+                try:
+                    fields[name] = cast(env[var])
+                except ValueError as err:
+                    raise ValueError(f"{var}={env[var]!r} is not a valid {cast.__name__}") from err
+        return cls(**fields)
+
+    def default_nproc(self) -> int:
+        if self.nproc_per_node is not None:
+            return self.nproc_per_node
+        return max(self.gpus_per_pod, 1) if self.backend == "k8s" else 1
+
+    def pod_spec(self, job: TrainJob, env: Mapping[str, str]) -> dict[str, Any]:
+        """The Kubernetes pod spec this resource would launch for ``job`` (see ``build_training_pod_spec``)."""
+        from orchestration.settings import K5Paths
+
+        home = self.k5_home_mount or str(K5Paths.from_env().home)
+        return build_training_pod_spec(
+            image=self.image or "", command=training_command(job, python="python"),
+            env={**env, "K5_HOME": home}, gpus=job.parallel.nproc, k5_home=home, k5_home_pvc=self.k5_home_pvc or "",
+            cpu=self.cpu, memory=self.memory, shm_size=self.shm_size, secret_env=self.secret_env,
+            service_account=self.service_account, node_selector=self.node_selector)
+
+    def run(self, context: dg.AssetExecutionContext, job: TrainJob,
+            env: Mapping[str, str]) -> dg.PipesClientCompletedInvocation:
+        """Run one stage; blocks until the job ends (raises if it fails), streaming its Pipes messages meanwhile."""
+        if self.backend == "subprocess":
+            cmd = training_command(job)
+            context.log.info(f"training job (subprocess): {shlex.join(cmd)}")
+            return dg.PipesSubprocessClient().run(context=context, command=cmd, env=dict(env))
+        if self.backend == "k8s":
+            from dagster_k8s import PipesK8sClient
+
+            spec = self.pod_spec(job, env)
+            context.log.info(f"training job (k8s, namespace {self.namespace}): "
+                             f"{shlex.join(spec['containers'][0]['command'])}")
+            client = PipesK8sClient(load_incluster_config=self.load_incluster_config,
+                                    kubeconfig_file=self.kubeconfig_file)
+            return client.run(context=context, namespace=self.namespace, base_pod_spec=spec,
+                              base_pod_meta={"labels": {"app.kubernetes.io/name": "k5-train"}},
+                              pod_wait_timeout=self.pod_wait_timeout_s)
+        raise ValueError(f"TrainingJobResource.backend={self.backend!r} is not one of {BACKENDS}")
+
+
 def default_resources() -> dict[str, dg.ConfigurableResource]:
     """The resource set of ``defs``; everything resolves from K5_HOME at run time."""
     return {"k5_home": K5HomeResource(), "mlflow": MLflowResource(), "object_store": ObjectStoreResource(),
+            "training_job": TrainingJobResource.from_env(),
             "curation": CurationResource()}

@@ -20,9 +20,8 @@ from mlflow.tracking import MlflowClient
 from assets.training import stage_assets, stage_checks
 from k5model.training.stages import CHAINS
 from orchestration.lineage import stage_dir
-from orchestration.resources import K5HomeResource, MLflowResource, ObjectStoreResource
+from orchestration.resources import K5HomeResource, MLflowResource, ObjectStoreResource, TrainingJobResource
 from orchestration.settings import K5Paths
-from orchestration.training_jobs import TrainingJobResource
 
 RESOURCES = {"k5_home": K5HomeResource(), "mlflow": MLflowResource(), "object_store": ObjectStoreResource(),
              "training_job": TrainingJobResource()}

@@ -15,8 +15,8 @@ from dagster_k8s.models import k8s_model_from_dict, k8s_snake_case_dict
 from dagster_k8s.pipes import build_pod_body
 
 from k5model.training.job import TrainJob
+from orchestration.resources import TrainingJobResource
 from orchestration.training_jobs import (
-    TrainingJobResource,
     build_training_pod_spec,
     example_pod_manifest,
     training_command,

@@ -9,22 +9,28 @@ from pathlib import Path
 import dagster as dg
 import pytest
 import torch
+from lineage_fixtures import record_training_upstream
 from mlflow.tracking import MlflowClient
 
-from assets.training import stage_assets, stage_dir
+from assets.training import stage_assets
 from k5model.config import get_preset
+from k5model.training.batch import PackedBatch
 from k5model.training.throughput import batch_tokens_and_flops, forward_flops
-from orchestration.resources import K5HomeResource, MLflowResource
-from orchestration.training_jobs import TrainingJobResource
+from orchestration.lineage import stage_dir
+from orchestration.resources import K5HomeResource, MLflowResource, ObjectStoreResource, TrainingJobResource
+from orchestration.settings import K5Paths
 
 STAGE = "video_lite_lr"  # a video stage: mp4 samples, I2V/T2V mix, FSDP path in one process
 STEP_METRICS = ("loss", "grad_norm", "lr", "tokens_per_s", "model_tflops", "step_time_s", "peak_mem_gib")
 
 
-def _materialize(config: dict) -> dg.ExecuteInProcessResult:
+def _materialize(config: dict, t2v: Path, t2i: Path) -> dg.ExecuteInProcessResult:
     asset = next(a for a in stage_assets if a.key.to_user_string() == f"train_{STAGE}")
-    resources = {"k5_home": K5HomeResource(), "mlflow": MLflowResource(), "training_job": TrainingJobResource()}
-    return dg.materialize([asset], resources=resources, instance=dg.DagsterInstance.ephemeral(), raise_on_error=False,
+    resources = {"k5_home": K5HomeResource(), "mlflow": MLflowResource(), "object_store": ObjectStoreResource(),
+                 "training_job": TrainingJobResource()}
+    instance = dg.DagsterInstance.ephemeral()
+    record_training_upstream(instance, K5Paths.from_env().ensure().object_store, t2v, t2i)
+    return dg.materialize([asset], resources=resources, instance=instance, raise_on_error=False,
                           run_config={"ops": {f"train_{STAGE}": {"config": config}}})
 
 
@@ -35,11 +41,12 @@ def _artifacts(client: MlflowClient, run_id: str, path: str | None = None) -> se
     return out
 
 
-def test_stage_logs_live_mlflow_run(tmp_path: Path, monkeypatch: pytest.MonkeyPatch, tiny_t2v_dir: Path) -> None:
+def test_stage_logs_live_mlflow_run(tmp_path: Path, monkeypatch: pytest.MonkeyPatch, tiny_t2v_dir: Path,
+                                   tiny_t2i_dir: Path) -> None:
     monkeypatch.setenv("K5_HOME", str(tmp_path / "k5"))
-    # start from released weights (the tiny pipeline's transformer folder) and sample with its encoders and VAE
-    result = _materialize({"steps": 3, "init_from": str(tiny_t2v_dir / "transformer"), "sample_every": 2,
-                           "sample_pipeline": str(tiny_t2v_dir)})
+    # start from released weights (the tiny pipeline's transformer folder); samples use the base pipeline's encoders
+    result = _materialize({"steps": 3, "init_from": str(tiny_t2v_dir / "transformer"), "sample_every": 2},
+                          tiny_t2v_dir, tiny_t2i_dir)
     assert result.success
     meta = {k: v.value for k, v in result.asset_materializations_for_node(f"train_{STAGE}")[0].metadata.items()}
     mlflow = MLflowResource()
@@ -57,8 +64,8 @@ def test_stage_logs_live_mlflow_run(tmp_path: Path, monkeypatch: pytest.MonkeyPa
         assert all(math.isfinite(m.value) and (m.value > 0 or key == "loss") for m in history), key
     losses = sorted(client.get_metric_history(run.info.run_id, "loss"), key=lambda m: m.step)
     assert meta["final_loss"] == losses[-1].value
-    assert meta["tokens_per_s"] > 0 and meta["checkpoint_uri"].startswith("file://")
-    assert (stage_dir(K5HomeResource(), STAGE) / "ema" / "transformer" / "config.json").is_file()
+    assert meta["tokens_per_s"] > 0 and run.data.tags["k5_checkpoint_uri"].startswith("file://")
+    assert (stage_dir(K5Paths.from_env(), STAGE) / "ema" / "transformer" / "config.json").is_file()
     # system metrics (MLflow's monitor, psutil on CPU)
     system = [k for k in run.data.metrics if k.startswith("system/")]
     assert "system/cpu_utilization_percentage" in system and "system/system_memory_usage_megabytes" in system
@@ -74,24 +81,27 @@ def test_stage_logs_live_mlflow_run(tmp_path: Path, monkeypatch: pytest.MonkeyPa
     from k5model.media import read_video
 
     frames = read_video(local)
-    # 2 latent frames -> 5; the most likely resolution, 384x256 px in Table 4 -> 6x4 demo latents -> 48x32 px
+    # 2 latent frames -> 5 at the stage's most likely Table 4 resolution, 384x256 px -> 6x4 demo latents -> 48x32 px
     assert frames.shape[:3] == (5, 48, 32)
 
 
-def test_failed_stage_marks_run_failed_and_keeps_last_good(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+def test_failed_stage_marks_run_failed_and_keeps_last_good(tmp_path: Path, monkeypatch: pytest.MonkeyPatch,
+                                                           tiny_t2v_dir: Path, tiny_t2i_dir: Path) -> None:
     monkeypatch.setenv("K5_HOME", str(tmp_path / "k5"))
-    good = stage_dir(K5HomeResource(), STAGE)
+    good = stage_dir(K5Paths.from_env(), STAGE)
     good.mkdir(parents=True)
     (good / "marker").write_text("last good stage")
     bad_init = tmp_path / "not_a_checkpoint"
     bad_init.mkdir()
-    result = _materialize({"steps": 2, "init_from": str(bad_init), "sample_every": None})
+    result = _materialize({"steps": 2, "init_from": str(bad_init), "sample_every": None}, tiny_t2v_dir, tiny_t2i_dir)
     assert not result.success
     assert (good / "marker").read_text() == "last good stage"  # the failed run replaced nothing
     mlflow = MLflowResource()
     client = MlflowClient(mlflow.resolved_tracking_uri())
     runs = [r for r in client.search_runs([mlflow.experiment_id()]) if r.data.tags.get("k5_stage") == STAGE]
-    assert len(runs) == 1 and runs[0].info.status == "FAILED"
+    # one run per attempt (the RetryPolicy tries twice), each FAILED, and the lineage run with them
+    assert len(runs) == 2 and {r.info.status for r in runs} == {"FAILED"}
+    assert client.get_run(runs[0].data.tags["mlflow.parentRunId"]).info.status == "FAILED"
 
 
 def test_flop_count_by_hand() -> None:
@@ -100,11 +110,7 @@ def test_flop_count_by_hand() -> None:
     per_block = 2 * n * (4 * 32 * 32 + 2 * 32 * 64) + 2 * n * 2 * 32 * 32 + 2 * t * 2 * 32 * 32 \
         + 4 * n * n * 32 + 4 * n * t * 32
     assert forward_flops(cfg, n, t) == 2 * per_block
-    # a batch of two (2 frames, 4 x 4) latents = 2 x 2 x 2 = 8 tokens each, with 3 and 1 real text tokens
-    batch = {"x0": torch.zeros(2, 2, 4, 4, 16), "text_mask": torch.tensor([[1, 1, 1], [1, 0, 0]], dtype=torch.bool)}
-    tokens, flops = batch_tokens_and_flops(cfg, batch)
-    assert tokens == 16 and flops == 3 * (forward_flops(cfg, 8, 3) + forward_flops(cfg, 8, 1))
-    # packed batches: a list of per-sample latents
-    packed = {"packed": True, "x0": [torch.zeros(2, 4, 4, 16), torch.zeros(1, 6, 4, 16)],
-              "text_embeds": [torch.zeros(4, 32), torch.zeros(2, 32)]}
+    # a packed batch: per-sample latents, real text tokens only
+    packed = PackedBatch([torch.zeros(2, 4, 4, 16), torch.zeros(1, 6, 4, 16)], [torch.zeros(4, 32), torch.zeros(2, 32)],
+                         torch.zeros(2, 32), ["t2v", "t2v"])
     assert batch_tokens_and_flops(cfg, packed) == (8 + 6, 3 * (forward_flops(cfg, 8, 4) + forward_flops(cfg, 6, 2)))
