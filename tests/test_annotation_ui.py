@@ -8,6 +8,7 @@ import signal
 import socket
 import subprocess
 import sys
+import tempfile
 import time
 import urllib.request
 from pathlib import Path
@@ -51,18 +52,23 @@ def free_port() -> int:
 def start_app(args: list[str]) -> tuple[subprocess.Popen, str]:
     """``python -m ui.annotation_app ARGS --port <free>`` as a real server; returns it and its URL once it answers."""
     port = free_port()
+    # A file, not a pipe: nobody reads the server's output while it runs, and a full pipe would stall it.
+    log = tempfile.TemporaryFile(mode="w+")
     proc = subprocess.Popen([sys.executable, "-m", "ui.annotation_app", *args, "--port", str(port)], cwd=REPO,
-                            stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+                            stdout=log, stderr=subprocess.STDOUT, text=True)
+    proc.k5_log = log
     url = f"http://127.0.0.1:{port}/"
     deadline = time.time() + 120
     while True:
         try:
-            urllib.request.urlopen(url, timeout=2)
+            urllib.request.urlopen(url, timeout=2).close()
             return proc, url
         except OSError:
             if proc.poll() is not None or time.time() > deadline:
                 proc.kill()
-                raise RuntimeError(f"app did not start: {proc.stdout.read()}") from None
+                proc.wait()
+                log.seek(0)
+                raise RuntimeError(f"app did not start: {log.read()}") from None
             time.sleep(0.5)
 
 
@@ -70,6 +76,7 @@ def stop_app(proc: subprocess.Popen) -> None:
     if proc.poll() is None:
         proc.send_signal(signal.SIGTERM)
         proc.wait(timeout=30)
+    proc.k5_log.close()
 
 
 @pytest.fixture(scope="module")
