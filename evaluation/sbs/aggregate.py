@@ -10,6 +10,7 @@ was not asked to simulate leaves any simulated rows in the store out of the scor
 from __future__ import annotations
 
 import json
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -68,12 +69,14 @@ class ReportResult:
     under_covered: dict[str, int] = field(default_factory=dict)
 
     def overall(self) -> dict[str, dict | None]:
-        """Per group: model1/model2 scores and their 95% intervals (None when nothing was rated)."""
+        """Per group: model1/model2 scores, their 95% intervals and the paired interval of model1 - model2 (what the
+        release gate reads); None when nothing was rated."""
         out: dict[str, dict | None] = {}
         for group in GROUPS:
             scores = self.summary.get(group)
             ci = self.summary.get("ci95", {}).get(group, {})
-            out[group] = None if not scores else {**scores, "ci95": ci}
+            diff = (self.summary.get("ci95_diff") or {}).get(group)
+            out[group] = None if not scores else {**scores, "ci95": ci, "ci95_diff": diff}
         return out
 
 
@@ -106,7 +109,7 @@ def store_judgments(store_path: Path, plan: Plan, settings: ReportSettings) -> t
     return rows, written
 
 
-def build_report(root: Path, settings: ReportSettings, log=print) -> ReportResult:
+def build_report(root: Path, settings: ReportSettings, log: Callable[[str], None] = print) -> ReportResult:
     """Score the batch under ``root`` (``plan.json``, ``judgments.duckdb``) and write ``report/summary.json``,
     ``report/sbs_bars.png`` and ``report/sbs_report.html``. Raises FileNotFoundError without a batch."""
     plan_path = root / "plan.json"
