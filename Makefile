@@ -13,7 +13,8 @@ export MLFLOW_DISABLE_TELEMETRY ?= true
 DAGSTER_PORT ?= 3000
 MLFLOW_PORT ?= 5000
 ANNOTATION_PORT ?= 7860
-SBS_DEMO := $(K5_HOME)/sbs/demo_tiny_seed0_vs_seed1
+# the demo comparison (assets.sbs.DEMO_COMPARISON)
+SBS_DEMO := $(K5_HOME)/sbs/video_lite_mr_10s_vs_video_lite_t2i_lr
 
 # pytest's own options for `make test` / `make test-fast`, e.g. PYTEST_ARGS="-x tests/test_sbs_plan.py".
 PYTEST_ARGS ?=

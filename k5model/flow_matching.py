@@ -306,6 +306,26 @@ def flow_matching_loss(
 
 
 
+TASK_KINDS = ("t2i", "t2v", "i2v", "edit")
+
+
+def condition_channels(x0: torch.Tensor, task: str, source: torch.Tensor | None = None) -> torch.Tensor:
+    """The (T, H, W, C+1) condition + mask of one latent ``x0`` (T, H, W, C) for ``task``.
+
+    t2v / t2i: zeros. i2v: the clean first latent frame with mask 1 on it. edit: the ``source`` image's latent with
+    mask ones (instruct editing)."""
+    if task not in TASK_KINDS:
+        raise ValueError(f"unknown task {task!r}; use one of {TASK_KINDS}")
+    c = torch.zeros(*x0.shape[:-1], x0.shape[-1] + 1, dtype=torch.float32, device=x0.device)
+    if task == "i2v":
+        c[:1, ..., :-1], c[:1, ..., -1] = x0[:1], 1.0
+    elif task == "edit":
+        if source is None:
+            raise ValueError("an edit sample needs its source latent")
+        c[..., :-1], c[..., -1] = source.to(x0.device, torch.float32).reshape(x0.shape), 1.0
+    return c
+
+
 def flow_matching_loss_packed(
     model: torch.nn.Module,
     x0: Sequence[torch.Tensor],
@@ -367,7 +387,7 @@ def flow_matching_loss_packed(
             w[:clean[i]] = 0
         if visual_cond:
             c = condition[i] if condition is not None else None
-            c = torch.zeros(*x.shape[:-1], x.shape[-1] + 1, device=device) if c is None else c.to(device)
+            c = condition_channels(x, "t2v") if c is None else c.to(device)
             x_t = torch.cat([x_t, c.to(x_t.dtype)], dim=-1)
         inputs.append(x_t)
         targets.append(velocity_target(x, e))

@@ -1,7 +1,10 @@
-"""``python -m orchestration.demo`` (``make demo``): run ``main_job`` once on the persistent local Dagster instance.
+"""``python -m orchestration.demo`` (``make demo``): the whole lineage once, on the persistent local Dagster instance.
 
-The run is recorded in ``$K5_HOME/dagster`` (SQLite), so ``make ui`` shows it with its lineage afterwards; the MLflow
-run lands in ``$K5_HOME/mlflow.db``. Exit status 0 only if the job and all its asset checks succeed.
+Raw media -> curation shards -> curated dataset -> latent shards -> the Table 4 stages (demo scale) -> SBS of the last
+Video Lite stage against the first -> a release in the MLflow registry, gated twice: once with a strict margin and once
+with none, so both of the gate's outcomes show, each with its reason. Runs are launched the way the Dagster UI launches
+them (``orchestration.launch``), so they appear in the job's history and the Overview timeline. Exit status 0 only if
+every run and check that should pass did.
 """
 
 from __future__ import annotations
@@ -9,14 +12,36 @@ from __future__ import annotations
 import os
 import sys
 import time
-from urllib.parse import unquote, urlparse
+from typing import Any
 
 from orchestration.settings import K5Paths, offline_env
 
+LOGS = {"loggers": {"console": {"config": {"log_level": "INFO"}}}, "execution": {"config": {"in_process": {}}}}
+FAMILY = "video_lite"
+STRICT_MARGIN = 0.5  # overall-score advantage a candidate must show before it becomes champion (strict gate)
+SIMULATED_PREFERENCE = 0.85  # the demo's simulated raters prefer the later stage (model A) on this share of votes
 
-def _local(uri: str) -> str:
-    parsed = urlparse(uri)
-    return unquote(parsed.path) if parsed.scheme == "file" else uri
+
+def _report(name: str, result: Any, gate_may_keep: bool = False) -> bool:
+    """Print what failed; ``gate_may_keep``: a failing blocking ``champion_gate`` is a decision, not an error."""
+    def gate(text: str) -> bool:
+        return gate_may_keep and "champion_gate" in text
+
+    failed = [c for c in result.failed_checks if not gate(c)]
+    steps = [s for s in result.step_failures if not gate(s)]
+    if not failed and not steps and (result.success or gate_may_keep):
+        return True
+    print(f"\n{name} FAILED (run {result.run_id}): failed checks {failed}, failed steps {steps}", file=sys.stderr)
+    for step in steps:
+        print(f"--- {step}\n{result.step_failures[step]}", file=sys.stderr)
+    if result.run_failure:
+        print(result.run_failure, file=sys.stderr)
+    return False
+
+
+def _scalars(meta: dict[str, Any]) -> str:
+    return ", ".join(f"{k}={v}" for k, v in sorted(meta.items())
+                     if isinstance(v, int | float | str) and "\n" not in str(v) and len(str(v)) < 80)
 
 
 def main() -> int:
@@ -27,66 +52,64 @@ def main() -> int:
 
     from dagster import DagsterInstance
 
-    from orchestration.definitions import defs
+    from assets.curation import SHARDS
+    from assets.sbs import DEMO_COMPARISON, DEMO_SBS_RUN_CONFIG
+    from orchestration.launch import code_location, run_job
+    from orchestration.registry import release_status
 
     print(f"K5_HOME: {paths.home}", flush=True)
     t0 = time.perf_counter()
-    with DagsterInstance.get() as instance:
-        # INFO console logs: the DEBUG stream of engine events would bury the summary printed below.
-        run_config = {"loggers": {"console": {"config": {"log_level": "INFO"}}}}
-        # 1. curation shards (partitioned: one run per shard), so main_job can build the curated dataset from them
-        shards_job = defs.resolve_job_def("curation_shards_job")
-        for key in shards_job.partitions_def.get_partition_keys():
-            shard = shards_job.execute_in_process(run_config=run_config, instance=instance, partition_key=key,
-                                                  raise_on_error=False)
-            if not shard.success:
-                print(f"\ncuration shard {key} FAILED (run {shard.run_id})", file=sys.stderr)
+    with DagsterInstance.get() as instance, code_location(instance, in_process=True) as ws:
+        def run(job: str, key: str | None = None, config: dict | None = None) -> Any:
+            return run_job(job, instance=instance, workspace=ws, partition_key=key, run_config={**LOGS, **(config or {})})
+
+        for key in SHARDS.get_partition_keys():  # partitioned: one run per source shard
+            if not _report(f"curation shard {key}", run("curation_shards_job", key)):
                 return 1
-        # 2. every unpartitioned asset
-        job = defs.resolve_job_def("main_job")
-        result = job.execute_in_process(run_config=run_config, instance=instance, raise_on_error=False)
-        elapsed = time.perf_counter() - t0
-        checks = result.get_asset_check_evaluations()
-        failed_checks = [c.check_name for c in checks if not c.passed]
-        if not result.success or failed_checks:
-            failed_steps = [e.step_key for e in result.all_events if e.is_step_failure]
-            print(f"\nmain_job FAILED after {elapsed:.1f} s (run {result.run_id}); failed steps: {failed_steps}, "
-                  f"failed checks: {failed_checks}", file=sys.stderr)
-            for e in result.all_events:
-                if e.is_step_failure and e.step_failure_data.error is not None:
-                    print(e.step_failure_data.error.to_string(), file=sys.stderr)
+        main_run = run("main_job")
+        if not _report("main_job", main_run):
             return 1
-
-        # 3. an SBS batch between two demo models, scored from simulated judgments
-        sbs = defs.resolve_job_def("sbs_job").execute_in_process(
-            run_config=run_config, instance=instance, partition_key="demo_tiny_seed0_vs_seed1", raise_on_error=False)
-        sbs_failed = [c.check_name for c in sbs.get_asset_check_evaluations() if not c.passed]
-        if not sbs.success or sbs_failed:
-            print(f"\nsbs_job FAILED (run {sbs.run_id}); failed checks: {sbs_failed}", file=sys.stderr)
+        sbs_config = DEMO_SBS_RUN_CONFIG["ops"]["sbs_report"]["config"]
+        sbs = run("sbs_job", DEMO_COMPARISON,
+                  {"ops": {"sbs_report": {"config": {**sbs_config, "p_a": SIMULATED_PREFERENCE}}}})
+        if not _report(f"sbs_job {DEMO_COMPARISON}", sbs):
             return 1
+        gates = []
+        for margin in (STRICT_MARGIN, 0.0):
+            release = run("release_job", FAMILY, {"ops": {"release": {"config": {"margin": margin}}}})
+            # a gate that keeps the champion fails its blocking check on purpose; only a broken release is an error
+            if not _report(f"release_job {FAMILY} (margin {margin})", release, gate_may_keep=True):
+                return 1
+            gates.append((margin, release.metadata("release"), release.check_evaluations))
         elapsed = time.perf_counter() - t0
-        sbs_meta = {k: v.value for m in sbs.asset_materializations_for_node("sbs_report") for k, v in m.metadata.items()}
-        cur_meta = {k: v.value for m in result.asset_materializations_for_node("curated_dataset")
-                    for k, v in m.metadata.items()}
 
-        gen = {k: v.value for m in result.asset_materializations_for_node("demo_generation") for k, v in m.metadata.items()}
-        print(f"\nmain_job succeeded in {elapsed:.1f} s (Dagster run {result.run_id}); "
-              f"{len(checks)} checks passed: {', '.join(sorted({c.check_name for c in checks})) or 'none'}")
-        print("\nGenerated media:")
-        for uri in gen.get("media", []):
-            print(f"  {_local(uri)}")
-        if "preview_uri" in gen:
-            print(f"  preview: {_local(gen['preview_uri'])}")
-        print("\nCurated dataset:", ", ".join(f"{k}={cur_meta[k]}" for k in sorted(cur_meta)
-                                               if isinstance(cur_meta[k], int | float | str) and "\n" not in str(cur_meta[k])))
-        print("SBS report:", ", ".join(f"{k}={sbs_meta[k]}" for k in sorted(sbs_meta)
-                                       if isinstance(sbs_meta[k], int | float | str) and "\n" not in str(sbs_meta[k])))
-        print("\nWhere to look:")
-        print("  Dagster UI: make ui -> http://127.0.0.1:3000 (runs, asset lineage, checks)")
-        print(f"  MLflow UI:  make ui -> http://127.0.0.1:5000  this run: {gen.get('mlflow_run_url', '?')}")
-        print(f"  state:      {paths.home} (Dagster: {paths.dagster_home}, MLflow: {paths.mlflow_db}, "
-              f"objects: {paths.object_store}, models: {paths.models});"
-              " set K5_HOME to keep it elsewhere")
+    print(f"\nThe lineage ran in {elapsed:.1f} s; runs are in the Dagster UI (job history and Overview timeline).")
+    print("Curated dataset:", _scalars(dict(main_run.metadata("curated_dataset"))))
+    print("Latent shards:", _scalars(dict(main_run.metadata("latent_shards"))))
+    last = main_run.metadata("train_video_lite_mr_10s")
+    print(f"Last Video Lite stage: pipeline {last.get('pipeline_dir')}, {last.get('samples_consumed')} samples / "
+          f"{last.get('tokens_consumed')} tokens consumed, MLflow run {last.get('mlflow_run')}")
+    report = sbs.metadata("sbs_report")
+    print(f"SBS {DEMO_COMPARISON}: {report.get('judgments')} SIMULATED judgments (raters prefer A with p="
+          f"{SIMULATED_PREFERENCE}); report {report.get('report_html')}")
+    for group in ("overall_visual_quality", "overall_motion", "overall_prompt_following"):
+        print(f"  {group}: {report.get(group)}")
+    for margin, meta, checks in gates:
+        decisions = [f"{c.check_name} {'passed' if c.passed else 'did not pass'}: "
+                     f"{c.metadata['decision'].value} - {c.metadata['reason'].value}"
+                     for c in checks if c.check_name == "champion_gate"]
+        print(f"\nRelease with margin {margin}: version {meta.get('version')} -> {meta.get('source_uri')}")
+        for line in decisions:
+            print(f"  {line}")
+    print("\nRegistry now:")
+    for line in release_status(paths.mlflow_tracking_uri, FAMILY):
+        print(f"  {line}")
+    print("\nWhere to look:")
+    print("  Dagster UI: make ui -> http://127.0.0.1:3000 (runs, asset lineage, checks)")
+    print("  MLflow UI:  make ui -> http://127.0.0.1:5000 (stage runs under their lineage runs, the registry's "
+          f"k5-{FAMILY} model)")
+    print(f"  state:      {paths.home} (Dagster: {paths.dagster_home}, MLflow: {paths.mlflow_db}, "
+          f"objects: {paths.object_store}, models: {paths.models}); set K5_HOME to keep it elsewhere")
     return 0
 
 

@@ -217,6 +217,11 @@ def test_k5_train_cli_progress_and_exports(tmp_path, tiny_t2v_dir):
     assert folder.config.attention_type == "nabla"
     assert CrossDiT.from_pretrained(out / "pipeline").state_dict().keys() == folder.state_dict().keys()
     assert json.loads((out / "pipeline" / "model_index.json").read_text())["_class_name"] == "Kandinsky5T2VPipeline"
+    from diffusers import Kandinsky5T2VPipeline
+
+    loaded = Kandinsky5T2VPipeline.from_pretrained(out / "pipeline")  # the linked folder is a diffusers pipeline
+    assert torch.equal(loaded.transformer.state_dict()["out_layer.out_layer.weight"],
+                       folder.state_dict()["out_layer.out_layer.weight"])
     # the single file holds the same weights, rounded to bf16 except the fp32 time/modulation tensors
     for (key, a), (key2, b) in zip(folder.state_dict().items(), single.state_dict().items()):
         assert key == key2

@@ -1,9 +1,10 @@
-"""The one batch type the trainer consumes, and the per-task condition channels.
+"""The one batch type the trainer consumes.
 
 Every data source (the latent shards of ``k5data.loading.training_source``; the synthetic source kept for tests and
 benchmarks) yields a ``PackedBatch``: N latents of possibly different shapes that ``CrossDiT.forward_packed`` runs as
 one sequence (report §6.1.2). Conditions of ``visual_cond`` models are 16 condition channels + 1 mask per latent voxel,
-built only by ``condition_channels`` so the shard source, the synthetic source and the loss agree.
+built only by ``k5model.flow_matching.condition_channels`` so the shard source, the synthetic source and the loss
+agree.
 """
 
 from __future__ import annotations
@@ -13,24 +14,9 @@ from dataclasses import dataclass, field
 
 import torch
 
-TASK_KINDS = ("t2i", "t2v", "i2v", "edit")
+from k5model.flow_matching import TASK_KINDS, condition_channels
 
-
-def condition_channels(x0: torch.Tensor, task: str, source: torch.Tensor | None = None) -> torch.Tensor:
-    """The (T, H, W, C+1) condition + mask of one latent ``x0`` (T, H, W, C) for ``task``.
-
-    t2v / t2i: zeros. i2v: the clean first latent frame with mask 1 on it. edit: the ``source`` image's latent with
-    mask ones (instruct editing)."""
-    if task not in TASK_KINDS:
-        raise ValueError(f"unknown task {task!r}; use one of {TASK_KINDS}")
-    c = torch.zeros(*x0.shape[:-1], x0.shape[-1] + 1, dtype=torch.float32, device=x0.device)
-    if task == "i2v":
-        c[:1, ..., :-1], c[:1, ..., -1] = x0[:1], 1.0
-    elif task == "edit":
-        if source is None:
-            raise ValueError("an edit sample needs its source latent")
-        c[..., :-1], c[..., -1] = source.to(x0.device, torch.float32).reshape(x0.shape), 1.0
-    return c
+__all__ = ["TASK_KINDS", "PackedBatch", "clean_frames_of", "condition_channels", "pack"]
 
 
 def clean_frames_of(task: str) -> int:
