@@ -83,7 +83,8 @@ def latent_shards(context: dg.AssetExecutionContext, config: LatentShardsConfig,
                              curation.config().endpoint_url)
     context.log.info(f"latent shards at {store.uri(prefix)}: {summary}")
     return dg.MaterializeResult(metadata={
-        "prefix": prefix, "index_uri": store.uri(f"{prefix}/index.parquet"), "dataset_snapshot": dataset_snapshot(context),
+        "prefix": prefix, "index_uri": store.uri(f"{prefix}/index.parquet"),
+        "dataset_snapshot": dataset_snapshot(context),
         "samples": summary["index_samples"], "shards": summary["index_shards"], "encoded": summary["encoded"],
         "already_encoded": summary["already_encoded"], "skipped": dg.MetadataValue.json(summary["skipped"]),
         "seconds": summary["seconds"], "samples_per_s": summary["samples_per_s"],

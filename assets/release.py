@@ -123,7 +123,8 @@ def release(context: dg.AssetExecutionContext, config: ReleaseConfig, k5_home: K
         **facts, "model": name, "version": version.version, "models_uri": f"models:/{name}@{CANDIDATE}",
         "reused_version": version.reused, "stage": stage, "comparison": comparison, "summary_path": str(summary_path),
         "margin": config.margin, "groups": dg.MetadataValue.json(config.groups),
-        "allow_simulated": config.allow_simulated, "release_run_id": version.run_id, "model_card": dg.MetadataValue.md(card),
+        "allow_simulated": config.allow_simulated, "release_run_id": version.run_id,
+        "model_card": dg.MetadataValue.md(card),
     })
 
 
@@ -146,10 +147,11 @@ def _champion_gate(context: dg.AssetCheckExecutionContext, mlflow: MLflowResourc
         "explanation": dg.MetadataValue.md("\n".join(decision.lines()))})
 
 
-GATE_DESCRIPTION = ("Release gate: moves alias `champion` to this version only when the SBS comparison shows it beating "
-                    "the current champion (or, with no champion yet, the comparison's baseline) by more than `margin`: "
-                    "the lower bound of the paired 95% bootstrap interval of its advantage on every gated overall "
-                    "group. Blocking: when it keeps the current champion the check fails, and so does the run.")
+GATE_DESCRIPTION = (
+    "Release gate: moves alias `champion` to this version only when the SBS comparison shows it beating "
+    "the current champion (or, with no champion yet, the comparison's baseline) by more than `margin`: "
+    "the lower bound of the paired 95% bootstrap interval of its advantage on every gated overall "
+    "group. Blocking: when it keeps the current champion the check fails, and so does the run.")
 with warnings.catch_warnings():  # partitioned asset checks are a Dagster preview; we want one gate result per family
     warnings.simplefilter("ignore", dg.PreviewWarning)
     champion_gate = dg.asset_check(asset=release, name="champion_gate", blocking=True, partitions_def=FAMILIES,

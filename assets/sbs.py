@@ -119,7 +119,8 @@ def sbs_batch(context: dg.AssetExecutionContext, config: SbsBatchConfig, k5_home
                  f"--media-root {result.media_dir}",
     })
     yield dg.AssetCheckResult(check_name="plan_overlap", passed=not result.under_covered,
-                              metadata={"under_covered": len(result.under_covered), "planned_overlap": settings.overlap})
+                              metadata={"under_covered": len(result.under_covered),
+                                        "planned_overlap": settings.overlap})
 
 
 def _interval_text(name_a: str, name_b: str, scores: dict | None) -> str:

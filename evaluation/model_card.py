@@ -61,7 +61,8 @@ def _sbs_section(summary: dict | None) -> list[str]:
            f"Comparison `{summary.get('comparison', '?')}`: `{a}` (model 1) vs `{b}` (model 2), "
            f"{summary.get('n_items', '?')} prompts, {summary.get('n_judgments', '?')} {judged}. Scores: report §8.2; "
            "intervals: 95% percentile bootstrap over prompts (paired for the difference).", "",
-           "| group | model 1 | 95% CI | model 2 | 95% CI | model 1 - model 2 | 95% CI |", "|---|---|---|---|---|---|---|"]
+           "| group | model 1 | 95% CI | model 2 | 95% CI | model 1 - model 2 | 95% CI |",
+           "|---|---|---|---|---|---|---|"]
     ci, diff = summary.get("ci95", {}), summary.get("ci95_diff", {})
 
     def iv(pair: Any) -> str:

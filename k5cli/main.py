@@ -66,7 +66,8 @@ def _quiet_libraries() -> None:
 @click.argument("model_dir", type=click.Path(path_type=Path))
 @click.option("--prompt", required=True, help="Text prompt.")
 @click.option("--out", "out", required=True, type=click.Path(path_type=Path), help="Output file: .png (image) or .mp4.")
-@click.option("--negative-prompt", default=None, help="Negative prompt (default: the official one for video, '' for images).")
+@click.option("--negative-prompt", default=None,
+              help="Negative prompt (default: the official one for video, '' for images).")
 @click.option("--height", type=int, default=None, help="Pixel height (multiple of 16; 128 for NABLA models).")
 @click.option("--width", type=int, default=None, help="Pixel width (multiple of 16; 128 for NABLA models).")
 @click.option("--frames", type=int, default=None, help="Video frames, 4k+1 (default 121).")

@@ -69,7 +69,8 @@ def plan_cmd(stage: str, gpus: int, ref_seconds: float | None, batches: tuple[in
                f"{'mem GiB':>8} fits80GB")
     for r in rows:
         t = r.step_seconds if r.step_seconds is not None else r.step_units
-        click.echo(f"{r.candidate.batch_per_gpu:>5} {r.candidate.shard_gpus:>5} {'yes' if r.candidate.offload else 'no':>7} "
+        click.echo(f"{r.candidate.batch_per_gpu:>5} {r.candidate.shard_gpus:>5} "
+                   f"{'yes' if r.candidate.offload else 'no':>7} "
                    f"{r.grad_accum:>5} {r.effective_batch:>9} {t:>12.4g} {r.memory_gib:>8.1f} "
                    f"{'yes' if r.fits else 'NO'}")
     if ref_seconds is not None:

@@ -61,7 +61,8 @@ def main() -> int:
     t0 = time.perf_counter()
     with DagsterInstance.get() as instance, code_location(instance, in_process=True) as ws:
         def run(job: str, key: str | None = None, config: dict | None = None) -> Any:
-            return run_job(job, instance=instance, workspace=ws, partition_key=key, run_config={**LOGS, **(config or {})})
+            return run_job(job, instance=instance, workspace=ws, partition_key=key,
+                           run_config={**LOGS, **(config or {})})
 
         for key in SHARDS.get_partition_keys():  # partitioned: one run per source shard
             if not _report(f"curation shard {key}", run("curation_shards_job", key)):

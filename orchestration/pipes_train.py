@@ -1,10 +1,10 @@
 """Subprocess / pod side of a training stage launched by Dagster Pipes.
 
 ``python -m orchestration.pipes_train --job JOB`` (JOB: ``TrainJob`` JSON, inline or a file; or under ``torchrun``):
-runs the same composition root (``k5cli.train_run``) as ``k5 train``. Rank 0 streams every step's metrics back to Dagster as Pipes log lines, logs them live to the
-stage's MLflow run when ``K5_MLFLOW_RUN_ID`` names one (see ``orchestration.mlflow_tracking``), and reports the
-stage's summary as materialization metadata. The other ranks only train. Kept outside ``k5model`` so the model
-library never imports Dagster or MLflow code.
+runs the same composition root (``k5cli.train_run``) as ``k5 train``. Rank 0 streams every step's metrics back to
+Dagster as Pipes log lines, logs them live to the stage's MLflow run when ``K5_MLFLOW_RUN_ID`` names one (see
+``orchestration.mlflow_tracking``), and reports the stage's summary as materialization metadata. The other ranks only
+train. Kept outside ``k5model`` so the model library never imports Dagster or MLflow code.
 """
 
 from __future__ import annotations

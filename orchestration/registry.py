@@ -96,7 +96,8 @@ def register_release(tracking_uri: str, experiment_id: str, *, lineage: ReleaseL
         return ReleaseVersion(name, str(existing.version), existing.source, existing.run_id or "",
                               published.manifest.sha256, reused=True)
     tags = lineage_tags(lineage, published)
-    run = client.create_run(experiment_id, run_name=f"release/{name}/{lineage.stage}", tags={**tags, **(run_tags or {})})
+    run = client.create_run(experiment_id, run_name=f"release/{name}/{lineage.stage}",
+                            tags={**tags, **(run_tags or {})})
     run_id = run.info.run_id
     client.log_text(run_id, card, "model_card.md")
     client.log_text(run_id, published.manifest.to_json(), "manifest.json")

@@ -192,7 +192,8 @@ class ObjectStoreResource(dg.ConfigurableResource):
 class CurationResource(dg.ConfigurableResource):
     """Where curation reads and writes. ``source`` unset: the sample corpus, built under ``<K5_HOME>/corpus``.
     ``out`` unset: the object store resource (``curation/`` prefix); or a folder / ``s3://`` URI written directly.
-    ``config_path``: YAML merged over ``k5data/curation/configs/curation.yaml``; ``endpoint_url``: S3-compatible store."""
+    ``config_path``: YAML merged over ``k5data/curation/configs/curation.yaml``; ``endpoint_url``: S3-compatible
+    store."""
 
     source: str | None = None
     out: str | None = None

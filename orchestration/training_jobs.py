@@ -1,9 +1,11 @@
-"""How a training stage runs as an external job through Dagster Pipes: a local subprocess (default) or a Kubernetes
-GPU pod (``PipesK8sClient``), chosen by ``orchestration.resources.TrainingJobResource.backend`` (``$K5_PIPES`` in ``default_resources``).
+"""How a training stage runs as an external job through Dagster Pipes: a local subprocess (default) or a Kubernetes GPU
+pod (``PipesK8sClient``), chosen by ``orchestration.resources.TrainingJobResource.backend`` (``$K5_PIPES`` in
+``default_resources``).
 
 Both run the same command, ``python -m orchestration.pipes_train --job <TrainJob JSON>``, under ``torchrun`` when the
-job asks for more than one process (``TrainJob.parallel.nproc``, also the pod's GPU count). The pod spec is built by a pure function, ``build_training_pod_spec``
-(tested against the kubernetes client models without a cluster; ``infra/k8s/training-pod.yaml`` is its rendering).
+job asks for more than one process (``TrainJob.parallel.nproc``, also the pod's GPU count). The pod spec is built by a
+pure function, ``build_training_pod_spec`` (tested against the kubernetes client models without a cluster;
+``infra/k8s/training-pod.yaml`` is its rendering).
 
 Kubernetes assumptions (see infra/k8s/README.md): one pod = one node's GPUs (multi-node needs a JobSet / PyTorchJob
 and is not built); the K5 home (run folders, parent checkpoints, validation prompts, pipeline folders) is a

@@ -1,5 +1,5 @@
-"""Latent pre-encoding (k5data.latents.encode): bucket/crop/frame rules, tiling plans, encode -> shard -> stream round trips
-on a local folder and a real HTTP S3 endpoint (moto), a SIGKILLed `k5 latents` run resumed, the Dagster asset and
+"""Latent pre-encoding (k5data.latents.encode): bucket/crop/frame rules, tiling plans, encode -> shard -> stream round
+trips on a local folder and a real HTTP S3 endpoint (moto), a SIGKILLed `k5 latents` run resumed, the Dagster asset and
 its check, the object store resource on S3, and a short training run from the shards."""
 
 from __future__ import annotations

@@ -72,7 +72,8 @@ def test_object_store_roundtrip(tmp_path: Path) -> None:
             store.put_file(src, bad)
     with pytest.raises(FileNotFoundError):
         store.get_file("missing", tmp_path / "m")
-    with pytest.raises(ValueError, match="gs"):  # s3:// is served by k5data.object_store.S3Store (tests/test_latents.py)
+    # s3:// is served by k5data.object_store.S3Store (tests/test_latents.py)
+    with pytest.raises(ValueError, match="gs"):
         ObjectStoreResource(base_uri="gs://bucket/prefix").exists("k")
 
 

@@ -165,7 +165,8 @@ def test_release_downloads_by_alias_and_generates(pipeline: Path, tmp_path: Path
     before = mlflow.get_tracking_uri()
     mlflow.set_tracking_uri(tracking[0])
     try:
-        plain = Path(mlflow.artifacts.download_artifacts("models:/k5-video_lite@candidate", dst_path=str(tmp_path / "p")))
+        plain = Path(mlflow.artifacts.download_artifacts("models:/k5-video_lite@candidate",
+                                                         dst_path=str(tmp_path / "p")))
     finally:
         mlflow.set_tracking_uri(before)
     assert verify_folder(plain) == published.manifest
@@ -202,7 +203,8 @@ def test_gate_moves_champion_only_when_it_passes(pipeline: Path, tmp_path: Path,
     won = apply_gate(tracking[0], name, first.version, summary(0.8), margin=0.0)
     assert won.promote and "no champion yet" in won.reason
     status = release_status(tracking[0], "video_lite")
-    assert status[0] == f"k5-video_lite version 1 (@candidate): {first.source}" and status[1].startswith("gate: promote")
+    assert (status[0] == f"k5-video_lite version 1 (@candidate): {first.source}"
+            and status[1].startswith("gate: promote"))
     assert status[2].startswith("@champion: version 1")
     assert str(alias_version(tracking[0], name, CHAMPION).version) == first.version
     assert "already the champion" in apply_gate(tracking[0], name, first.version, summary(0.8)).reason

@@ -89,7 +89,8 @@ def test_release_asset_and_gate_both_ways(recorded: dg.DagsterInstance, tmp_path
     again = {k: v.value for k, v in promoted.asset_materializations_for_node("release")[0].metadata.items()}
     assert again["version"] == "1" and again["reused_version"] is True and again["uploaded_files"] == 0
     gate = check_eval(promoted)
-    assert gate.passed and gate.metadata["decision"].value == "promote" and gate.metadata["champion_now"].value == "version 1"
+    assert (gate.passed and gate.metadata["decision"].value == "promote"
+            and gate.metadata["champion_now"].value == "version 1")
     assert set(client.get_model_version("k5-video_lite", "1").aliases) == {"candidate", "champion"}
 
 

@@ -152,8 +152,8 @@ def test_batch_and_report_score_the_store_and_simulate_only_when_configured(tmp_
         assert check.passed
         summary = json.loads((root / "report" / "summary.json").read_text())
         assert summary["simulated"] is True and summary["judgments_source"] == "simulated"
-        assert summary["comparison"] == DEMO_COMPARISON and (summary["model_a"], summary["model_b"]) == (f"stage:{DEMO_A}",
-                                                                                  f"stage:{DEMO_B}")
+        assert (summary["comparison"] == DEMO_COMPARISON
+                and (summary["model_a"], summary["model_b"]) == (f"stage:{DEMO_A}", f"stage:{DEMO_B}"))
         assert all(a.startswith("simulated:") for a in summary["annotators"])
         assert summary["overall_visual_quality"]["model1"] > 0 and summary["n_items"] == 2
         lo, hi = summary["ci95"]["overall_visual_quality"]["model1"]

@@ -186,7 +186,8 @@ def test_bootstrap_intervals() -> None:
     a = bootstrap_intervals(mixed, n_boot=500, seed=7)
     b = bootstrap_intervals(mixed, n_boot=500, seed=7)
     lo, hi = a["pf_object_presence"]["model1"].low, a["pf_object_presence"]["model1"].high
-    assert lo < point < hi and (lo, hi) == (b["pf_object_presence"]["model1"].low, b["pf_object_presence"]["model1"].high)
+    assert lo < point < hi and (lo, hi) == (b["pf_object_presence"]["model1"].low,
+                                            b["pf_object_presence"]["model1"].high)
     assert "overall_prompt_following" in a and "overall_motion" not in a
 
 

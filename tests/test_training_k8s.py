@@ -102,8 +102,8 @@ def test_definitions_load_with_k8s_client_selected(tmp_path: Path) -> None:
         "assert spec['containers'][0]['resources']['limits'] == {'nvidia.com/gpu': '2'}\n"
         "print('ok', len(job.asset_layer.executable_asset_keys))\n"
     )
-    env = {**os.environ, "K5_HOME": str(tmp_path / "k5"), "K5_PIPES": "k8s", "K5_TRAIN_IMAGE": "registry.example.com/k5:1",
-           "K5_GPUS_PER_POD": "2", "K5_HOME_PVC": "k5-home"}
+    env = {**os.environ, "K5_HOME": str(tmp_path / "k5"), "K5_PIPES": "k8s",
+           "K5_TRAIN_IMAGE": "registry.example.com/k5:1", "K5_GPUS_PER_POD": "2", "K5_HOME_PVC": "k5-home"}
     proc = subprocess.run([sys.executable, "-c", code], cwd=REPO, env=env, capture_output=True, text=True, timeout=120)
     assert proc.returncode == 0, proc.stderr[-3000:]
     assert proc.stdout.startswith("ok")

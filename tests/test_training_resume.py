@@ -234,8 +234,8 @@ def test_sigkill_and_resume_matches_uninterrupted_run(tmp_path: Path) -> None:
 
     # The run to kill: read its JSON lines live, SIGKILL torchrun and its workers once step 6 is logged.
     victim_out = tmp_path / "victim"
-    proc = subprocess.Popen(_cmd(victim_out, "--no-export", "--activation-checkpointing"), cwd=REPO, env=_env(), stdout=subprocess.PIPE,
-                            stderr=subprocess.DEVNULL, text=True, start_new_session=True)
+    proc = subprocess.Popen(_cmd(victim_out, "--no-export", "--activation-checkpointing"), cwd=REPO, env=_env(),
+                            stdout=subprocess.PIPE, stderr=subprocess.DEVNULL, text=True, start_new_session=True)
     lines: queue.Queue[str | None] = queue.Queue()
     threading.Thread(target=lambda: ([lines.put(x) for x in proc.stdout], lines.put(None)), daemon=True).start()
     killed_losses: dict[int, float] = {}

@@ -82,11 +82,14 @@ _HEAD_JS = """
   window.k5 = {toggle: toggle, seekTo: seekTo, vids: vids};
   document.addEventListener('click', function (e) { if (e.target.closest('#k5-play')) toggle(); });
   document.addEventListener('input', function (e) {
-    if (e.target.id === 'k5-seek') { var v = vids(); if (v.length && v[0].duration) seekTo(e.target.value / 1000 * v[0].duration); }
+    if (e.target.id === 'k5-seek') {
+      var v = vids(); if (v.length && v[0].duration) seekTo(e.target.value / 1000 * v[0].duration);
+    }
   });
   document.addEventListener('keydown', function (e) {
     var t = e.target; var tag = (t && t.tagName) || '';
-    if (tag === 'INPUT' || tag === 'TEXTAREA' || (t && t.isContentEditable) || e.ctrlKey || e.metaKey || e.altKey) return;
+    if (tag === 'INPUT' || tag === 'TEXTAREA' || (t && t.isContentEditable) ||
+        e.ctrlKey || e.metaKey || e.altKey) return;
     var btn = null;
     if (e.key >= '1' && e.key <= '6') btn = document.getElementById('k5-opt-' + (Number(e.key) - 1));
     else if (e.key === 'u' || e.key === 'U') btn = document.getElementById('k5-undo');
@@ -257,7 +260,8 @@ def serve(app: gr.Blocks, host: str = "127.0.0.1", port: int = 7860, block: bool
     app.queue(default_concurrency_limit=32)
     _, url, _ = app.launch(server_name=host, server_port=port, auth=app.k5_auth, allowed_paths=[str(app.k5_media_root)],
                            prevent_thread_lock=not block, quiet=True, head=_HEAD_JS, ssr_mode=False,
-                           footer_links=[], auth_message="K5 side-by-side evaluation: log in with your annotator account")
+                           footer_links=[],
+                           auth_message="K5 side-by-side evaluation: log in with your annotator account")
     return url
 
 
@@ -271,8 +275,9 @@ def main(argv: list[str] | None = None) -> int:
     s.add_argument("--credentials", help="credentials file; default: the DB's annotators table")
     s.add_argument("--host", default="127.0.0.1")
     s.add_argument("--port", type=int, default=7860)
-    d = sub.add_parser("serve-demo", help="serve a materialized SBS batch folder (K5_HOME/sbs/<comparison>) on its "
-                       "judgments store, with demo logins (every planned annotator, password 'demo'); used by `make ui`")
+    d = sub.add_parser("serve-demo",
+                       help="serve a materialized SBS batch folder (K5_HOME/sbs/<comparison>) on its judgments store, "
+                       "with demo logins (every planned annotator, password 'demo'); used by `make ui`")
     d.add_argument("batch", help="folder written by the sbs_batch asset (plan.json, media/)")
     d.add_argument("--host", default="127.0.0.1")
     d.add_argument("--port", type=int, default=7860)

@@ -189,7 +189,8 @@ def build_batch(comparison: Comparison, model_dirs: tuple[Path, Path], root: Pat
     media.mkdir(parents=True, exist_ok=True)
     size = common_size(settings.height, settings.width, [size_multiple(d, settings.device) for d in model_dirs])
     if size != (settings.height, settings.width):
-        log(f"generation size {size[0]}x{size[1]} (requested {settings.height}x{settings.width}; both models accept it)")
+        log(f"generation size {size[0]}x{size[1]} "
+            f"(requested {settings.height}x{settings.width}; both models accept it)")
     kind, paths_a, frames_a = generate_side(model_dirs[0], prompts, settings, size, media, "a", log)
     kind_b, paths_b, _ = generate_side(model_dirs[1], prompts, settings, size, media, "b", log)
     if kind != kind_b:

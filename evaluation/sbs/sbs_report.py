@@ -58,8 +58,8 @@ def stacked_bars_png(distribution: dict[str, dict[str, float]], name_a: str, nam
     ax.xaxis.set_major_formatter(matplotlib.ticker.PercentFormatter(1.0))
     handles = [plt.Rectangle((0, 0), 1, 1, color=col) for _, col in SEGMENTS]
     labels = [CHOICE_LABELS[ch].replace("Model 1", name_a).replace("Model 2", name_b) for ch, _ in SEGMENTS]
-    ax.legend(handles, labels, ncol=4, fontsize=7, loc="upper center", bbox_to_anchor=(0.5, -0.06 - 0.3 / max(1, len(crits))),
-              frameon=False)
+    ax.legend(handles, labels, ncol=4, fontsize=7, loc="upper center",
+              bbox_to_anchor=(0.5, -0.06 - 0.3 / max(1, len(crits))), frameon=False)
     ax.set_title(title or f"{name_a} vs {name_b}", fontsize=10)
     fig.tight_layout()
     path = Path(path)

@@ -154,7 +154,8 @@ def split_valid(df: pd.DataFrame) -> tuple[pd.DataFrame, list[int]]:
     df = df.reset_index(drop=True)
     ok = []
     for item, annotator, criterion, choice in zip(df["item_id"], df["annotator"], df["criterion"], df["choice"]):
-        blank = any(v is None or (isinstance(v, float) and math.isnan(v)) or str(v).strip() == "" for v in (item, annotator))
+        blank = any(v is None or (isinstance(v, float) and math.isnan(v)) or str(v).strip() == ""
+                    for v in (item, annotator))
         ok.append(not blank and is_valid(criterion, choice))
     mask = np.asarray(ok, dtype=bool)
     invalid = [int(i) + 2 for i in np.flatnonzero(~mask)]
@@ -183,7 +184,8 @@ def _group_means(criteria: dict[str, dict[str, float]]) -> dict[str, dict[str, f
     for group, members in GROUPS.items():
         present = [criteria[c] for c in members if c in criteria]
         out[group] = (
-            {"model1": float(np.mean([p["model1"] for p in present])), "model2": float(np.mean([p["model2"] for p in present]))}
+            {"model1": float(np.mean([p["model1"] for p in present])),
+             "model2": float(np.mean([p["model2"] for p in present]))}
             if present
             else None
         )

@@ -1,4 +1,5 @@
-"""DuckDB catalog (report §4.1, tables in schema ``curation`` so the file can be shared): media keyed by content hash, where each copy lives, quarantine, per-row scores.
+"""DuckDB catalog (report §4.1, tables in schema ``curation`` so the file can be shared): media keyed by content hash,
+where each copy lives, quarantine, per-row scores.
 
 Connections are opened per operation and retried on lock errors, so several Dagster runs (one per source shard)
 can share one catalog file: the slow scoring happens outside any connection.
@@ -31,7 +32,8 @@ CREATE TABLE IF NOT EXISTS curation.quarantine (
     reason VARCHAR, seen_at TIMESTAMP DEFAULT current_timestamp);
 CREATE TABLE IF NOT EXISTS curation.items (
     media_id VARCHAR, scene_index INTEGER, data JSON, PRIMARY KEY (media_id, scene_index));
-CREATE TABLE IF NOT EXISTS curation.scored (media_id VARCHAR PRIMARY KEY, scored_at TIMESTAMP DEFAULT current_timestamp);
+CREATE TABLE IF NOT EXISTS curation.scored (
+    media_id VARCHAR PRIMARY KEY, scored_at TIMESTAMP DEFAULT current_timestamp);
 """
 
 
@@ -64,7 +66,8 @@ class Catalog:
         """uri -> version of every object of ``source`` already registered or quarantined."""
         with self.connect() as con:
             rows = con.execute("SELECT source_uri, version FROM curation.locations WHERE source = ? UNION ALL "
-                               "SELECT source_uri, version FROM curation.quarantine WHERE source = ?", [source, source]).fetchall()
+                               "SELECT source_uri, version FROM curation.quarantine WHERE source = ?",
+                               [source, source]).fetchall()
         return dict(rows)
 
     def has_media(self, media_id: str) -> bool:
@@ -79,8 +82,8 @@ class Catalog:
             new = con.execute("SELECT 1 FROM curation.media WHERE media_id = ?", [media_id]).fetchone() is None
             if new:
                 con.execute(
-                    "INSERT INTO curation.media (media_id, kind, format, codec, width, height, fps, duration, n_frames, size, "
-                    "source, first_uri) VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?)",
+                    "INSERT INTO curation.media (media_id, kind, format, codec, width, height, fps, duration, "
+                    "n_frames, size, source, first_uri) VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?)",
                     [media_id, info["kind"], info["format"], info["codec"], info["width"], info["height"], info["fps"],
                      info["duration"], info["n_frames"], size, source, uri])
             con.execute("DELETE FROM curation.quarantine WHERE source_uri = ?", [uri])
@@ -92,14 +95,16 @@ class Catalog:
     def quarantine(self, *, uri: str, source: str, key: str, shard: int, size: int, version: str, reason: str) -> None:
         with self.connect() as con:
             con.execute("DELETE FROM curation.locations WHERE source_uri = ?", [uri])
-            con.execute("INSERT OR REPLACE INTO curation.quarantine (source_uri, source, key, shard, size, version, reason) "
+            con.execute("INSERT OR REPLACE INTO curation.quarantine "
+                        "(source_uri, source, key, shard, size, version, reason) "
                         "VALUES (?, ?, ?, ?, ?, ?, ?)", [uri, source, key, shard, size, version, reason])
 
     # --- scoring ------------------------------------------------------------------------------------------------
     def unscored(self, source: str | None = None, shard: int | None = None) -> list[dict[str, Any]]:
         """Media (with one location each) not yet scored, optionally limited to a source / shard."""
         sql = ("SELECT m.*, l.source_uri, l.key, l.shard, l.source AS loc_source FROM curation.media m "
-               "JOIN (SELECT *, row_number() OVER (PARTITION BY media_id ORDER BY source_uri) AS rn FROM curation.locations) l "
+               "JOIN (SELECT *, row_number() OVER (PARTITION BY media_id ORDER BY source_uri) AS rn "
+               "FROM curation.locations) l "
                "ON l.media_id = m.media_id AND l.rn = 1 WHERE m.media_id NOT IN (SELECT media_id FROM curation.scored)")
         params: list[Any] = []
         if source is not None:
@@ -127,7 +132,8 @@ class Catalog:
         """Every scored row with its media's catalog fields (first location as ``source_uri``)."""
         sql = ("SELECT i.data, m.size, m.codec, m.fps AS media_fps, m.duration AS media_duration, l.source_uri, "
                "l.source FROM curation.items i JOIN curation.media m USING (media_id) "
-               "JOIN (SELECT *, row_number() OVER (PARTITION BY media_id ORDER BY source_uri) AS rn FROM curation.locations) l "
+               "JOIN (SELECT *, row_number() OVER (PARTITION BY media_id ORDER BY source_uri) AS rn "
+               "FROM curation.locations) l "
                "ON l.media_id = i.media_id AND l.rn = 1")
         params: list[Any] = []
         if source is not None:

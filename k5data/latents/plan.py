@@ -99,8 +99,8 @@ def plan_jobs(df: pd.DataFrame, cfg: LatentConfig) -> tuple[list[EncodeJob], dic
                 skipped[sid] = "scene shorter than one frame at the target fps"
                 continue
         meta = {"media_id": row["media_id"], "scene_index": int(row["scene_index"]), "source_uri": row["source_uri"],
-                "kind": kind, "width": int(row["width"]), "height": int(row["height"]), "bucket": f"{size[0]}x{size[1]}",
-                "pixel_frames": max(1, len(frames))}
+                "kind": kind, "width": int(row["width"]), "height": int(row["height"]),
+                "bucket": f"{size[0]}x{size[1]}", "pixel_frames": max(1, len(frames))}
         for k in ("start_s", "end_s", "domain", "cluster"):
             v = row.get(k)
             if v is not None and not (isinstance(v, float) and math.isnan(v)):

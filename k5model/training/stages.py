@@ -1,7 +1,7 @@
 """Every pre-training stage of the technical report's Table 4 as typed data, chained as in Figure 18.
 
-Numbers (steps, batch, lr, weight decay, resolution probabilities) are copied verbatim from Table 4; task mixes come from
-§6.2/§6.3 (Lite 1/79/20 % t2i/t2v/i2v, Pro 2/77/21 %, editing 80 % edit / 20 % t2i); NABLA where §6.3.1 puts it
+Numbers (steps, batch, lr, weight decay, resolution probabilities) are copied verbatim from Table 4; task mixes come
+from §6.2/§6.3 (Lite 1/79/20 % t2i/t2v/i2v, Pro 2/77/21 %, editing 80 % edit / 20 % t2i); NABLA where §6.3.1 puts it
 ("for 1024 resolution or for videos up to 10 seconds long at 512 resolution"). Figure 18 is an image in our text copy,
 so parents follow the prose of §6.2 that describes it.
 

@@ -68,7 +68,8 @@ class ThroughputMeter:
     """Adds ``step_time_s``, ``tokens_per_s``, ``model_tflops`` (TFLOP/s) and ``peak_mem_gib`` to each
     step's metrics (global over ranks: tokens/FLOPs summed, time and memory the max of any rank).
 
-    Reads the batch from ``trainer.last_batch``; register ``meter`` before and ``meter.end`` after all other callbacks."""
+    Reads the batch from ``trainer.last_batch``; register ``meter`` before and ``meter.end`` after all other
+    callbacks."""
 
     def __init__(self, trainer: Any) -> None:
         self.trainer = trainer

@@ -114,7 +114,8 @@ def _local(t: torch.Tensor) -> torch.Tensor:
 def clip_gradients(params: Iterable[nn.Parameter], max_norm: float) -> float:
     """Scale all gradients so their global L2 norm is at most ``max_norm``; returns the norm before clipping.
 
-    Under FSDP2 the per-shard norms are DTensors; ``full_tensor`` reduces them so every rank clips by the global norm."""
+    Under FSDP2 the per-shard norms are DTensors; ``full_tensor`` reduces them so every rank clips by the global
+    norm."""
     params = [p for p in params if p.grad is not None]
     if not params:
         return 0.0

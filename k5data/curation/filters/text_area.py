@@ -30,7 +30,8 @@ def _engine(limit_side_len: int, box_thresh: float = 0.75) -> Any:
 
 def detect_boxes(rgb: np.ndarray, limit_side_len: int = 640, box_thresh: float = 0.75) -> np.ndarray:
     """Quadrilateral text boxes (N, 4, 2) in pixel coordinates of ``rgb``."""
-    out = _engine(limit_side_len, box_thresh)(np.ascontiguousarray(rgb[..., ::-1]), use_det=True, use_cls=False, use_rec=False)
+    out = _engine(limit_side_len, box_thresh)(np.ascontiguousarray(rgb[..., ::-1]), use_det=True, use_cls=False,
+                                              use_rec=False)
     boxes = getattr(out, "boxes", None)
     return np.zeros((0, 4, 2), np.float32) if boxes is None else np.asarray(boxes, np.float32).reshape(-1, 4, 2)
 
