@@ -49,7 +49,8 @@ class CrossDiTConfig:
         self.patch_size = tuple(int(p) for p in self.patch_size)
         self.axes_dims = tuple(int(a) for a in self.axes_dims)
         if self.model_dim % self.head_dim != 0:
-            raise ValueError(f"model_dim {self.model_dim} is not a multiple of head_dim {self.head_dim} (sum of axes_dims)")
+            raise ValueError(f"model_dim {self.model_dim} is not a multiple of head_dim {self.head_dim} "
+                             "(sum of axes_dims)")
         if any(a % 2 for a in self.axes_dims):
             raise ValueError(f"every axes_dims entry must be even for RoPE pairs, got {self.axes_dims}")
         if self.attention_type not in ("regular", "nabla"):

@@ -171,7 +171,8 @@ def predict_velocity(
 ) -> torch.Tensor:
     """One CrossDiT forward returning the velocity (B, T, H, W, 16) in fp32.
 
-    ``t`` is in [0, 1] (scalar or (B,)); inputs are cast to ``dtype`` (default: the model's), the timestep stays fp32."""
+    ``t`` is in [0, 1] (scalar or (B,)); inputs are cast to ``dtype`` (default: the model's), the timestep stays
+    fp32."""
     dtype = dtype or model.dtype
     embeds, mask, pooled = cond
     b = hidden_states.shape[0]

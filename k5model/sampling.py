@@ -155,7 +155,8 @@ def sample(
         if first.ndim == 4:
             first = first[:, None]
         if first.shape != (x.shape[0], 1, *x.shape[2:]):
-            raise ValueError(f"first_frame_latent has shape {tuple(first.shape)}, expected {(x.shape[0], 1, *x.shape[2:])}")
+            raise ValueError(f"first_frame_latent has shape {tuple(first.shape)}, "
+                             f"expected {(x.shape[0], 1, *x.shape[2:])}")
         x[:, :1] = first
     visual_cond = getattr(model, "visual_cond", False)
     if first is not None and not visual_cond:

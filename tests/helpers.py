@@ -8,13 +8,14 @@ they are re-exported here so that tests have one place to import from.
 from __future__ import annotations
 
 from collections.abc import Sequence
+from pathlib import Path
 from typing import Any
 
 from bench.common import free_port, moto_s3_server
 from k5model.config import CrossDiTConfig
 from k5model.synthetic import forward_inputs, randomize
 
-__all__ = ["free_port", "moto_s3_server", "randomize", "small_forward_inputs"]
+__all__ = ["free_port", "load_dcp", "moto_s3_server", "randomize", "small_forward_inputs"]
 
 
 def small_forward_inputs(cfg: CrossDiTConfig, batch: int = 2, frames: int = 3, height: int = 8, width: int = 12,
@@ -24,3 +25,13 @@ def small_forward_inputs(cfg: CrossDiTConfig, batch: int = 2, frames: int = 3, h
     steps = (300.0, 900.0)[:batch] if timestep is None else timestep
     return forward_inputs(cfg, frames, height, width, text_len, batch=batch, timestep=steps, seed=seed)
 
+
+
+def load_dcp(path: Path) -> dict:
+    """A sharded DCP checkpoint folder as one state dict (converted beside it to a torch.save file)."""
+    import torch
+    from torch.distributed.checkpoint.format_utils import dcp_to_torch_save
+
+    target = path.parent / f"{path.name}.pt"
+    dcp_to_torch_save(path, target)
+    return torch.load(target, weights_only=False)

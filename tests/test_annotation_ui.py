@@ -5,7 +5,6 @@ from __future__ import annotations
 
 import os
 import signal
-import socket
 import subprocess
 import sys
 import tempfile
@@ -15,6 +14,7 @@ from pathlib import Path
 
 import duckdb
 import pytest
+from helpers import free_port
 
 from evaluation.sbs.judgments_store import hash_password
 from evaluation.sbs.sbs_demo import make_batch
@@ -41,12 +41,6 @@ SEQUENCE = [
     ("pf_object_properties", "3", "both_correct"), ("pf_object_placement", "4", "both_incorrect"),
     ("pf_action_presence", "5", "equally"), ("pf_action_properties", "3", "both_correct"),
 ]
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 def start_app(args: list[str]) -> tuple[subprocess.Popen, str]:

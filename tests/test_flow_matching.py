@@ -1,4 +1,5 @@
-"""Flow-matching maths against hand-computed values, the 33-channel input, I2V training semantics, and an overfit run."""
+"""Flow-matching maths against hand-computed values, the 33-channel input, I2V training semantics, and an overfit
+run."""
 
 from __future__ import annotations
 

@@ -19,9 +19,6 @@ MIN_BODY_NODES = 16
 # Copies in files whose owners have not yet moved them to one home; each entry must still be a real duplicate (the
 # last test fails once it is fixed, so the entry is then deleted). Remove entries, never add them.
 PENDING: dict[str, frozenset[str]] = {
-    "_load_dcp": frozenset({"tests/test_training_parallel.py", "tests/test_training_resume.py"}),
-    "free_port": frozenset({"bench/common.py", "tests/test_annotation_ui.py"}),
-    "__init__": frozenset({"k5data/curation/captions.py", "k5data/curation/domains.py"}),
 }
 
 

@@ -13,6 +13,7 @@ from pathlib import Path
 
 import pytest
 import torch
+from helpers import load_dcp
 
 from k5model.crossdit import CrossDiT
 from k5model.flow_matching import flow_matching_loss_packed
@@ -105,14 +106,6 @@ def _steps(records: list[dict]) -> dict[int, dict]:
     return {r["step"]: r for r in records if "loss" in r}
 
 
-def _load_dcp(path: Path) -> dict:
-    from torch.distributed.checkpoint.format_utils import dcp_to_torch_save
-
-    target = path.parent / f"{path.name}.pt"
-    dcp_to_torch_save(path, target)
-    return torch.load(target, weights_only=False)
-
-
 def test_hsdp_matches_fsdp_and_resumes_exactly(tmp_path: Path) -> None:
     t0 = time.monotonic()
     fsdp = _torchrun(tmp_path / "fsdp")
@@ -126,7 +119,7 @@ def test_hsdp_matches_fsdp_and_resumes_exactly(tmp_path: Path) -> None:
     for step in a:
         assert b[step]["loss"] == pytest.approx(a[step]["loss"], rel=1e-5), step
         assert b[step]["grad_norm"] == pytest.approx(a[step]["grad_norm"], rel=1e-5), step
-    wa, wb = _load_dcp(tmp_path / "fsdp/checkpoints/step_6"), _load_dcp(tmp_path / "hsdp/checkpoints/step_6")
+    wa, wb = load_dcp(tmp_path / "fsdp/checkpoints/step_6"), load_dcp(tmp_path / "hsdp/checkpoints/step_6")
     for part in ("model", "ema"):
         assert wa[part].keys() == wb[part].keys()
         for k in wa[part]:
@@ -142,7 +135,7 @@ def test_hsdp_matches_fsdp_and_resumes_exactly(tmp_path: Path) -> None:
     assert sorted(c) == [4, 5, 6]
     for step in c:
         assert (c[step]["loss"], c[step]["grad_norm"]) == (b[step]["loss"], b[step]["grad_norm"]), step
-    wc = _load_dcp(resumed_out / "checkpoints/step_6")
+    wc = load_dcp(resumed_out / "checkpoints/step_6")
     for part in ("model", "ema"):
         assert all(torch.equal(wc[part][k], wb[part][k]) for k in wb[part]), part
     for key, state in wb["optim"]["state"].items():

@@ -7,7 +7,6 @@ import json
 import os
 import queue
 import signal
-import socket
 import subprocess
 import sys
 import threading
@@ -17,6 +16,7 @@ from pathlib import Path
 import pytest
 import torch
 import torch.nn as nn
+from helpers import free_port, load_dcp
 
 from k5model.crossdit import CrossDiT
 from k5model.training.checkpointing import latest_checkpoint
@@ -164,15 +164,9 @@ def test_latest_checkpoint_ignores_incomplete(tmp_path: Path) -> None:
 # 2 processes, FSDP2 + gloo, SIGKILL and resume
 
 
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
 def _cmd(out: Path, *extra: str) -> list[str]:
     return [sys.executable, "-m", "torch.distributed.run", "--nproc-per-node", "2", "--master-addr", "127.0.0.1",
-            "--master-port", str(_free_port()), "-m", "k5cli.train_run", "--stage", "tiny_demo",
+            "--master-port", str(free_port()), "-m", "k5cli.train_run", "--stage", "tiny_demo",
             "--out", str(out), "--steps", "12", "--ckpt-every", "4", *extra]
 
 
@@ -218,14 +212,6 @@ def _sigkill_tree(pid: int) -> None:
             pass
 
 
-def _load_dcp(path: Path) -> dict:
-    from torch.distributed.checkpoint.format_utils import dcp_to_torch_save
-
-    target = path.parent / f"{path.name}.pt"
-    dcp_to_torch_save(path, target)
-    return torch.load(target, weights_only=False)
-
-
 def test_sigkill_and_resume_matches_uninterrupted_run(tmp_path: Path) -> None:
     t0 = time.monotonic()
     ref = _run(tmp_path / "ref")
@@ -268,7 +254,7 @@ def test_sigkill_and_resume_matches_uninterrupted_run(tmp_path: Path) -> None:
         assert loss == ref_losses[step], (step, loss, ref_losses[step])
 
     # Final sharded checkpoints agree bit for bit (model, AdamW moments, EMA).
-    a, b = _load_dcp(tmp_path / "ref/checkpoints/step_12"), _load_dcp(victim_out / "checkpoints/step_12")
+    a, b = load_dcp(tmp_path / "ref/checkpoints/step_12"), load_dcp(victim_out / "checkpoints/step_12")
     for part in ("model", "ema"):
         assert a[part].keys() == b[part].keys()
         assert all(torch.equal(a[part][k], b[part][k]) for k in a[part]), part

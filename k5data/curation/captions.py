@@ -7,9 +7,10 @@ from __future__ import annotations
 import re
 import unicodedata
 from pathlib import PurePosixPath
-from typing import Any
 
 import numpy as np
+
+from k5data.curation.vlm import VLMUser
 
 CAPTION_PROMPT = {"image": "Describe this image in detail in English.",
                   "video": "Describe this video scene in detail in English."}
@@ -59,20 +60,8 @@ def parse_sidecar(text: str) -> dict[int | None, str]:
     return per_scene
 
 
-class Captioner:
+class Captioner(VLMUser):
     """Caption one row: sidecar first (human or upstream captions win), else the configured VLM, else ''."""
-
-    def __init__(self, cfg: dict[str, Any]) -> None:
-        self.cfg = cfg
-        self._vlm: Any = None
-
-    @property
-    def vlm(self) -> Any:
-        if self._vlm is None and self.cfg["backend"] == "qwen2_5_vl":
-            from k5data.curation.vlm import load_vlm
-
-            self._vlm = load_vlm(self.cfg["model_path"], self.cfg.get("max_new_tokens", 96))
-        return self._vlm
 
     def caption(self, kind: str, frame: np.ndarray, sidecar: dict[int | None, str] | None,
                 scene_index: int) -> tuple[str, str, str]:

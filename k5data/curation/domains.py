@@ -8,6 +8,8 @@ from typing import Any
 
 import numpy as np
 
+from k5data.curation.vlm import VLMUser
+
 # Verbatim from the report, §4.6.
 CATEGORY_LIST = """
 1) animals
@@ -67,20 +69,14 @@ def keyword_domain(caption: str) -> str:
     return "other"
 
 
-class DomainClassifier:
-    def __init__(self, cfg: dict[str, Any]) -> None:
-        self.cfg = cfg
-        self._vlm: Any = None
+class DomainClassifier(VLMUser):
+    """The VLM's domain of a row (report §4.1), or a keyword match on its caption offline."""
 
     def classify(self, kind: str, frame: np.ndarray, caption: str) -> tuple[str, str]:
         """Returns (domain, backend)."""
-        if self.cfg["backend"] == "qwen2_5_vl":
-            if self._vlm is None:
-                from k5data.curation.vlm import load_vlm
-
-                self._vlm = load_vlm(self.cfg["model_path"])
-            answer = self._vlm.generate(prompt_for(kind), frame, max_new_tokens=8)
-            return parse_domain(answer), self._vlm.name
+        if self.vlm is not None:
+            answer = self.vlm.generate(prompt_for(kind), frame, max_new_tokens=8)
+            return parse_domain(answer), self.vlm.name
         if self.cfg["backend"] != "keywords":
             raise ValueError(f"unknown domains backend {self.cfg['backend']!r}")
         return keyword_domain(caption), "keywords-v1"

@@ -73,3 +73,18 @@ def load_vlm(model_path: str | os.PathLike, max_new_tokens: int = 96) -> QwenVL:
     if key not in _CACHE:
         _CACHE[key] = QwenVL(model_path, max_new_tokens)
     return _CACHE[key]
+
+
+class VLMUser:
+    """A curation step with an optional VLM backend (``cfg["backend"] == "qwen2_5_vl"``), loaded on first use from
+    ``cfg["model_path"]`` so runs with other backends never load it."""
+
+    def __init__(self, cfg: dict[str, Any]) -> None:
+        self.cfg = cfg
+        self._vlm: QwenVL | None = None
+
+    @property
+    def vlm(self) -> QwenVL | None:
+        if self._vlm is None and self.cfg["backend"] == "qwen2_5_vl":
+            self._vlm = load_vlm(self.cfg["model_path"], self.cfg.get("max_new_tokens", 96))
+        return self._vlm

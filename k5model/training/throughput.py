@@ -4,7 +4,7 @@
 step time covers the optimiser step only, not the checkpoint saves or sample generations that other callbacks do.
 Every rank must run it: the counts are reduced across ranks, which is a collective.
 
-Model FLOPs are the count used by our benchmarks (bench/common.py ``forward_flops``): matmuls and attention of the
+Model FLOPs are the count our benchmarks import from here (``forward_flops``): matmuls and attention of the
 visual blocks, 2 FLOPs per multiply-add, training = 3 x forward (no recompute counted), dense attention (for NABLA
 stages the number is the dense equivalent, an upper bound of the work done).
 """
