@@ -177,6 +177,14 @@ class Modulation(nn.Module):
         return params.chunk(self.num_params, dim=-1)
 
 
+def _packed_mask(q_lengths: Sequence[int], k_lengths: Sequence[int], device: torch.device) -> torch.Tensor | None:
+    """Block-diagonal mask of a packed sequence; None for a single document, whose mask is all True: SDPA then keeps
+    its fused (flash / cuDNN) kernels instead of the masked path."""
+    if len(q_lengths) == 1:
+        return None
+    return attn_ops.document_mask(q_lengths, k_lengths, device)
+
+
 @dataclass
 class AttentionContext:
     """How one attention call must mask: built once per forward, shared by every block."""
@@ -507,8 +515,7 @@ class CrossDiT(nn.Module):
         if use_flex:
             text_ctx = AttentionContext("flex", q_lengths=text_lengths, k_lengths=text_lengths)
         else:
-            text_ctx = AttentionContext(backend, mask=attn_ops.document_mask(text_lengths, text_lengths,
-                                                                                            device))
+            text_ctx = AttentionContext(backend, mask=_packed_mask(text_lengths, text_lengths, device))
         text_ctx.rope_cast = rope_cast
         for block in self.text_transformer_blocks:
             text = self._block(block, text, time_embed, t_rope, text_ctx, text_lengths)
@@ -538,13 +545,11 @@ class CrossDiT(nn.Module):
         elif use_flex:
             self_ctx = AttentionContext("flex", q_lengths=lengths, k_lengths=lengths, rope_cast=rope_cast)
         else:
-            self_ctx = AttentionContext(backend, mask=attn_ops.document_mask(lengths, lengths, device),
-                                        rope_cast=rope_cast)
+            self_ctx = AttentionContext(backend, mask=_packed_mask(lengths, lengths, device), rope_cast=rope_cast)
         if use_flex:
             cross_ctx = AttentionContext("flex", q_lengths=lengths, k_lengths=text_lengths)
         else:
-            cross_ctx = AttentionContext(backend,
-                                         mask=attn_ops.document_mask(lengths, text_lengths, device))
+            cross_ctx = AttentionContext(backend, mask=_packed_mask(lengths, text_lengths, device))
         with attn_ops.sdpa_priority(x.is_cuda):
             for block in self.visual_transformer_blocks:
                 x = self._block(block, x, text, time_embed, v_rope, self_ctx, cross_ctx, lengths)

@@ -157,6 +157,23 @@ def test_packed_batch_equals_samples_alone():
         assert_packed_equals_alone(model, packed, lats, texts, t, pooled)
 
 
+def test_single_document_pack_needs_no_mask():
+    from k5model.crossdit import _packed_mask
+
+    # one document: SDPA runs unmasked (fused kernels); several: the block-diagonal mask
+    assert _packed_mask([12], [5], "cpu") is None
+    mask = _packed_mask([2, 3], [1, 2], "cpu")
+    assert mask.shape == (5, 3) and mask[:2, :1].all() and not mask[:2, 1:].any() and mask[2:, 1:].all()
+    model = CrossDiT(get_preset("tiny")).eval()
+    randomize(model, seed=3)
+    gen = torch.Generator().manual_seed(1)
+    lats, texts = [torch.randn(3, 8, 12, 33, generator=gen)], [torch.randn(6, 32, generator=gen)]
+    t, pooled = torch.tensor([400.0]), torch.randn(1, 32, generator=gen)
+    with torch.no_grad():
+        packed = model.forward_packed(lats, texts, t, pooled, scale_factor=(1.0, 2.0, 2.0))
+        assert_packed_equals_alone(model, packed, lats, texts, t, pooled)
+
+
 def test_gradient_checkpointing_same_gradients():
     torch.manual_seed(0)
     model = CrossDiT(get_preset("tiny"))
