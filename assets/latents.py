@@ -1,27 +1,48 @@
 """Latent assets (report §6.1.1, group ``latents``): the passed rows of ``curated_dataset`` VAE-encoded into tar shards
-with a Parquet index in the object store (``k5data.latents.encode``), and a check that the index is complete and loads.
+with a Parquet index in the object store (``k5data.latents.encode``), and a check that each index is complete and loads.
 
-``make demo`` encodes at demo sizes (buckets / 8, 2 s clips at 12 fps) with the tiny bundle's HunyuanVideo VAE
-(images as 1-frame videos: the tiny bundle is a T2V pipeline, and a video model's T2I steps need that latent space);
-production runs set ``demo: false``, a FLUX ``image_vae`` for Image Lite, and a GPU ``device``."""
+Two latent sets, one factory: ``latent_shards`` holds videos and images through the HunyuanVideo VAE (images as
+1-frame videos: the video models' T2I steps train in that latent space), ``image_latent_shards`` the images through the
+image VAE (FLUX in production) that Image Lite trains and decodes with. ``make demo`` encodes at demo sizes (buckets /
+8, 2 s clips at 12 fps) with the tiny bundles' VAEs; production runs set ``demo: false``, the real VAEs and a GPU
+``device``."""
 
 # No `from __future__ import annotations`: Dagster inspects the real `context` type hints at definition time.
 from collections import Counter
+from dataclasses import dataclass
 from typing import Any
 
 import dagster as dg
 
 from assets.curation import curated_dataset
-from assets.models import tiny_model_bundle
 from orchestration.lineage import latest_metadata, upstream_path
 from orchestration.resources import CurationResource, ObjectStoreResource
 
 
+@dataclass(frozen=True)
+class LatentSet:
+    """One family member: which rows it encodes, where, and whose VAEs the demo uses."""
+
+    prefix: str  # key prefix in the object store (shards/ + index.parquet)
+    kinds: tuple[str, ...]  # curated row kinds it encodes
+    video_bundle: str  # asset whose pipeline folder holds the video VAE
+    image_bundle: str | None  # asset whose pipeline folder holds the image VAE (None: images through the video VAE)
+    what: str
+
+
+LATENT_SETS = {
+    "latent_shards": LatentSet("latents", ("image", "video"), "tiny_model_bundle", None,
+                               "videos and images through the video VAE (the video models' latent space)"),
+    "image_latent_shards": LatentSet("latents_image", ("image",), "tiny_model_bundle", "tiny_image_bundle",
+                                     "images through the image VAE (Image Lite's latent space)"),
+}
+
+
 class LatentShardsConfig(dg.Config):
-    prefix: str = "latents"  # key prefix in the object store (shards/ + index.parquet)
+    prefix: str | None = None  # key prefix in the object store; unset: the latent set's own
     demo: bool = True  # CPU demo sizes; False: the report's buckets, 5 s at 24 fps
-    video_vae: str | None = None  # HunyuanVideo VAE or pipeline folder; unset: the tiny model bundle's
-    image_vae: str | None = None  # FLUX VAE or T2I pipeline folder; unset: images through the video VAE
+    video_vae: str | None = None  # HunyuanVideo VAE or pipeline folder; unset: the set's tiny bundle's
+    image_vae: str | None = None  # FLUX VAE or T2I pipeline folder; unset: the set's image bundle (if any)
     device: str = "cpu"
     vae_dtype: str = "float32"
     compile: bool = False
@@ -38,10 +59,11 @@ def _latent_config(config: LatentShardsConfig) -> Any:
 
 
 def _curated_rows(context: dg.AssetExecutionContext | dg.AssetCheckExecutionContext,
-                  curation: CurationResource) -> Any:
+                  curation: CurationResource, kinds: tuple[str, ...] = ("image", "video")) -> Any:
     from k5data.curation.output import read_dataset
 
-    return read_dataset(str(latest_metadata(context, curated_dataset.key)["path"]), curation.config())
+    df = read_dataset(str(latest_metadata(context, curated_dataset.key)["path"]), curation.config())
+    return df[df["kind"].isin(kinds)]
 
 
 def index_summary(store: Any, prefix: str) -> dict[str, Any]:
@@ -63,36 +85,36 @@ def dataset_snapshot(context: dg.AssetExecutionContext) -> str:
     return f"{meta['path']}@{event.run_id}" if event is not None else str(meta["path"])
 
 
-@dg.asset(
-    deps=[curated_dataset, tiny_model_bundle],
-    group_name="latents",
-    kinds={"pytorch", "parquet"},
-    owners=["team:k5-lifecycle"],
-    description="Passed curated rows VAE-encoded (HunyuanVideo for videos, FLUX or HunyuanVideo for images) at the "
-    "report's resolution buckets into tar shards + a Parquet index in the object store; re-runs resume.",
-)
-def latent_shards(context: dg.AssetExecutionContext, config: LatentShardsConfig, curation: CurationResource,
-                  object_store: ObjectStoreResource) -> dg.MaterializeResult:
-    from k5data.latents.encode import LatentEncoders, encode_dataset
+def build_latent_asset(name: str, spec: LatentSet) -> dg.AssetsDefinition:
+    @dg.asset(name=name, deps=[curated_dataset, spec.video_bundle, *([spec.image_bundle] if spec.image_bundle else [])],
+              group_name="latents", kinds={"pytorch", "parquet"}, owners=["team:k5-lifecycle"],
+              description=f"Passed curated rows, {spec.what}, VAE-encoded at the report's resolution buckets into tar "
+              "shards + a Parquet index in the object store; re-runs resume.")
+    def _latents(context: dg.AssetExecutionContext, config: LatentShardsConfig, curation: CurationResource,
+                 object_store: ObjectStoreResource) -> dg.MaterializeResult:
+        from k5data.latents.encode import LatentEncoders, encode_dataset
 
-    cfg = _latent_config(config)
-    video_vae = config.video_vae or str(upstream_path(context, tiny_model_bundle.key))
-    encoders = LatentEncoders.from_pretrained(video_vae, config.image_vae, cfg)
-    store, prefix = object_store.store(), config.prefix.strip("/")
-    summary = encode_dataset(_curated_rows(context, curation), store, prefix, encoders, cfg,
-                             curation.config().endpoint_url)
-    context.log.info(f"latent shards at {store.uri(prefix)}: {summary}")
-    return dg.MaterializeResult(metadata={
-        "prefix": prefix, "index_uri": store.uri(f"{prefix}/index.parquet"),
-        "dataset_snapshot": dataset_snapshot(context),
-        "samples": summary["index_samples"], "shards": summary["index_shards"], "encoded": summary["encoded"],
-        "already_encoded": summary["already_encoded"], "skipped": dg.MetadataValue.json(summary["skipped"]),
-        "seconds": summary["seconds"], "samples_per_s": summary["samples_per_s"],
-        "vae_frames_per_s": summary["frames_per_s_encode"], "latent_bytes": summary["latent_bytes"],
-        "video_vae": video_vae, "image_vae": config.image_vae or "(video VAE, 1-frame videos)",
-        **index_summary(store, prefix),
-        "config": dg.MetadataValue.json({k: v for k, v in vars(cfg).items() if k not in ("tiling", "per_shard")}),
-    })
+        cfg = _latent_config(config)
+        video_vae = config.video_vae or str(upstream_path(context, spec.video_bundle))
+        image_vae = config.image_vae or (str(upstream_path(context, spec.image_bundle)) if spec.image_bundle else None)
+        encoders = LatentEncoders.from_pretrained(video_vae, image_vae, cfg)
+        store, prefix = object_store.store(), (config.prefix or spec.prefix).strip("/")
+        summary = encode_dataset(_curated_rows(context, curation, spec.kinds), store, prefix, encoders, cfg,
+                                 curation.config().endpoint_url)
+        context.log.info(f"latent shards at {store.uri(prefix)}: {summary}")
+        return dg.MaterializeResult(metadata={
+            "prefix": prefix, "index_uri": store.uri(f"{prefix}/index.parquet"), "kinds": ",".join(spec.kinds),
+            "dataset_snapshot": dataset_snapshot(context),
+            "samples": summary["index_samples"], "shards": summary["index_shards"], "encoded": summary["encoded"],
+            "already_encoded": summary["already_encoded"], "skipped": dg.MetadataValue.json(summary["skipped"]),
+            "seconds": summary["seconds"], "samples_per_s": summary["samples_per_s"],
+            "vae_frames_per_s": summary["frames_per_s_encode"], "latent_bytes": summary["latent_bytes"],
+            "video_vae": video_vae, "image_vae": image_vae or "(video VAE, 1-frame videos)",
+            **index_summary(store, prefix),
+            "config": dg.MetadataValue.json({k: v for k, v in vars(cfg).items() if k not in ("tiling", "per_shard")}),
+        })
+
+    return _latents
 
 
 def _decode_problems(sample: Any, meta: dict[str, Any]) -> list[str]:
@@ -119,18 +141,26 @@ def _decode_problems(sample: Any, meta: dict[str, Any]) -> list[str]:
     return problems
 
 
-@dg.asset_check(asset=latent_shards, description="The shard index lists every passed curated row exactly once (none "
-                "missing, none extra), every listed archive exists, and a sample loads and decodes with its VAE.")
-def latent_index_complete(context: dg.AssetCheckExecutionContext, curation: CurationResource,
-                          object_store: ObjectStoreResource) -> dg.AssetCheckResult:
+def build_latent_check(name: str, spec: LatentSet) -> dg.AssetChecksDefinition:
+    @dg.asset_check(asset=name, name="latent_index_complete", description="The shard index lists every passed "
+                    f"curated row of kinds {', '.join(spec.kinds)} exactly once (none missing, none extra), every "
+                    "listed archive exists, and a sample loads and decodes with its VAE.")
+    def _check(context: dg.AssetCheckExecutionContext, curation: CurationResource,
+               object_store: ObjectStoreResource) -> dg.AssetCheckResult:
+        meta = latest_metadata(context, name)
+        return index_check(object_store.store(), meta, _curated_rows(context, curation, spec.kinds))
+
+    return _check
+
+
+def index_check(store: Any, meta: dict[str, Any], df: Any) -> dg.AssetCheckResult:
+    """Compare a shard index with the passed rows it should hold, and decode one stored sample."""
     from k5data.latents.plan import sample_id
     from k5data.latents.shards import read_index, read_tar
 
-    meta = latest_metadata(context, latent_shards.key)
-    store, prefix = object_store.store(), str(meta["prefix"])
+    prefix = str(meta["prefix"])
     index = read_index(store, prefix)
     ids = index.column("sample_id").to_pylist()
-    df = _curated_rows(context, curation)
     passed = df[df["passed"].fillna(False).astype(bool)]
     expected = {sample_id(m, s) for m, s in zip(passed["media_id"], passed["scene_index"])} - set(meta["skipped"])
     missing, extra = sorted(expected - set(ids)), sorted(set(ids) - expected)
@@ -150,3 +180,7 @@ def latent_index_complete(context: dg.AssetCheckExecutionContext, curation: Cura
     return dg.AssetCheckResult(passed=not problems and bool(ids), description="; ".join(problems) or None, metadata={
         "passed_rows": len(passed), "expected": len(expected), "indexed": len(ids), "missing": len(missing),
         "extra": len(extra), "duplicates": duplicates, "archives": len(shards), "decoded_sample": decoded or ""})
+
+
+latent_assets = [build_latent_asset(name, spec) for name, spec in LATENT_SETS.items()]
+latent_checks = [build_latent_check(name, spec) for name, spec in LATENT_SETS.items()]

@@ -46,6 +46,11 @@ def base_bundle(stage: str) -> str:
     return "tiny_image_bundle" if get_table_stage(stage).preset == "image_lite" else "tiny_model_bundle"
 
 
+def latent_set(stage: str) -> str:
+    """The latent shards a stage trains on: Image Lite in its image VAE's latent space, video models in theirs."""
+    return "image_latent_shards" if get_table_stage(stage).preset == "image_lite" else "latent_shards"
+
+
 def write_validation_prompts(k5_home: K5HomeResource, stage: str, limit: int) -> str:
     """The fixed validation prompts of a stage (MovieGen for video stages, PartiPrompts for image-only ones)."""
     from evaluation.prompts import load_moviegen, load_parti
@@ -62,7 +67,7 @@ def build_stage_asset(chain: str, stage: str, parent: str | None) -> dg.AssetsDe
     table = get_table_stage(stage)
 
     @dg.asset(name=f"train_{stage}", group_name="training", kinds={"pytorch", "mlflow"},
-              deps=[*([f"train_{parent}"] if parent else []), "latent_shards", base_bundle(stage)],
+              deps=[*([f"train_{parent}"] if parent else []), latent_set(stage), base_bundle(stage)],
               retry_policy=dg.RetryPolicy(max_retries=1), owners=["team:k5-lifecycle"],
               description=f"{table.row}: {table.steps:,} steps at batch {table.batch} in production (report Table 4)"
               "; demo scale by default. Trains on the curated latent shards of its resolution classes and exports a "
@@ -75,7 +80,7 @@ def build_stage_asset(chain: str, stage: str, parent: str | None) -> dg.AssetsDe
             stage=stage, chain=chain, steps=config.steps, demo=config.demo, ckpt_every=config.ckpt_every,
             init=parent_init(context, parent, config.init_from),
             base_pipeline=str(upstream_path(context, base_bundle(stage))),
-            shard_meta=latest_metadata(context, "latent_shards"), store_uri=object_store.store().uri(""),
+            shard_meta=latest_metadata(context, latent_set(stage)), store_uri=object_store.store().uri(""),
             nproc=config.nproc or training_job.default_nproc(), replicate=config.replicate,
             offload_activations=config.offload_activations, sample_every=config.sample_every,
             sample_steps=config.sample_steps,

@@ -1,6 +1,6 @@
 """Upstream of the training stages for tests that materialize stages alone: latent shards in the real archive format
 (random latents at the demo's sizes, written by ``k5data.latents.shards.write_shards``) and the base pipelines,
-recorded as materializations of ``latent_shards`` / ``tiny_model_bundle`` / ``tiny_image_bundle`` in the instance,
+recorded as materializations of the latent sets / ``tiny_model_bundle`` / ``tiny_image_bundle`` in the instance,
 exactly as those assets record them. The full chain from raw media runs in ``make demo``."""
 
 from __future__ import annotations
@@ -36,9 +36,10 @@ def record_training_upstream(instance: dg.DagsterInstance, store_root: Path, t2v
     """Write test shards under ``store_root`` and record the three upstream materializations of a stage."""
     store = write_test_shards(store_root, prefix)
     classes = sorted({(m, c) for m, c, _ in SHAPES})
-    instance.report_runless_asset_event(dg.AssetMaterialization(
-        "latent_shards", metadata={"prefix": prefix, "index_uri": store.uri(f"{prefix}/index.parquet"),
-                                   "dataset_snapshot": "test-shards@seed0",
-                                   "classes": dg.MetadataValue.json([list(c) for c in classes])}))
+    for key in ("latent_shards", "image_latent_shards"):  # one set of archives stands in for both latent spaces
+        instance.report_runless_asset_event(dg.AssetMaterialization(
+            key, metadata={"prefix": prefix, "index_uri": store.uri(f"{prefix}/index.parquet"),
+                           "dataset_snapshot": "test-shards@seed0",
+                           "classes": dg.MetadataValue.json([list(c) for c in classes])}))
     for key, folder in (("tiny_model_bundle", t2v_dir), ("tiny_image_bundle", t2i_dir)):
         instance.report_runless_asset_event(dg.AssetMaterialization(key, metadata={"path": str(folder)}))

@@ -329,8 +329,10 @@ def test_sigkilled_packing_run_resumes_without_duplicates(dataset: Path, tiny_t2
 
 def test_latent_shards_asset_and_check(dataset: Path, tiny_t2v_dir: Path, tmp_path: Path) -> None:
     from assets.curation import curated_dataset
-    from assets.latents import latent_index_complete, latent_shards
+    from assets.latents import latent_assets, latent_checks
     from assets.models import tiny_model_bundle
+
+    latent_shards, latent_index_complete = latent_assets[0], latent_checks[0]
     from orchestration.resources import CurationResource, K5HomeResource, ObjectStoreResource
 
     resources = {"curation": CurationResource(), "object_store": ObjectStoreResource(base_uri=str(tmp_path / "obj")),
@@ -356,6 +358,36 @@ def test_latent_shards_asset_and_check(dataset: Path, tiny_t2v_dir: Path, tmp_pa
                                 resources=resources, instance=instance, raise_on_error=False)
         [check] = broken.get_asset_check_evaluations()
         assert not check.passed and "listed archives missing" in check.description
+
+
+def test_image_latent_set_encodes_images_through_the_image_vae(dataset: Path, tiny_t2v_dir: Path, tiny_t2i_dir: Path,
+                                                                tmp_path: Path) -> None:
+    from assets.curation import curated_dataset
+    from assets.latents import latent_assets, latent_checks
+    from orchestration.resources import CurationResource, K5HomeResource, ObjectStoreResource
+
+    image_set, image_check = latent_assets[1], latent_checks[1]
+    assert image_set.key.to_user_string() == "image_latent_shards"
+    resources = {"curation": CurationResource(), "object_store": ObjectStoreResource(base_uri=str(tmp_path / "obj")),
+                 "k5_home": K5HomeResource(home=str(tmp_path / "home"))}
+    df = read_curated(str(dataset))
+    images = int((df["passed"].fillna(False).astype(bool) & (df["kind"] == "image")).sum())
+    with dg.instance_for_test() as instance:
+        for key, path in ((curated_dataset.key, dataset), ("tiny_model_bundle", tiny_t2v_dir),
+                          ("tiny_image_bundle", tiny_t2i_dir)):
+            instance.report_runless_asset_event(dg.AssetMaterialization(key, metadata={"path": str(path)}))
+        result = dg.materialize([image_set, image_check], resources=resources, instance=instance)
+        meta = result.asset_materializations_for_node("image_latent_shards")[0].metadata
+        meta = {k: v.value for k, v in meta.items()}
+        assert meta["samples"] == images and meta["prefix"] == "latents_image" and meta["kinds"] == "image"
+        assert meta["image_vae"] == str(tiny_t2i_dir)
+        [check] = result.get_asset_check_evaluations()
+        assert check.passed and check.metadata["expected"].value == images
+    index = read_index(LocalStore(tmp_path / "obj"), "latents_image")
+    assert set(index.column("modality").to_pylist()) == {"image"}
+    first = sorted(set(index.column("shard").to_pylist()))[0]
+    with LocalStore(tmp_path / "obj").open_read(f"latents_image/{first}") as f:
+        assert next(read_tar(f)).meta["vae"] == "flux"  # decoded by the check with the image VAE
 
 
 # --------------------------------------------------------------------------------------------------------------------
