@@ -19,7 +19,7 @@ import pandas as pd
 from evaluation.sbs.judgments_store import JudgmentsStore
 from evaluation.sbs.sbs_plan import Plan, under_covered
 from evaluation.sbs.sbs_report import html_report, stacked_bars_png
-from evaluation.sbs.sbs_scores import GROUPS, full_summary, read_judgments, split_valid, unswap_choice
+from evaluation.sbs.sbs_scores import GROUPS, check_judgments, full_summary, read_judgments, unswap_choice
 
 SIMULATED_PREFIX = "simulated:"
 
@@ -116,15 +116,20 @@ def build_report(root: Path, settings: ReportSettings, log: Callable[[str], None
     if not plan_path.is_file():
         raise FileNotFoundError(f"no SBS batch at {root} (no plan.json): materialize sbs_batch for it first")
     plan = Plan.from_json(plan_path.read_text())
-    invalid: list[int] = []
+    # one rule for both sources (check_judgments): invalid rows left out and listed, a repeated (item, annotator,
+    # criterion) refused with JudgmentsError; only a store may be empty (judging not started: under_covered says so)
     if settings.judgments_path:
-        valid, invalid = split_valid(read_judgments(settings.judgments_path))
+        checked = check_judgments(read_judgments(settings.judgments_path), source=settings.judgments_path)
         source = settings.judgments_path
     else:
-        valid, written = store_judgments(root / "judgments.duckdb", plan, settings)
+        rows, written = store_judgments(root / "judgments.duckdb", plan, settings)
+        checked = check_judgments(rows, require_rows=False, source=str(root / "judgments.duckdb"))
         source = "simulated" if settings.simulate else "store"
         if settings.simulate:
             log(f"simulated judgments written now: {written}")
+    valid, invalid = checked.valid, checked.invalid_lines
+    if invalid:
+        log(f"{len(invalid)} invalid judgment row(s) left out: {checked.invalid_summary()}")
     simulated = bool(settings.simulate)
     golden = plan.golden_map()
     summary = full_summary(valid, golden=golden, n_boot=settings.n_boot)
@@ -136,6 +141,7 @@ def build_report(root: Path, settings: ReportSettings, log: Callable[[str], None
     summary.update({"comparison": comparison, "model_a": plan.meta.get("model_a_ref", name_a),
                     "model_b": plan.meta.get("model_b_ref", name_b), "model_a_name": name_a, "model_b_name": name_b,
                     "judgments_source": source, "simulated": simulated, "invalid_rows": invalid,
+                    "n_invalid_rows": len(invalid),
                     "annotators": sorted(valid["annotator"].unique().tolist()),
                     "n_simulated_judgments": int(simulated_mask(scored).sum())})
     per_item = valid.groupby("item_id")["annotator"].nunique().to_dict()

@@ -14,10 +14,18 @@ weight; that is how it is computed below. Group scores are the unweighted mean o
 ("averaged by percentage"), criteria with no ratings left out.
 
 ``visual_8`` (faces) additionally accepts ``not_applicable``: such a row is valid but carries no vote.
+
+Which rows count (``check_judgments``, the same rule for a table and for the annotation store): a row with an empty
+item_id/annotator, an unknown criterion or a choice outside the criterion's set is left out and listed by line; the
+key (item_id, annotator, criterion) occurs at most once, since the fractions above are over *annotators*: four copies
+of one annotator's row would count that annotator four times. Repeated keys are refused, or with ``dedupe`` exact
+copies are kept once and conflicting groups (same key, different choices) dropped whole; a table with no valid row
+left is an error.
 """
 
 from __future__ import annotations
 
+import io
 import math
 import warnings
 from collections.abc import Iterable, Sequence
@@ -129,38 +137,204 @@ def unswap_choice(choice: str, a_on_left: bool) -> str:
     return choice if a_on_left else _SWAP.get(choice, choice)
 
 
-# --- validation -----------------------------------------------------------------------------------------------------
+# --- reading and validation -----------------------------------------------------------------------------------------
 
 REQUIRED_COLUMNS = ("item_id", "annotator", "criterion", "choice")
+JUDGMENT_KEY = ("item_id", "annotator", "criterion")
+"""One annotator judges one criterion of one item once: the key a table must not repeat."""
+MAX_LISTED = 20
+"""Invalid rows listed by line (the rest counted), and at most this many duplicate examples' worth of text."""
+_EXAMPLES = 3
+
+
+class JudgmentsError(ValueError):
+    """A judgments table that cannot be scored as it is; the message names the file, the lines and what to do."""
+
+
+def _decode_csv(raw: bytes, path: str) -> str:
+    """UTF-8 text (a BOM is allowed) or a JudgmentsError naming the first bad line and the likely cause."""
+    nul = raw.find(b"\x00")
+    if nul >= 0:
+        line = raw.count(b"\n", 0, nul) + 1
+        raise JudgmentsError(f"{path}: line {line} contains NUL bytes: the file looks UTF-16 encoded (Excel "
+                             "'Unicode text') or binary; export it as 'CSV UTF-8'")
+    try:
+        return raw.decode("utf-8-sig")
+    except UnicodeDecodeError as exc:
+        line = raw.count(b"\n", 0, exc.start) + 1
+        start = raw.rfind(b"\n", 0, exc.start) + 1
+        end = raw.find(b"\n", exc.start)
+        text = raw[start:end if end >= 0 else len(raw)].decode("cp1252", errors="replace").strip()
+        raise JudgmentsError(
+            f"{path}: line {line} is not UTF-8 (byte 0x{raw[exc.start]:02x} at offset {exc.start}); the file was "
+            f"probably saved in a legacy 8-bit encoding such as Windows-1252/Latin-1 (it would read {text[:60]!r}); "
+            "re-save it as UTF-8") from None
 
 
 def read_judgments(path: str) -> pd.DataFrame:
-    """Read a CSV or Parquet judgments table as strings (the suffix decides; ``.pq``/``.parquet`` are Parquet)."""
+    """Read a CSV (UTF-8) or Parquet judgments table as strings (the suffix decides; ``.pq``/``.parquet`` are
+    Parquet). Raises JudgmentsError for an unreadable file (naming the line and likely cause for a bad encoding),
+    missing columns or a table with a header only."""
     lower = str(path).lower()
     if lower.endswith((".parquet", ".pq")):
-        df = pd.read_parquet(path)
+        try:
+            df = pd.read_parquet(path)
+        except (OSError, ValueError) as exc:
+            raise JudgmentsError(f"{path}: not a readable Parquet file ({type(exc).__name__}: "
+                                 f"{str(exc).splitlines()[0] if str(exc) else ''}); write it again or pass a "
+                                 "CSV") from None
     else:
-        df = pd.read_csv(path, dtype=str, keep_default_na=False)
+        with open(path, "rb") as fh:
+            text = _decode_csv(fh.read(), str(path))
+        try:
+            df = pd.read_csv(io.StringIO(text), dtype=str, keep_default_na=False)
+        except pd.errors.EmptyDataError:
+            raise JudgmentsError(f"{path}: empty file; need a header line {','.join(REQUIRED_COLUMNS)} and one row "
+                                 "per judgment") from None
+        except pd.errors.ParserError as exc:
+            raise JudgmentsError(f"{path}: not a CSV table ({' '.join(str(exc).split())}); quote fields that "
+                                 "contain commas") from None
     missing = [c for c in REQUIRED_COLUMNS if c not in df.columns]
     if missing:
-        raise ValueError(f"{path}: missing columns {missing}; need {list(REQUIRED_COLUMNS)}")
+        raise JudgmentsError(f"{path}: missing columns {missing}; need {list(REQUIRED_COLUMNS)}")
+    if df.empty:
+        raise JudgmentsError(f"{path}: a header and no judgment rows; nothing to score")
     return df
+
+
+def _blank(value: object) -> bool:
+    return value is None or (isinstance(value, float) and math.isnan(value)) or str(value).strip() == ""
+
+
+def invalid_reason(item_id: object, annotator: object, criterion: object, choice: object) -> str | None:
+    """Why one row cannot be scored (None: it can): an empty item_id/annotator, an unknown criterion, or a choice
+    not allowed for that criterion."""
+    if _blank(item_id):
+        return "empty item_id"
+    if _blank(annotator):
+        return "empty annotator"
+    if not isinstance(criterion, str) or criterion not in ALL_CRITERIA:
+        return f"unknown criterion {criterion!r}"
+    if not is_valid(criterion, choice):
+        return f"choice {choice!r} not allowed for {criterion}"
+    return None
+
+
+def _reasons(df: pd.DataFrame) -> list[str | None]:
+    return [invalid_reason(*row) for row in zip(df["item_id"], df["annotator"], df["criterion"], df["choice"])]
 
 
 def split_valid(df: pd.DataFrame) -> tuple[pd.DataFrame, list[int]]:
     """Split into (valid rows, invalid line numbers). Line numbers count the header as line 1, so the first data
-    row is line 2 (the same convention for Parquet: row index + 2). Invalid: unknown criterion, a choice not allowed
-    for that criterion, or an empty item_id/annotator."""
+    row is line 2 (the same convention for Parquet: row index + 2). Invalid: see ``invalid_reason``."""
     df = df.reset_index(drop=True)
-    ok = []
-    for item, annotator, criterion, choice in zip(df["item_id"], df["annotator"], df["criterion"], df["choice"]):
-        blank = any(v is None or (isinstance(v, float) and math.isnan(v)) or str(v).strip() == ""
-                    for v in (item, annotator))
-        ok.append(not blank and is_valid(criterion, choice))
-    mask = np.asarray(ok, dtype=bool)
+    mask = np.asarray([r is None for r in _reasons(df)], dtype=bool)
     invalid = [int(i) + 2 for i in np.flatnonzero(~mask)]
     valid = df.loc[mask, list(REQUIRED_COLUMNS)].astype(str).reset_index(drop=True)
     return valid, invalid
+
+
+@dataclass(frozen=True)
+class DuplicateReport:
+    """Rows sharing one JUDGMENT_KEY: exact copies (same choice) and conflicts (different choices)."""
+
+    exact_groups: int
+    exact_rows_dropped: int
+    """Extra copies beyond the first of each exact group (what de-duplication drops)."""
+    conflict_groups: int
+    conflict_rows: int
+    """Every row of a conflicting group (de-duplication drops them all: no copy can be trusted over another)."""
+    examples: tuple[str, ...]
+
+    def __bool__(self) -> bool:
+        return bool(self.exact_groups or self.conflict_groups)
+
+    def describe(self) -> str:
+        parts = []
+        if self.exact_groups:
+            parts.append(f"{self.exact_groups} (item_id, annotator, criterion) group(s) repeated with the same "
+                         f"choice ({self.exact_rows_dropped} extra row(s))")
+        if self.conflict_groups:
+            parts.append(f"{self.conflict_groups} group(s) with conflicting choices ({self.conflict_rows} row(s))")
+        return "; ".join(parts) + (f"; e.g. {'; '.join(self.examples)}" if self.examples else "")
+
+    def to_dict(self) -> dict:
+        return {"exact_groups": self.exact_groups, "exact_rows_dropped": self.exact_rows_dropped,
+                "conflict_groups": self.conflict_groups, "conflict_rows_dropped": self.conflict_rows,
+                "examples": list(self.examples)}
+
+
+@dataclass(frozen=True)
+class CheckedJudgments:
+    """A table after ``check_judgments``: the rows to score and what was left out, and why."""
+
+    valid: pd.DataFrame
+    invalid_lines: list[int]
+    invalid_listing: list[str]
+    """'line N: reason' for the first MAX_LISTED invalid rows (``invalid_lines`` has them all)."""
+    duplicates: DuplicateReport
+    deduplicated: bool
+
+    def invalid_summary(self) -> str:
+        more = len(self.invalid_lines) - len(self.invalid_listing)
+        return "; ".join(self.invalid_listing) + (f"; ... and {more} more" if more > 0 else "")
+
+
+def _example(group: pd.DataFrame) -> str:
+    item, annotator, criterion = (group.iloc[0][k] for k in JUDGMENT_KEY)
+    lines = ", ".join(f"{ln} ({ch})" for ln, ch in zip(group["line"], group["choice"]))
+    return f"item {item!r}, annotator {annotator!r}, {criterion}: lines {lines}"
+
+
+def _duplicates(rows: pd.DataFrame) -> tuple[pd.Series, DuplicateReport]:
+    """(rows to keep when de-duplicating, report) for valid rows carrying a ``line`` column."""
+    by_key = rows.groupby(list(JUDGMENT_KEY), sort=False)["choice"]
+    repeated = by_key.transform("size").to_numpy() > 1
+    conflict = repeated & (by_key.transform("nunique").to_numpy() > 1)
+    exact = repeated & ~conflict
+    first = ~rows.duplicated(list(JUDGMENT_KEY), keep="first").to_numpy()
+    keep = pd.Series(~repeated | (exact & first), index=rows.index)
+    examples = [_example(g) for _, g in rows.loc[conflict].groupby(list(JUDGMENT_KEY), sort=False)][:_EXAMPLES]
+    examples += [_example(g) for _, g in rows.loc[exact].groupby(list(JUDGMENT_KEY), sort=False)][:_EXAMPLES]
+    n_exact_groups = int((exact & first).sum())
+    report = DuplicateReport(
+        exact_groups=n_exact_groups, exact_rows_dropped=int(exact.sum()) - n_exact_groups,
+        conflict_groups=int((conflict & first).sum()), conflict_rows=int(conflict.sum()),
+        examples=tuple(examples[:_EXAMPLES]))
+    return keep, report
+
+
+def check_judgments(df: pd.DataFrame, *, dedupe: bool = False, require_rows: bool = True,
+                    source: str = "judgments") -> CheckedJudgments:
+    """The one rule for every judgments source (a table file or the annotation store):
+
+    * invalid rows (``invalid_reason``) are left out and listed by line (header = line 1);
+    * a (item_id, annotator, criterion) key may occur once: repeated keys raise JudgmentsError naming counts and
+      examples, unless ``dedupe``, which keeps one copy of exact duplicates and drops conflicting groups entirely
+      (reported in ``duplicates``): copies would otherwise weigh one annotator several times in an item's fractions;
+    * with ``require_rows``, no valid row left is a JudgmentsError (a table that scores nothing is a mistake; an
+      annotation store not judged yet passes ``require_rows=False``)."""
+    df = df.reset_index(drop=True)
+    reasons = _reasons(df)
+    bad = [i for i, r in enumerate(reasons) if r is not None]
+    listing = [f"line {i + 2}: {reasons[i]}" for i in bad[:MAX_LISTED]]
+    mask = np.asarray([r is None for r in reasons], dtype=bool)
+    rows = df.loc[mask, list(REQUIRED_COLUMNS)].astype(str)
+    rows["line"] = rows.index + 2
+    keep, report = _duplicates(rows)
+    if report and not dedupe:
+        raise JudgmentsError(f"{source}: {report.describe()}. Each annotator judges a criterion of an item once; "
+                             "fix the table, or de-duplicate (k5 sbs score --dedupe) to keep one copy of exact "
+                             "duplicates and drop conflicting groups")
+    rows = rows.loc[keep] if dedupe else rows
+    checked = CheckedJudgments(valid=rows[list(REQUIRED_COLUMNS)].reset_index(drop=True),
+                               invalid_lines=[i + 2 for i in bad], invalid_listing=listing, duplicates=report,
+                               deduplicated=dedupe)
+    if require_rows and checked.valid.empty:
+        what = "no rows" if df.empty else (f"all {len(df)} row(s) invalid ({checked.invalid_summary()})" if bad
+                                           else "every row dropped as a conflicting duplicate")
+        raise JudgmentsError(f"{source}: no valid judgment to score: {what}")
+    return checked
 
 
 # --- scores ---------------------------------------------------------------------------------------------------------
@@ -192,9 +366,8 @@ def _group_means(criteria: dict[str, dict[str, float]]) -> dict[str, dict[str, f
     return out
 
 
-def score_judgments(df: pd.DataFrame) -> dict:
-    """The ``k5 sbs score`` result: per-criterion and group scores plus the invalid line numbers."""
-    valid, invalid = split_valid(df)
+def _scores(valid: pd.DataFrame) -> dict:
+    """Per-criterion and group scores of already checked rows (None for a group with nothing rated)."""
     per_item = item_scores(valid)
     criteria: dict[str, dict[str, float]] = {}
     for criterion in ALL_CRITERIA:  # report order, not alphabetical
@@ -203,7 +376,23 @@ def score_judgments(df: pd.DataFrame) -> dict:
             criteria[criterion] = {"model1": float(rows["s1"].mean()), "model2": float(rows["s2"].mean())}
     result: dict = {"criteria": criteria}
     result.update(_group_means(criteria))
-    result["invalid_rows"] = invalid
+    return result
+
+
+def score_judgments(df: pd.DataFrame, *, dedupe: bool = False, source: str = "judgments") -> dict:
+    """The ``k5 sbs score`` result: per-criterion and group scores, the first MAX_LISTED invalid line numbers
+    (``invalid_rows``; ``n_invalid_rows`` counts them all) and what de-duplication did (``duplicates``).
+    Raises JudgmentsError as ``check_judgments`` does."""
+    return score_checked(check_judgments(df, dedupe=dedupe, source=source))
+
+
+def score_checked(checked: CheckedJudgments) -> dict:
+    """``score_judgments`` of a table already through ``check_judgments``."""
+    result = _scores(checked.valid)
+    result["invalid_rows"] = checked.invalid_lines[:MAX_LISTED]
+    result["n_invalid_rows"] = len(checked.invalid_lines)
+    result["n_judgments"] = int(len(checked.valid))
+    result["duplicates"] = checked.duplicates.to_dict() if checked.deduplicated else None
     return result
 
 
@@ -407,8 +596,7 @@ def full_summary(valid: pd.DataFrame, golden: dict[str, tuple[str, str | None]] 
     Golden items are excluded from the scores (they are rater checks, not comparisons)."""
     golden = golden or {}
     scored = valid[~valid["item_id"].isin(list(golden))].reset_index(drop=True)
-    result = score_judgments(scored)
-    result.pop("invalid_rows")
+    result = _scores(scored)
     cis = bootstrap_intervals(scored, n_boot=n_boot, seed=seed)
     result["ci95"] = {k: {m: [iv.low, iv.high] for m, iv in v.items()} for k, v in cis.items()}
     diffs = bootstrap_difference_intervals(scored, n_boot=n_boot, seed=seed)
