@@ -10,6 +10,9 @@ elements (a large tensor is split by rows), reads each member's rows of that chu
 closed again after every chunk so mapped pages do not pile up), accumulates ``w_i * x_i`` in fp32, casts back to the
 members' dtype and appends the bytes to the output safetensors file, whose header is written first (all shapes are
 known up front). Peak memory is about 3 fp32 chunks, whatever the model size or the number of members.
+
+torch and safetensors are imported inside the merge functions: the recipe and the weights stay light (the ``k5``
+CLI builds its options from the recipe without importing torch).
 """
 
 from __future__ import annotations
@@ -24,13 +27,12 @@ import tempfile
 from collections.abc import Iterator, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, BinaryIO, Literal
+from typing import TYPE_CHECKING, Any, BinaryIO, Literal
 
-import torch
-from safetensors import safe_open
-
-from k5model.checkpoint import CONFIG_NAME, INDEX_NAME, WEIGHTS_NAME, CheckpointError, _resolve_folder
 from k5model.config import CrossDiTConfig
+
+if TYPE_CHECKING:
+    import torch
 
 Scheme = Literal["equal", "size", "sqrt_size"]
 WeightsKind = Literal["ema", "raw"]
@@ -40,12 +42,21 @@ METADATA_KEY = "k5_soup"  # safetensors __metadata__ entry holding the recipe an
 DEFAULT_CHUNK_NUMEL = 8 * 2**20  # 32 MiB of fp32 accumulator per chunk
 DEFAULT_MAX_SHARD_SIZE = 10 * 2**30  # same default as checkpoint.save_transformer_folder
 
-# safetensors dtype names of the floating types a soup can average
-_DTYPES = {"F64": torch.float64, "F32": torch.float32, "F16": torch.float16, "BF16": torch.bfloat16}
-_DTYPE_NAMES = {v: k for k, v in _DTYPES.items()}
+# safetensors dtype names of the floating types a soup can average -> (torch dtype name, bytes per element)
+_DTYPES = {"F64": ("float64", 8), "F32": ("float32", 4), "F16": ("float16", 2), "BF16": ("bfloat16", 2)}
+# diffusers file names (the same constants as k5model.checkpoint, which imports torch)
+WEIGHTS_NAME = "diffusion_pytorch_model.safetensors"
+INDEX_NAME = "diffusion_pytorch_model.safetensors.index.json"
+CONFIG_NAME = "config.json"
 
 
-class SoupError(CheckpointError):
+def _torch_dtype(name: str) -> torch.dtype:
+    import torch
+
+    return getattr(torch, _DTYPES[name][0])
+
+
+class SoupError(ValueError):
     """Soup members that cannot be averaged (different tensors, shapes, dtypes or model configs) or a bad recipe."""
 
 
@@ -205,8 +216,16 @@ class _Member:
     specs: dict[str, tuple[str, tuple[int, ...]]] = field(default_factory=dict)
 
 
+def _transformer_folder(path: str | os.PathLike) -> Path:
+    """``path`` itself, or the ``transformer/`` of a pipeline folder."""
+    path = Path(path)
+    return path / "transformer" if (path / "model_index.json").is_file() and (path / "transformer").is_dir() else path
+
+
 def _open_member(path: str | os.PathLike) -> _Member:
-    folder = _resolve_folder(Path(path), None)
+    from safetensors import safe_open
+
+    folder = _transformer_folder(path)
     if not (folder / CONFIG_NAME).is_file():
         raise SoupError(f"soup member {path} is not a transformer folder (no {CONFIG_NAME}); pass the transformer "
                         f"folder of a fine-tune (e.g. <run>/ema/transformer) or a pipeline folder")
@@ -255,7 +274,7 @@ def _check_members(members: list[_Member]) -> None:
 def _layout(specs: dict[str, tuple[str, tuple[int, ...]]], max_shard_size: int) -> list[list[str]]:
     """Output tensor order split into shards: widest dtype first (every tensor stays aligned to its element size),
     then by name."""
-    order = sorted(specs, key=lambda k: (-_DTYPES[specs[k][0]].itemsize, k))
+    order = sorted(specs, key=lambda k: (-_DTYPES[specs[k][0]][1], k))
     shards: list[list[str]] = [[]]
     size = 0
     for key in order:
@@ -269,7 +288,7 @@ def _layout(specs: dict[str, tuple[str, tuple[int, ...]]], max_shard_size: int) 
 
 
 def _nbytes(dtype: str, shape: tuple[int, ...]) -> int:
-    return math.prod(shape) * _DTYPES[dtype].itemsize
+    return math.prod(shape) * _DTYPES[dtype][1]
 
 
 @dataclass(frozen=True)
@@ -355,6 +374,7 @@ def merge_streamed(
                         f"compute them with soup_weights or SoupRecipe.leaf_weights")
     if chunk_numel < 1:
         raise SoupError(f"chunk_numel must be >= 1, got {chunk_numel}")
+    from tqdm.auto import tqdm
     opened = [_open_member(m) for m in members]
     _check_members(opened)
     specs = opened[0].specs
@@ -364,8 +384,6 @@ def merge_streamed(
     metadata = {"format": "pt", METADATA_KEY: json.dumps(record, sort_keys=True)}
     names = ([WEIGHTS_NAME] if len(shards) == 1 else
              [f"diffusion_pytorch_model-{i:05d}-of-{len(shards):05d}.safetensors" for i in range(1, len(shards) + 1)])
-
-    from tqdm.auto import tqdm
 
     out = Path(out_path)
     out.parent.mkdir(parents=True, exist_ok=True)
@@ -395,6 +413,9 @@ def merge_streamed(
 def _write_shard_data(f: BinaryIO, keys: list[str], specs: dict, members: list[_Member], weights: list[float],
                       metadata: dict[str, str], chunk_numel: int, bar: Any) -> None:
     """Header then the averaged tensors of one output shard, chunk by chunk."""
+    import torch
+    from safetensors import safe_open
+
     data_size = _write_header(f, keys, specs, metadata)
     data_start = f.tell()
     for batch in _batches(_pieces(keys, specs, chunk_numel), specs, chunk_numel):
@@ -414,7 +435,7 @@ def _write_shard_data(f: BinaryIO, keys: list[str], specs: dict, members: list[_
                         accs[j].add_(contrib)
                         del contrib
         for j, piece in enumerate(batch):
-            merged = accs[j].to(_DTYPES[specs[piece.key][0]]).contiguous()
+            merged = accs[j].to(_torch_dtype(specs[piece.key][0])).contiguous()
             accs[j] = None
             f.write(memoryview(merged.reshape(-1).view(torch.uint8).numpy()))
             del merged
@@ -432,7 +453,9 @@ def soup(recipe: SoupRecipe, out_path: str | os.PathLike, **kwargs: Any) -> Path
 
 def read_soup_metadata(folder: str | os.PathLike) -> dict[str, Any]:
     """The recipe and per-member weights recorded in a soup's safetensors metadata."""
-    member = _resolve_folder(Path(folder), None)
+    from safetensors import safe_open
+
+    member = _transformer_folder(folder)
     files = sorted(member.glob("diffusion_pytorch_model*.safetensors"))
     if not files:
         raise SoupError(f"{folder} has no safetensors weights")
