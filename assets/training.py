@@ -69,6 +69,7 @@ def build_stage_asset(chain: str, stage: str, parent: str | None) -> dg.AssetsDe
     @dg.asset(name=f"train_{stage}", group_name="training", kinds={"pytorch", "mlflow"},
               deps=[*([f"train_{parent}"] if parent else []), latent_set(stage), base_bundle(stage)],
               retry_policy=dg.RetryPolicy(max_retries=1), owners=["team:k5-lifecycle"],
+              pool="gpu",  # one slot per concurrent GPU stage job; the limit lives in the instance (infra/dagster.yaml)
               description=f"{table.row}: {table.steps:,} steps at batch {table.batch} in production (report Table 4)"
               "; demo scale by default. Trains on the curated latent shards of its resolution classes and exports a "
               "complete pipeline folder; retries resume from the last checkpoint.")
