@@ -87,14 +87,18 @@ def plan_cmd(stage: str, gpus: int, ref_seconds: float | None, batches: tuple[in
 
 
 class _ProgressBar:
-    """Trainer callback: a tqdm bar with ETA, the latest loss in its postfix."""
+    """Trainer callback: a tqdm bar with ETA, the latest loss in its postfix. Drawn from the first step on (a resumed
+    run starts where it resumed), so a run that fails while setting up prints its one error line only."""
 
-    def __init__(self, total: int, initial: int = 0):
-        from tqdm.auto import tqdm
-
-        self.bar = tqdm(total=total, initial=initial, unit="step", desc="train")
+    def __init__(self, total: int):
+        self.total = total
+        self.bar: Any = None
 
     def on_step(self, step: int, metrics: dict[str, float]) -> None:
+        if self.bar is None:
+            from tqdm.auto import tqdm
+
+            self.bar = tqdm(total=self.total, initial=step - 1, unit="step", desc="train")
         self.bar.update(step - self.bar.n)
         self.bar.set_postfix(loss=f"{metrics.get('loss', float('nan')):.4f}", lr=f"{metrics.get('lr', 0.0):.2e}")
 
@@ -138,6 +142,10 @@ def train(**values: Any) -> None:
         job = TrainJob.from_flat(**values)
     except ValueError as err:
         raise K5Error(str(err)) from None
+    for flag, folder in (("--init", job.init.init), ("--text-encoders", job.data.text_encoders)):
+        if folder and not Path(folder).exists():  # before torchrun or any model is built
+            raise K5Error(f"{flag} {folder}: no such file or folder; pass an existing model folder (e.g. a stage's "
+                          "ema/transformer or a pipeline folder)")
     out = Path(job.checkpoint.out)
     if job.parallel.nproc > 1:
         # several processes: torchrun prints rank 0's JSON lines; the bar belongs to the single-process path
@@ -156,5 +164,6 @@ def train(**values: Any) -> None:
     # the bar replaces the per-step JSON lines on the terminal (metrics.jsonl in OUT keeps them)
     with contextlib.redirect_stdout(io.StringIO()):
         result = run_training(job, callbacks=[bar])
-    bar.bar.close()
+    if bar.bar is not None:
+        bar.bar.close()
     click.echo(f"{result['stage']}: trained to step {result['step']} -> {out}")

@@ -8,9 +8,11 @@ callbacks; the logic lives in those libraries. Rank 0 prints one JSON line per s
 
 from __future__ import annotations
 
+import errno
 import functools
 import json
 import os
+import sys
 import time
 from pathlib import Path
 from typing import Any
@@ -19,11 +21,19 @@ import click
 import torch
 import torch.distributed as dist
 
+from k5cli.main import K5Error
 from k5cli.train import job_options
 from k5model.checkpoint import assemble_pipeline_folder, save_single_file, save_transformer_folder
 from k5model.config import get_preset
 from k5model.crossdit import CrossDiT
-from k5model.training.checkpointing import latest_checkpoint, load_checkpoint, save_checkpoint
+from k5model.training.checkpointing import (
+    CheckpointException,
+    CheckpointWriteError,
+    latest_checkpoint,
+    load_checkpoint,
+    resumable_checkpoint,
+    save_checkpoint,
+)
 from k5model.training.config import StageConfig, get_stage
 from k5model.training.job import TrainJob, parse_mix
 from k5model.training.parallel import apply_activation_checkpointing, apply_fsdp, training_mesh
@@ -122,8 +132,13 @@ def build_model(job: TrainJob, stage: StageConfig, device: torch.device, world: 
     init = job.init.init
     if init and not (job.checkpoint.resume and latest_checkpoint(out / "checkpoints") is not None):
         # attention settings are the stage's own: a parent trained dense may continue with NABLA
-        parent = CrossDiT.from_pretrained(init, config=model.config if Path(init).is_file() else None)
-        model.load_state_dict(parent.state_dict(), strict=True)
+        try:
+            parent = CrossDiT.from_pretrained(init, config=model.config if Path(init).is_file() else None)
+            model.load_state_dict(parent.state_dict(), strict=True)
+        except (OSError, ValueError, KeyError, RuntimeError) as exc:  # missing, truncated or another model's weights
+            raise K5Error(f"--init {init}: cannot initialise the {stage.model_preset} model from it ({_first(exc)}); "
+                          "pass the parent stage's exported ema/transformer folder, a pipeline folder or its "
+                          ".safetensors file") from None
     if stage.activation_checkpointing:
         apply_activation_checkpointing(model, offload=job.parallel.offload_activations)
     mesh = training_mesh(world, job.parallel.replicate, device.type)
@@ -140,14 +155,40 @@ def build_data(job: TrainJob, stage: StageConfig, cfg: Any, rank: int, world: in
     from k5data.loading.training_source import ShardLatentSource, TextEncoders
     from k5data.object_store import open_store
 
-    text = TextEncoders.from_pretrained(job.data.text_encoders, device=device,
-                                        dtype=torch.bfloat16 if device.type == "cuda" else torch.float32)
+    try:
+        text = TextEncoders.from_pretrained(job.data.text_encoders, device=device,
+                                            dtype=torch.bfloat16 if device.type == "cuda" else torch.float32)
+    except (OSError, ValueError, KeyError, RuntimeError) as exc:
+        raise K5Error(f"--text-encoders {job.data.text_encoders}: cannot load the Qwen/CLIP text encoders "
+                      f"({_first(exc)}); pass a Kandinsky 5 pipeline folder with text_encoder/, tokenizer/, "
+                      "text_encoder_2/ and tokenizer_2/") from None
     if (text.text_dim, text.pooled_dim) != (cfg.in_text_dim, cfg.in_text_dim2):
         raise SystemExit(f"text_encoders {job.data.text_encoders}: Qwen/CLIP widths {text.text_dim}/{text.pooled_dim} "
                          f"do not match the model's in_text_dim/in_text_dim2 {cfg.in_text_dim}/{cfg.in_text_dim2}")
     return ShardLatentSource(open_store(job.data.store), job.data.shards, stage, text, t_max=job.data.t_max,
                              rank=rank, world_size=world, visual_cond=cfg.visual_cond, device=device,
                              res_classes=job.data.classes())
+
+
+def _first(exc: BaseException) -> str:
+    """``Type: first line`` of an exception, for one-line errors."""
+    text = str(exc).strip().splitlines()
+    return f"{type(exc).__name__}: {text[0][:300]}" if text else type(exc).__name__
+
+
+def resume_point(job: TrainJob, rank: int) -> tuple[Path | None, list[dict[str, str]]]:
+    """Collective. The newest verified checkpoint to resume (None: start fresh) and the newer ones skipped, each
+    {"checkpoint", "reason"} (also said on stderr). Damaged checkpoints and nothing to fall back to: a K5Error."""
+    if not job.checkpoint.resume:
+        return None, []
+    ckpt_dir = Path(job.checkpoint.out) / "checkpoints"
+    point = resumable_checkpoint(ckpt_dir)
+    if point.path is not None and point.skipped and rank == 0:
+        print(f"resume: {point.describe()}", file=sys.stderr, flush=True)
+    if point.path is None and point.skipped:
+        raise K5Error(f"--resume: no checkpoint in {ckpt_dir} passes verification ({point.describe()}); move the "
+                      "damaged step_* folders aside to train from the start, or restore them from a copy")
+    return point.path, [{"checkpoint": name, "reason": why} for name, why in point.skipped]
 
 
 def export(trainer: Trainer, job: TrainJob, stage: StageConfig, rank: int) -> None:
@@ -193,27 +234,42 @@ def run_training(job: TrainJob, callbacks: list[Any] | None = None) -> dict[str,
     stage = resolve_stage(job)
     steps = job.stage.steps if job.stage.steps is not None else stage.steps
     device = torch.device("cuda", torch.cuda.current_device()) if torch.cuda.is_available() else torch.device("cpu")
+    resume_from, skipped = resume_point(job, rank)  # verified before anything heavy is built
     model, mesh = build_model(job, stage, device, world)
     data = build_data(job, stage, model.config, rank, world, device)
     trainer = Trainer(model, stage, data, data.null_condition(), rank=rank, device=device)
     ckpt_dir, resumed_from = Path(job.checkpoint.out) / "checkpoints", None
-    if job.checkpoint.resume and (latest := latest_checkpoint(ckpt_dir)) is not None:
-        resumed_from = load_checkpoint(trainer, latest)
+    if resume_from is not None:
+        try:
+            resumed_from = load_checkpoint(trainer, resume_from)
+        except (RuntimeError, ValueError, KeyError, CheckpointException) as exc:  # verified, but not this model's
+            raise K5Error(f"checkpoint {resume_from} does not fit this job ({_first(exc)}); resume with the settings "
+                          "it was trained with, or train into a new --out") from None
     attach_callbacks(trainer, job, stage, rank, steps, trainer.step, callbacks or [])
     if rank == 0:
         print(json.dumps({"event": "start", "stage": stage.name, "world_size": world, "resumed_from": resumed_from,
+                          "skipped_checkpoints": skipped,
                           "mesh": None if mesh is None else dict(zip(mesh.mesh_dim_names, mesh.shape))}), flush=True)
-    trainer.train(steps)
-    if job.checkpoint.ckpt_every > 0 and trainer.step % job.checkpoint.ckpt_every:
-        save_checkpoint(trainer, ckpt_dir, keep=job.checkpoint.keep)
-    if job.checkpoint.export:
-        export(trainer, job, stage, rank)
+    try:
+        trainer.train(steps)
+        if job.checkpoint.ckpt_every > 0 and trainer.step % job.checkpoint.ckpt_every:
+            save_checkpoint(trainer, ckpt_dir, keep=job.checkpoint.keep)
+        if job.checkpoint.export:
+            export(trainer, job, stage, rank)
+    except CheckpointWriteError as exc:
+        raise K5Error(str(exc)) from None
+    except OSError as exc:
+        if exc.errno not in (errno.ENOSPC, errno.EDQUOT):
+            raise
+        raise K5Error(f"disk full while training ({exc.strerror}: {exc.filename}); free space or give --out a folder "
+                      "on a larger disk, then rerun with --resume (the last complete checkpoint is kept)") from None
     if rank == 0:
         peak = torch.cuda.max_memory_allocated() / 2**30 if device.type == "cuda" else None
         print(json.dumps({"event": "done", "step": trainer.step, "peak_mem_gib": peak}), flush=True)
     dist.barrier()
     dist.destroy_process_group()
-    return {"step": trainer.step, "stage": stage.name, "world_size": world, "resumed_from": resumed_from}
+    return {"step": trainer.step, "stage": stage.name, "world_size": world, "resumed_from": resumed_from,
+            "skipped_checkpoints": skipped}
 
 
 def load_job(text: str) -> TrainJob:

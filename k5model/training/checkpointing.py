@@ -5,13 +5,23 @@ its own shards; ``get_state_dict`` never gathers a full state dict) and ``rank<r
 state, RNG states and step (these differ per rank, and DCP would de-duplicate equal keys across ranks).
 Atomicity: everything is written into ``step_<N>.tmp`` and renamed by rank 0 after a barrier, so a directory named
 ``step_<N>`` is always complete; a SIGKILL mid-save leaves only a ``.tmp`` that ``latest_checkpoint`` ignores.
+Integrity: ``checksums.json`` (size and SHA-256 of every other file of the folder; the ranks hash a share each) is
+written last, inside ``.tmp``, before the rename. ``resumable_checkpoint`` verifies checkpoints newest first and
+returns the newest that verifies, with the ones it skipped and why (a truncated or bit-flipped shard, a missing file),
+so a damaged latest checkpoint costs the steps since the previous one instead of a crash or a silent NaN later.
 """
 
 from __future__ import annotations
 
+import errno
+import hashlib
+import io
+import json
+import os
 import random
 import re
 import shutil
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -19,11 +29,27 @@ import numpy as np
 import torch
 import torch.distributed as dist
 import torch.distributed.checkpoint as dcp
+from torch.distributed.checkpoint.api import CheckpointException
 from torch.distributed.checkpoint.state_dict import get_state_dict, set_state_dict
 
 from k5model.training.trainer import Trainer
 
 _STEP_DIR = re.compile(r"^step_(\d+)$")
+CHECKSUMS = "checksums.json"
+
+
+class CheckpointError(RuntimeError):
+    """A checkpoint folder that cannot be resumed from, or one that could not be written; the message says which,
+    why and what to do."""
+
+
+class CheckpointWriteError(CheckpointError):
+    """Saving failed (``errno``: the OS error code, e.g. ENOSPC for a full disk; None if not an OS error); the
+    previous checkpoints are untouched."""
+
+    def __init__(self, message: str, errno_code: int | None = None):
+        super().__init__(message)
+        self.errno = errno_code
 
 
 def _dist() -> bool:
@@ -34,9 +60,113 @@ def _rank() -> int:
     return dist.get_rank() if _dist() else 0
 
 
+def _world() -> int:
+    return dist.get_world_size() if _dist() else 1
+
+
 def _barrier() -> None:
     if _dist():
         dist.barrier()
+
+
+def _gather(obj: Any) -> list[Any]:
+    """Every rank's ``obj``, in rank order (just ``[obj]`` without a process group)."""
+    if not _dist():
+        return [obj]
+    out: list[Any] = [None] * _world()
+    dist.all_gather_object(out, obj)
+    return out
+
+
+def file_entry(path: Path) -> dict[str, Any]:
+    """Size and SHA-256 of one file (streamed: shards can be many GiB)."""
+    with open(path, "rb") as fh:
+        digest = hashlib.file_digest(fh, "sha256").hexdigest()
+    return {"size": path.stat().st_size, "sha256": digest}
+
+
+def _payload_files(folder: Path) -> list[str]:
+    return sorted(p.name for p in folder.iterdir() if p.is_file() and not p.name.startswith(CHECKSUMS))
+
+
+def _write_checksums(folder: Path) -> None:
+    """Collective: each rank hashes its share of the folder's files, rank 0 writes ``checksums.json`` (durably)."""
+    names = _payload_files(folder)  # the same listing on every rank after the barrier (DCP needs a shared folder)
+    share = {n: file_entry(folder / n) for n in names[_rank()::_world()]}
+    entries: dict[str, Any] = {}
+    for part in _gather(share):
+        entries.update(part)
+    if _rank() != 0:
+        return
+    for name in _payload_files(folder):  # a file another rank did not see yet (slow shared-FS listing)
+        entries.setdefault(name, file_entry(folder / name))
+    tmp = folder / (CHECKSUMS + ".tmp")
+    with open(tmp, "w", encoding="utf-8") as fh:
+        json.dump({"algorithm": "sha256", "files": dict(sorted(entries.items()))}, fh, indent=1)
+        fh.flush()
+        os.fsync(fh.fileno())
+    tmp.replace(folder / CHECKSUMS)
+
+
+def _local_problem(path: Path) -> tuple[str | None, dict[str, Any]]:
+    """Cheap checks (structure, listed files present with their sizes): (why not usable or None, listed files)."""
+    if not (path / ".metadata").is_file():
+        return "incomplete: no .metadata", {}
+    try:
+        files = json.loads((path / CHECKSUMS).read_text(encoding="utf-8"))["files"]
+    except FileNotFoundError:
+        return f"no {CHECKSUMS}: written before checksums existed, or damaged; it cannot be verified", {}
+    except (OSError, ValueError, KeyError, TypeError) as exc:
+        return f"{CHECKSUMS} unreadable ({type(exc).__name__}: {exc})", {}
+    for name, entry in sorted(files.items()):
+        f = path / name
+        if not f.is_file():
+            return f"{name} missing", files
+        if f.stat().st_size != entry["size"]:
+            return f"{name} is {f.stat().st_size} bytes, {entry['size']} when saved (truncated or overwritten)", files
+    return None, files
+
+
+def verify_checkpoint(path: str | Path) -> str | None:
+    """Collective when distributed (the ranks hash a share each). None when every file listed in ``checksums.json``
+    is present with its recorded size and SHA-256; otherwise why not (the same answer on every rank)."""
+    path = Path(path)
+    problem, files = _local_problem(path)
+    if problem is None:
+        for name in sorted(files)[_rank()::_world()]:
+            if file_entry(path / name)["sha256"] != files[name]["sha256"]:
+                problem = f"{name} fails its SHA-256 check (corrupted after saving)"
+                break
+    return next((p for p in _gather(problem) if p is not None), None)
+
+
+@dataclass(frozen=True)
+class ResumePoint:
+    """What ``resumable_checkpoint`` found: the checkpoint to resume (None: nothing usable) and the newer step
+    folders it skipped, newest first, as (folder name, reason)."""
+
+    path: Path | None
+    skipped: tuple[tuple[str, str], ...] = ()
+
+    def describe(self) -> str:
+        skipped = "; ".join(f"skipped {name}: {why}" for name, why in self.skipped)
+        target = f"resuming from {self.path.name}" if self.path else "no verified checkpoint"
+        return f"{skipped}; {target}" if skipped else target
+
+
+def resumable_checkpoint(directory: str | Path) -> ResumePoint:
+    """Collective when distributed. The newest ``step_<N>`` folder of ``directory`` that is complete and passes
+    ``verify_checkpoint``; newer ones that fail are skipped (and reported), ``.tmp`` leftovers ignored."""
+    directory = Path(directory)
+    steps = sorted(((int(m.group(1)), p) for p in directory.iterdir() if (m := _STEP_DIR.match(p.name))),
+                   reverse=True) if directory.is_dir() else []
+    skipped: list[tuple[str, str]] = []
+    for _, path in steps:
+        problem = verify_checkpoint(path)
+        if problem is None:
+            return ResumePoint(path, tuple(skipped))
+        skipped.append((path.name, problem))
+    return ResumePoint(None, tuple(skipped))
 
 
 def rng_state() -> dict[str, Any]:
@@ -55,7 +185,8 @@ def set_rng_state(state: dict[str, Any]) -> None:
 
 
 def latest_checkpoint(directory: str | Path) -> Path | None:
-    """The complete checkpoint with the highest step in ``directory`` (``.tmp`` leftovers are ignored)."""
+    """The complete checkpoint with the highest step in ``directory`` (``.tmp`` leftovers are ignored). Cheap and not
+    verified: resuming goes through ``resumable_checkpoint``."""
     directory = Path(directory)
     if not directory.is_dir():
         return None
@@ -78,9 +209,19 @@ def save_checkpoint(trainer: Trainer, directory: str | Path, keep: int = 2) -> P
         directory.mkdir(parents=True, exist_ok=True)
         shutil.rmtree(tmp, ignore_errors=True)  # a leftover of a run killed while saving this same step
     _barrier()
-    dcp.save(_sharded_state(trainer), checkpoint_id=str(tmp))
-    data_state = trainer.data.state_dict() if hasattr(trainer.data, "state_dict") else None
-    torch.save({"step": trainer.step, "data": data_state, "rng": rng_state()}, tmp / f"rank{_rank()}.pt")
+    try:
+        dcp.save(_sharded_state(trainer), checkpoint_id=str(tmp))
+        data_state = trainer.data.state_dict() if hasattr(trainer.data, "state_dict") else None
+        buffer = io.BytesIO()  # torch.save's own file writer reports a full disk as a RuntimeError without errno
+        torch.save({"step": trainer.step, "data": data_state, "rng": rng_state()}, buffer)
+        with open(tmp / f"rank{_rank()}.pt", "wb") as fh:
+            fh.write(buffer.getbuffer())
+        _barrier()
+        _write_checksums(tmp)
+    except (OSError, CheckpointException) as exc:
+        if _rank() == 0:
+            shutil.rmtree(tmp, ignore_errors=True)  # give the space back; the previous checkpoints stay as they were
+        raise _write_error(exc, final) from None
     _barrier()
     if _rank() == 0:
         old = directory / f"step_{trainer.step}.old"
@@ -94,6 +235,34 @@ def save_checkpoint(trainer: Trainer, directory: str | Path, keep: int = 2) -> P
             shutil.rmtree(old, ignore_errors=True)
     _barrier()
     return final
+
+
+def os_error_in(exc: BaseException) -> OSError | None:
+    """The OSError behind ``exc``: itself, one a rank reported to DCP, or its cause/context."""
+    seen: set[int] = set()
+    todo: list[BaseException | None] = [exc]
+    while todo:
+        e = todo.pop()
+        if e is None or id(e) in seen:
+            continue
+        seen.add(id(e))
+        if isinstance(e, OSError):
+            return e
+        if isinstance(e, CheckpointException):
+            todo += [pair[0] if isinstance(pair, tuple) else pair for pair in e.failures.values()]
+        todo += [e.__cause__, e.__context__]
+    return None
+
+
+def _write_error(exc: BaseException, final: Path) -> CheckpointWriteError:
+    os_err = os_error_in(exc)
+    code = os_err.errno if os_err is not None else None
+    reason = (f"{os.strerror(code)} ({os_err.filename or final.parent})" if code
+              else " ".join(str(exc).split())[:300])
+    hint = ("free disk space or give --out a folder on a larger disk, then rerun with --resume"
+            if code in (errno.ENOSPC, errno.EDQUOT) else "fix the cause, then rerun with --resume")
+    return CheckpointWriteError(f"could not write checkpoint {final.name} in {final.parent}: {reason}; the previous "
+                                f"checkpoints are intact; {hint}", code)
 
 
 def load_checkpoint(trainer: Trainer, path: str | Path) -> int:
