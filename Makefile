@@ -19,14 +19,16 @@ SBS_DEMO := $(K5_HOME)/sbs/video_lite_mr_10s_vs_video_lite_t2i_lr
 # pytest's own options for `make test` / `make test-fast`, e.g. PYTEST_ARGS="-x tests/test_sbs_plan.py".
 PYTEST_ARGS ?=
 
-.PHONY: help venv demo test test-fast browser lint ui clean
+.PHONY: help venv demo test test-fast browser postgres lint ui clean
 
 help:
 	@echo "make demo      - create $(VENV) if needed, run the demo pipeline once (curation shards, main_job, sbs_job)"
-	@echo "make test      - the whole test suite (installs Debian's chromium for the browser test if it is missing)"
+	@echo "make test      - the whole test suite (installs Debian's chromium and postgresql for the browser and"
+	@echo "                 Postgres-instance tests if they are missing)"
 	@echo "make test-fast - the inner loop: tests not marked slow (no browser, server or long end-to-end tests)"
 	@echo "make lint      - ruff check"
 	@echo "make browser   - locate chromium on PATH, else apt-get install it (as root or through sudo)"
+	@echo "make postgres  - locate the PostgreSQL server binaries (initdb, pg_ctl), else apt-get install postgresql"
 	@echo "make venv      - create/refresh $(VENV) (re-runs only when pyproject.toml changes)"
 	@echo "make ui        - Dagster UI on http://127.0.0.1:$(DAGSTER_PORT) + MLflow UI on http://127.0.0.1:$(MLFLOW_PORT) + annotation app on :$(ANNOTATION_PORT)"
 	@echo "make clean     - remove $(K5_HOME) and caches (keeps $(VENV))"
@@ -54,7 +56,7 @@ define run_pytest
 	exit $$rc
 endef
 
-test: venv browser
+test: venv browser postgres
 	$(call run_pytest,)
 
 test-fast: venv
@@ -76,6 +78,27 @@ browser:
 		|| { echo "make: apt-get install chromium failed (see above)" >&2; exit 1; }; \
 	command -v chromium >/dev/null 2>&1 \
 		|| { echo "make: chromium installed but not on PATH" >&2; exit 1; }
+
+# tests/test_postgres_instance.py starts its own throwaway server (orchestration/local_postgres.py) from Debian's
+# postgresql package: initdb/pg_ctl live in /usr/lib/postgresql/<major>/bin, off PATH. The package's own cluster
+# (created by its install script) is never used.
+postgres:
+	@found=$$(ls -d /usr/lib/postgresql/*/bin/initdb 2>/dev/null | tail -n 1); \
+	[ -z "$$found" ] && found=$$(command -v initdb 2>/dev/null); \
+	if [ -n "$$found" ]; then echo "postgresql: $$(dirname "$$found")"; exit 0; fi; \
+	if ! command -v apt-get >/dev/null 2>&1; then \
+		echo "make: the PostgreSQL server (initdb, pg_ctl) is not installed and there is no apt-get here to install" \
+			"it; install PostgreSQL so that initdb is on PATH, or run 'make test-fast' (skips the Postgres test)" >&2; \
+		exit 1; fi; \
+	if [ "$$(id -u)" = 0 ]; then SUDO=; \
+	elif command -v sudo >/dev/null 2>&1 && sudo -n true 2>/dev/null; then SUDO=sudo; \
+	else echo "make: the PostgreSQL server is not installed and installing it needs root: run" \
+		"'sudo apt-get install -y postgresql' once, or run 'make test-fast' (skips the Postgres test)" >&2; exit 1; fi; \
+	echo "PostgreSQL server not found: installing Debian's postgresql with $${SUDO:-root} apt-get"; \
+	$$SUDO apt-get update -qq && $$SUDO env DEBIAN_FRONTEND=noninteractive apt-get install -y -qq postgresql >/dev/null \
+		|| { echo "make: apt-get install postgresql failed (see above)" >&2; exit 1; }; \
+	ls /usr/lib/postgresql/*/bin/initdb >/dev/null 2>&1 \
+		|| { echo "make: postgresql installed but no /usr/lib/postgresql/*/bin/initdb" >&2; exit 1; }
 
 lint: venv
 	$(VENV)/bin/ruff check .

@@ -27,6 +27,8 @@ from dagster._serdes import deserialize_value
 from orchestration.local_postgres import INSTALL_HINT, PostgresServer, local_postgres, postgres_bin_dir
 from orchestration.settings import K5Paths, offline_env
 
+pytestmark = pytest.mark.slow  # a real server and two Dagster runs (about a minute)
+
 REPO = Path(__file__).resolve().parents[1]
 PROD_YAML = REPO / "infra" / "dagster.yaml"
 SHARD = "0"
