@@ -84,6 +84,11 @@ def test_vae_conv_probe_smoke_formulations_agree():
             assert row[f"{tag}_err"] < 1e-5 and row[f"{tag}_ms"] > 0, (tag, row)
 
 
+def test_soup_memory_smoke():
+    res = last_json(run_bench("bench.soup_memory", "--smoke"))
+    assert res["members"] == 9 and res["largest_shape"] == [36864 // 16, 1024 // 16]
+    assert res["largest_rows_exact"] and res["merge_s"] > 0 and res["rss_peak_delta_bytes"] > 0
+
 def test_bench_is_a_package_run_as_modules():
     """Every bench script imports as ``bench.<name>`` from the repository root, with no sys.path patch."""
     import ast
