@@ -162,8 +162,10 @@ def train(**values: Any) -> None:
     target = job.stage.steps if job.stage.steps is not None else resolve_stage(job).steps
     bar = _ProgressBar(total=target)
     # the bar replaces the per-step JSON lines on the terminal (metrics.jsonl in OUT keeps them)
-    with contextlib.redirect_stdout(io.StringIO()):
-        result = run_training(job, callbacks=[bar])
-    if bar.bar is not None:
-        bar.bar.close()
+    try:
+        with contextlib.redirect_stdout(io.StringIO()):
+            result = run_training(job, callbacks=[bar])
+    finally:
+        if bar.bar is not None:
+            bar.bar.close()  # ends the bar's line, so an error below starts on its own line
     click.echo(f"{result['stage']}: trained to step {result['step']} -> {out}")

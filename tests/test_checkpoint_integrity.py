@@ -120,8 +120,9 @@ def _k5_train(out: Path, *extra: str) -> subprocess.CompletedProcess:
 
 
 def _one_error_line(stderr: str) -> str:
-    lines = [ln for ln in stderr.splitlines() if ln.strip() and "UserWarning" not in ln and "return func" not in ln]
-    assert len(lines) == 1 and lines[0].startswith("Error: ") and "Traceback" not in stderr, stderr[-3000:]
+    """The one ``Error:`` line (library warnings and the progress bar may precede it; a traceback may not)."""
+    lines = [ln for ln in stderr.replace("\r", "\n").splitlines() if ln.startswith("Error")]
+    assert len(lines) == 1 and "Traceback" not in stderr, stderr[-3000:]
     return lines[0]
 
 
@@ -174,3 +175,17 @@ def test_missing_and_broken_init_folders_are_one_error_line(tmp_path: Path) -> N
     assert f"--init {broken}: cannot initialise" in err and "pass the parent stage's exported" in err
     missing_text = _k5_train(tmp_path / "c", "--text-encoders", str(tmp_path / "no_pipeline"))
     assert missing_text.returncode != 0 and "--text-encoders" in _one_error_line(missing_text.stderr)
+
+
+def test_disk_full_during_k5_train_is_one_error_line(tmp_path: Path) -> None:
+    out = tmp_path / "run"
+    full = tmp_path / "elsewhere"
+    full.mkdir()
+    (full / "__0_0.distcp").symlink_to("/dev/full")  # the first checkpoint's shard lands on an always-full device
+    (out / "checkpoints").mkdir(parents=True)
+    (out / "checkpoints" / "step_4.tmp").symlink_to(full)
+    res = _k5_train(out, "--steps", "4")
+    assert res.returncode != 0
+    err = _one_error_line(res.stderr)
+    assert "could not write checkpoint step_4" in err and "No space left on device" in err
+    assert "free disk space" in err and not (out / "checkpoints" / "step_4").exists()
