@@ -69,7 +69,7 @@ def parse_member(spec: str, weights_kind: str | None) -> SoupIngredient:
 @click.option("--weights-kind", type=click.Choice(WEIGHTS_KINDS), default=None,
               help="EMA or raw weights, for --member paths that do not say it (no 'ema'/'raw' folder in the path).")
 @click.option("--chunk-numel", type=click.IntRange(min=1), default=DEFAULT_CHUNK_NUMEL, show_default=True,
-              help="Elements averaged at a time (peak memory is about 12 bytes x this for bf16 members).")
+              help="Elements averaged at a time (peak memory is about 16 bytes x this).")
 @click.option("--max-shard-gib", type=click.FloatRange(min=0, min_open=True),
               default=DEFAULT_MAX_SHARD_SIZE / 2**30, show_default=True, help="Output shard size limit.")
 @click.option("--dry-run", is_flag=True, help="Print the weights and write nothing.")

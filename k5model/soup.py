@@ -9,7 +9,8 @@ flattened into one weight per subdomain model and merged in a single pass; video
 elements (a large tensor is split by rows), reads each member's rows of that chunk with ``safe_open`` (a memory map,
 closed again after every chunk so mapped pages do not pile up), accumulates ``w_i * x_i`` in fp32, casts back to the
 members' dtype and appends the bytes to the output safetensors file, whose header is written first (all shapes are
-known up front). Peak memory is about 3 fp32 chunks, whatever the model size or the number of members.
+known up front). Peak memory is about 4 fp32 chunks (three reused buffers and one member's mapped rows), whatever
+the model size or the number of members; figures in docs/benchmarks.md (streamed model soup).
 
 torch and safetensors are imported inside the merge functions: the recipe and the weights stay light (the ``k5``
 CLI builds its options from the recipe without importing torch).
@@ -343,6 +344,7 @@ def _write_header(f: BinaryIO, keys: list[str], specs: dict, metadata: dict[str,
 
 
 def _read_rows(f: Any, piece: _Piece) -> torch.Tensor:
+    """The piece's rows from an open safetensors file (a view of its memory map, valid while it is open)."""
     return f.get_tensor(piece.key) if piece.rows is None else f.get_slice(piece.key)[piece.rows[0]:piece.rows[1]]
 
 
@@ -375,6 +377,7 @@ def merge_streamed(
     if chunk_numel < 1:
         raise SoupError(f"chunk_numel must be >= 1, got {chunk_numel}")
     from tqdm.auto import tqdm
+
     opened = [_open_member(m) for m in members]
     _check_members(opened)
     specs = opened[0].specs
@@ -389,10 +392,10 @@ def merge_streamed(
     out.parent.mkdir(parents=True, exist_ok=True)
     tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.tmp-", dir=out.parent))
     bar = tqdm(total=len(specs), unit="tensor", desc="soup", disable=not progress)
-    largest_batch = max(sum(math.prod(_piece_shape(p, specs)) for p in batch) for keys in shards
-                        for batch in _batches(_pieces(keys, specs, chunk_numel), specs, chunk_numel))
-    buffers = _Buffers(largest_batch, max(_DTYPES[d][1] for d, _ in specs.values()))
     try:
+        largest_batch = max(sum(math.prod(_piece_shape(p, specs)) for p in batch) for keys in shards
+                            for batch in _batches(_pieces(keys, specs, chunk_numel), specs, chunk_numel))
+        buffers = _Buffers(largest_batch, max(_DTYPES[d][1] for d, _ in specs.values()))
         for keys, name in zip(shards, names):
             with open(tmp / name, "wb") as f:
                 _write_shard_data(f, keys, specs, opened, weights, metadata, chunk_numel, buffers, bar)
@@ -415,8 +418,8 @@ def merge_streamed(
 
 class _Buffers:
     """The merge's only large allocations, made once: fp32 accumulator and conversion buffers of one chunk, and the
-    output bytes of one chunk. Reusing them keeps the peak at ~12 bytes (bf16 members) to 16 bytes (fp32) per chunk
-    element whatever the allocator's caching does."""
+    output bytes of one chunk: 12 bytes per chunk element (8 + the widest member dtype), allocated once so the peak
+    does not depend on what the allocator caches between chunks."""
 
     def __init__(self, numel: int, itemsize: int) -> None:
         import torch
