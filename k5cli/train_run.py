@@ -241,7 +241,7 @@ def run_training(job: TrainJob, callbacks: list[Any] | None = None) -> dict[str,
     ckpt_dir, resumed_from = Path(job.checkpoint.out) / "checkpoints", None
     if resume_from is not None:
         try:
-            resumed_from = load_checkpoint(trainer, resume_from)
+            resumed_from = load_checkpoint(trainer, resume_from, verify=False)  # resume_point has just verified it
         except (RuntimeError, ValueError, KeyError, CheckpointException) as exc:  # verified, but not this model's
             raise K5Error(f"checkpoint {resume_from} does not fit this job ({_first(exc)}); resume with the settings "
                           "it was trained with, or train into a new --out") from None

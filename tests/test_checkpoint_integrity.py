@@ -18,7 +18,9 @@ from test_training_resume import _losses, _records  # one home for the JSON-line
 from k5model.crossdit import CrossDiT
 from k5model.training.checkpointing import (
     CHECKSUMS,
+    CheckpointError,
     CheckpointWriteError,
+    load_checkpoint,
     resumable_checkpoint,
     save_checkpoint,
     verify_checkpoint,
@@ -67,8 +69,10 @@ def test_checksums_detect_flips_and_truncation_and_fall_back(tmp_path: Path) -> 
     original = _shard(step3).read_bytes()
     _flip(_shard(step3))
     assert "fails its SHA-256 check" in verify_checkpoint(step3)
-    _shard(step3).write_bytes(original)  # the same bytes again: verifies again
-    assert verify_checkpoint(step3) is None
+    with pytest.raises(CheckpointError, match="cannot be loaded: __0_0.distcp fails its SHA-256 check"):
+        load_checkpoint(_trainer(), step3)
+    _shard(step3).write_bytes(original)  # the same bytes again: verifies again, and loads
+    assert verify_checkpoint(step3) is None and load_checkpoint(_trainer(), step3) == 3
 
     _flip(step3 / "rank0.pt")  # our own per-rank file is covered too
     _truncate(_shard(tmp_path / "step_2"))

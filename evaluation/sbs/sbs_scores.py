@@ -143,25 +143,28 @@ REQUIRED_COLUMNS = ("item_id", "annotator", "criterion", "choice")
 JUDGMENT_KEY = ("item_id", "annotator", "criterion")
 """One annotator judges one criterion of one item once: the key a table must not repeat."""
 MAX_LISTED = 20
-"""Invalid rows listed by line (the rest counted), and at most this many duplicate examples' worth of text."""
-_EXAMPLES = 3
+"""Invalid rows listed by line and reason (the rest only counted)."""
+_EXAMPLES = 3  # repeated keys quoted, with their lines, in an error or a de-duplication report
 
 
 class JudgmentsError(ValueError):
     """A judgments table that cannot be scored as it is; the message names the file, the lines and what to do."""
 
 
+def _line_of(raw: bytes, offset: int) -> int:
+    return raw.count(b"\n", 0, offset) + 1
+
+
 def _decode_csv(raw: bytes, path: str) -> str:
     """UTF-8 text (a BOM is allowed) or a JudgmentsError naming the first bad line and the likely cause."""
     nul = raw.find(b"\x00")
     if nul >= 0:
-        line = raw.count(b"\n", 0, nul) + 1
-        raise JudgmentsError(f"{path}: line {line} contains NUL bytes: the file looks UTF-16 encoded (Excel "
-                             "'Unicode text') or binary; export it as 'CSV UTF-8'")
+        raise JudgmentsError(f"{path}: line {_line_of(raw, nul)} contains NUL bytes: the file looks UTF-16 encoded "
+                             "(Excel 'Unicode text') or binary; export it as 'CSV UTF-8'")
     try:
         return raw.decode("utf-8-sig")
     except UnicodeDecodeError as exc:
-        line = raw.count(b"\n", 0, exc.start) + 1
+        line = _line_of(raw, exc.start)
         start = raw.rfind(b"\n", 0, exc.start) + 1
         end = raw.find(b"\n", exc.start)
         text = raw[start:end if end >= 0 else len(raw)].decode("cp1252", errors="replace").strip()
@@ -175,8 +178,7 @@ def read_judgments(path: str) -> pd.DataFrame:
     """Read a CSV (UTF-8) or Parquet judgments table as strings (the suffix decides; ``.pq``/``.parquet`` are
     Parquet). Raises JudgmentsError for an unreadable file (naming the line and likely cause for a bad encoding),
     missing columns or a table with a header only."""
-    lower = str(path).lower()
-    if lower.endswith((".parquet", ".pq")):
+    if str(path).lower().endswith((".parquet", ".pq")):
         try:
             df = pd.read_parquet(path)
         except (OSError, ValueError) as exc:
@@ -229,9 +231,8 @@ def split_valid(df: pd.DataFrame) -> tuple[pd.DataFrame, list[int]]:
     row is line 2 (the same convention for Parquet: row index + 2). Invalid: see ``invalid_reason``."""
     df = df.reset_index(drop=True)
     mask = np.asarray([r is None for r in _reasons(df)], dtype=bool)
-    invalid = [int(i) + 2 for i in np.flatnonzero(~mask)]
-    valid = df.loc[mask, list(REQUIRED_COLUMNS)].astype(str).reset_index(drop=True)
-    return valid, invalid
+    return df.loc[mask, list(REQUIRED_COLUMNS)].astype(str).reset_index(drop=True), [
+        int(i) + 2 for i in np.flatnonzero(~mask)]
 
 
 @dataclass(frozen=True)

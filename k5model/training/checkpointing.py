@@ -265,9 +265,13 @@ def _write_error(exc: BaseException, final: Path) -> CheckpointWriteError:
                                 f"checkpoints are intact; {hint}", code)
 
 
-def load_checkpoint(trainer: Trainer, path: str | Path) -> int:
-    """Restore model, optimizer, EMA, data source, RNG states and step in place; returns the step."""
+def load_checkpoint(trainer: Trainer, path: str | Path, verify: bool = True) -> int:
+    """Restore model, optimizer, EMA, data source, RNG states and step in place; returns the step. Collective.
+    ``verify``: check ``checksums.json`` first and raise CheckpointError naming the damage (False: the caller has
+    just verified it, e.g. through ``resumable_checkpoint``)."""
     path = Path(path)
+    if verify and (problem := verify_checkpoint(path)) is not None:
+        raise CheckpointError(f"checkpoint {path} cannot be loaded: {problem}")
     state = _sharded_state(trainer)
     dcp.load(state, checkpoint_id=str(path))  # loads into the (sharded) tensors of ``state`` in place
     set_state_dict(trainer.model, trainer.optimizer, model_state_dict=state["model"],
