@@ -379,6 +379,13 @@ def merge_streamed(
     from tqdm.auto import tqdm
 
     opened = [_open_member(m) for m in members]
+    out = Path(out_path)
+    target = out.resolve()
+    clash = [m.folder for m in opened
+             if target == m.folder.resolve() or target in m.folder.resolve().parents or m.folder.resolve() in
+             target.parents]
+    if clash:
+        raise SoupError(f"soup output {out} overlaps its member {clash[0]}; write the soup to a folder of its own")
     _check_members(opened)
     specs = opened[0].specs
     shards = _layout(specs, max_shard_size)
@@ -388,7 +395,6 @@ def merge_streamed(
     names = ([WEIGHTS_NAME] if len(shards) == 1 else
              [f"diffusion_pytorch_model-{i:05d}-of-{len(shards):05d}.safetensors" for i in range(1, len(shards) + 1)])
 
-    out = Path(out_path)
     out.parent.mkdir(parents=True, exist_ok=True)
     tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.tmp-", dir=out.parent))
     bar = tqdm(total=len(specs), unit="tensor", desc="soup", disable=not progress)

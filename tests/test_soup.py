@@ -257,6 +257,9 @@ def test_config_and_weight_errors(tmp_path):
         merge_streamed(members, [1.0], tmp_path / "bad", progress=False)
     with pytest.raises(SoupError, match="not a transformer folder"):
         merge_streamed([members[0], tmp_path], [0.5, 0.5], tmp_path / "bad", progress=False)
+    with pytest.raises(SoupError, match=r"overlaps its member .*m1"):
+        merge_streamed(members, [0.5, 0.5], members[1].parent, progress=False)
+    assert (members[1] / WEIGHTS_NAME).is_file()
 
 
 # ---------------------------------------------------------------- CLI
