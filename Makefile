@@ -65,40 +65,15 @@ test-fast: venv
 # The annotation-app browser test drives Debian's Chromium through Playwright (Playwright's own browser download
 # cannot work offline or behind the registry-only proxy CI has), so `make test` finds or installs it first.
 browser:
-	@if command -v chromium >/dev/null 2>&1; then echo "chromium: $$(command -v chromium)"; exit 0; fi; \
-	if ! command -v apt-get >/dev/null 2>&1; then \
-		echo "make: chromium is not on PATH and there is no apt-get here to install it; install a Chromium build" \
-			"as 'chromium' on PATH, or run 'make test-fast' (skips the browser test)" >&2; exit 1; fi; \
-	if [ "$$(id -u)" = 0 ]; then SUDO=; \
-	elif command -v sudo >/dev/null 2>&1 && sudo -n true 2>/dev/null; then SUDO=sudo; \
-	else echo "make: chromium is not on PATH and installing it needs root: run 'sudo apt-get install -y chromium'" \
-		"once, or run 'make test-fast' (skips the browser test)" >&2; exit 1; fi; \
-	echo "chromium not found: installing Debian's chromium with $${SUDO:-root} apt-get"; \
-	$$SUDO apt-get update -qq && $$SUDO env DEBIAN_FRONTEND=noninteractive apt-get install -y -qq chromium >/dev/null \
-		|| { echo "make: apt-get install chromium failed (see above)" >&2; exit 1; }; \
-	command -v chromium >/dev/null 2>&1 \
-		|| { echo "make: chromium installed but not on PATH" >&2; exit 1; }
+	@bash infra/ensure-package chromium chromium 'command -v chromium'
 
 # tests/test_postgres_instance.py starts its own throwaway server (orchestration/local_postgres.py) from Debian's
 # postgresql package: initdb/pg_ctl live in /usr/lib/postgresql/<major>/bin, off PATH. The package's own cluster
 # (created by its install script) is never used.
 postgres:
-	@found=$$(ls -d /usr/lib/postgresql/*/bin/initdb 2>/dev/null | tail -n 1); \
-	[ -z "$$found" ] && found=$$(command -v initdb 2>/dev/null); \
-	if [ -n "$$found" ]; then echo "postgresql: $$(dirname "$$found")"; exit 0; fi; \
-	if ! command -v apt-get >/dev/null 2>&1; then \
-		echo "make: the PostgreSQL server (initdb, pg_ctl) is not installed and there is no apt-get here to install" \
-			"it; install PostgreSQL so that initdb is on PATH, or run 'make test-fast' (skips the Postgres test)" >&2; \
-		exit 1; fi; \
-	if [ "$$(id -u)" = 0 ]; then SUDO=; \
-	elif command -v sudo >/dev/null 2>&1 && sudo -n true 2>/dev/null; then SUDO=sudo; \
-	else echo "make: the PostgreSQL server is not installed and installing it needs root: run" \
-		"'sudo apt-get install -y postgresql' once, or run 'make test-fast' (skips the Postgres test)" >&2; exit 1; fi; \
-	echo "PostgreSQL server not found: installing Debian's postgresql with $${SUDO:-root} apt-get"; \
-	$$SUDO apt-get update -qq && $$SUDO env DEBIAN_FRONTEND=noninteractive apt-get install -y -qq postgresql >/dev/null \
-		|| { echo "make: apt-get install postgresql failed (see above)" >&2; exit 1; }; \
-	ls /usr/lib/postgresql/*/bin/initdb >/dev/null 2>&1 \
-		|| { echo "make: postgresql installed but no /usr/lib/postgresql/*/bin/initdb" >&2; exit 1; }
+	@bash infra/ensure-package "the PostgreSQL server" postgresql \
+		'd=$$(ls -d /usr/lib/postgresql/*/bin 2>/dev/null | tail -n 1); [ -n "$$d" ] && echo "$$d" && exit; \
+		 i=$$(command -v initdb) && dirname "$$i"'
 
 lint: venv
 	$(VENV)/bin/ruff check .
