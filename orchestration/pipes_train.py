@@ -75,7 +75,10 @@ def main(argv: list[str]) -> int:
         if tracker is not None:
             tracker.finish()
         meta = {**reporter.summary(), "stage": result["stage"], "step": result["step"],
-                "world_size": result["world_size"], "resumed_from": result["resumed_from"] or 0}
+                "world_size": result["world_size"], "resumed_from": result["resumed_from"] or 0,
+                # damaged checkpoints the resume passed over, newest first ("" when none)
+                "skipped_checkpoints": "; ".join(f"{c['checkpoint']}: {c['reason']}"
+                                                 for c in result.get("skipped_checkpoints", []))}
         if tracker is not None:
             meta.update(mlflow_run_id=tracker.run_id, samples_logged=len(tracker.logged_samples))
         pipes.report_asset_materialization(metadata=meta)
