@@ -15,7 +15,8 @@ from bench.common import free_port, moto_s3_server
 from k5model.config import CrossDiTConfig
 from k5model.synthetic import forward_inputs, randomize
 
-__all__ = ["free_port", "load_dcp", "moto_s3_server", "randomize", "small_forward_inputs"]
+__all__ = ["free_port", "json_records", "load_dcp", "moto_s3_server", "randomize", "small_forward_inputs",
+           "step_losses"]
 
 
 def small_forward_inputs(cfg: CrossDiTConfig, batch: int = 2, frames: int = 3, height: int = 8, width: int = 12,
@@ -35,3 +36,15 @@ def load_dcp(path: Path) -> dict:
     target = path.parent / f"{path.name}.pt"
     dcp_to_torch_save(path, target)
     return torch.load(target, weights_only=False)
+
+
+def json_records(stdout: str) -> list[dict]:
+    """The JSON lines a training run printed (``k5cli.train_run``: one per step, plus start/done events)."""
+    import json
+
+    return [json.loads(line) for line in stdout.splitlines() if line.startswith("{")]
+
+
+def step_losses(records: list[dict]) -> dict[int, float]:
+    """Step -> loss of a run's JSON records."""
+    return {r["step"]: r["loss"] for r in records if "loss" in r}

@@ -13,7 +13,7 @@ from pathlib import Path
 
 import pytest
 import torch
-from test_training_resume import _losses, _records  # one home for the JSON-line readers of a training run
+from helpers import json_records, step_losses
 
 from k5model.crossdit import CrossDiT
 from k5model.training.checkpointing import (
@@ -134,7 +134,7 @@ def test_corrupted_latest_checkpoints_fall_back_and_resume_exactly(tmp_path: Pat
     out = tmp_path / "run"
     first = _train_run(out)
     assert first.returncode == 0, first.stderr[-3000:]
-    ref = _losses(_records(first.stdout))
+    ref = step_losses(json_records(first.stdout))
     assert sorted(ref) == list(range(1, 13))
     ckpts = out / "checkpoints"
     assert sorted(p.name for p in ckpts.iterdir()) == ["step_12", "step_4", "step_8"]
@@ -143,14 +143,14 @@ def test_corrupted_latest_checkpoints_fall_back_and_resume_exactly(tmp_path: Pat
 
     resumed = _train_run(out, "--resume")
     assert resumed.returncode == 0, resumed.stderr[-3000:]
-    records = _records(resumed.stdout)
+    records = json_records(resumed.stdout)
     start = records[0]
     assert start["event"] == "start" and start["resumed_from"] == 4
     assert [s["checkpoint"] for s in start["skipped_checkpoints"]] == ["step_12", "step_8"]
     assert "SHA-256" in start["skipped_checkpoints"][0]["reason"]
     assert "truncated" in start["skipped_checkpoints"][1]["reason"]
     assert "resume: skipped step_12" in resumed.stderr and "resuming from step_4" in resumed.stderr
-    losses = _losses(records)
+    losses = step_losses(records)
     assert sorted(losses) == list(range(5, 13))
     for step, loss in losses.items():  # exactly the uninterrupted run's numbers from the fallback on
         assert loss == ref[step], (step, loss, ref[step])

@@ -3,7 +3,6 @@ resumed from its DCP checkpoint with losses identical, step for step, to an unin
 
 from __future__ import annotations
 
-import json
 import os
 import queue
 import signal
@@ -16,7 +15,7 @@ from pathlib import Path
 import pytest
 import torch
 import torch.nn as nn
-from helpers import free_port, load_dcp
+from helpers import free_port, json_records, load_dcp, step_losses
 
 from k5model.crossdit import CrossDiT
 from k5model.training.checkpointing import latest_checkpoint
@@ -174,18 +173,10 @@ def _env() -> dict[str, str]:
     return {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONUNBUFFERED": "1"}
 
 
-def _records(stdout: str) -> list[dict]:
-    return [json.loads(line) for line in stdout.splitlines() if line.startswith("{")]
-
-
 def _run(out: Path, *extra: str) -> list[dict]:
     proc = subprocess.run(_cmd(out, *extra), cwd=REPO, env=_env(), capture_output=True, text=True, timeout=80)
     assert proc.returncode == 0, proc.stderr[-3000:]
-    return _records(proc.stdout)
-
-
-def _losses(records: list[dict]) -> dict[int, float]:
-    return {r["step"]: r["loss"] for r in records if "loss" in r}
+    return json_records(proc.stdout)
 
 
 def _descendants(pid: int) -> list[int]:
@@ -215,7 +206,7 @@ def _sigkill_tree(pid: int) -> None:
 def test_sigkill_and_resume_matches_uninterrupted_run(tmp_path: Path) -> None:
     t0 = time.monotonic()
     ref = _run(tmp_path / "ref")
-    ref_losses = _losses(ref)
+    ref_losses = step_losses(ref)
     assert sorted(ref_losses) == list(range(1, 13))
 
     # The run to kill: read its JSON lines live, SIGKILL torchrun and its workers once step 6 is logged.
@@ -230,7 +221,7 @@ def test_sigkill_and_resume_matches_uninterrupted_run(tmp_path: Path) -> None:
         while 6 not in killed_losses:
             line = lines.get(timeout=max(0.1, deadline - time.monotonic()))
             assert line is not None, "victim run ended before step 6"
-            killed_losses.update(_losses(_records(line)))
+            killed_losses.update(step_losses(json_records(line)))
         _sigkill_tree(proc.pid)
     finally:
         if proc.poll() is None:
@@ -246,7 +237,7 @@ def test_sigkill_and_resume_matches_uninterrupted_run(tmp_path: Path) -> None:
     # The interrupted run also uses per-block activation checkpointing: recomputation must not change a single bit.
     resumed = _run(victim_out, "--resume", "--activation-checkpointing")
     assert resumed[0]["event"] == "start" and resumed[0]["resumed_from"] == resumed_step
-    resumed_losses = _losses(resumed)
+    resumed_losses = step_losses(resumed)
     assert sorted(resumed_losses) == list(range(resumed_step + 1, 13))
     # Exact float equality: same world size, same ops in the same order, bitwise-restored fp32 state and data, and
     # per-step RNG keyed by (seed, rank, step) -> the arithmetic is identical, so no tolerance is needed.

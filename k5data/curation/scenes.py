@@ -7,6 +7,8 @@ from pathlib import Path
 
 import numpy as np
 
+from k5data.curation.filters import resize_long
+
 
 @dataclass
 class Scene:
@@ -92,18 +94,7 @@ def decode_frames(path: str | Path, wanted: set[int], max_side: int) -> dict[int
         stream.thread_type = "AUTO"
         for i, frame in enumerate(container.decode(stream)):
             if i in wanted:
-                out[i] = fit(frame.to_ndarray(format="rgb24"), max_side)
+                out[i] = resize_long(frame.to_ndarray(format="rgb24"), max_side)  # scores use a bounded size
             if i >= last:
                 break
     return out
-
-
-def fit(rgb: np.ndarray, max_side: int) -> np.ndarray:
-    """Downscale so the long side is at most ``max_side`` (scores are computed at a bounded size)."""
-    import cv2
-
-    h, w = rgb.shape[:2]
-    scale = max_side / max(h, w)
-    if scale >= 1:
-        return rgb
-    return cv2.resize(rgb, (max(1, round(w * scale)), max(1, round(h * scale))), interpolation=cv2.INTER_AREA)

@@ -14,7 +14,7 @@ from k5data.curation.captions import Captioner, parse_sidecar, sidecar_key
 from k5data.curation.catalog import Catalog
 from k5data.curation.config import CurationConfig
 from k5data.curation.domains import DomainClassifier, thumbnail_embedding
-from k5data.curation.filters import Item
+from k5data.curation.filters import Item, resize_long
 from k5data.curation.filters.complexity import score_complexity
 from k5data.curation.filters.dedup import video_hash
 from k5data.curation.filters.dynamics import score_dynamics
@@ -23,7 +23,7 @@ from k5data.curation.filters.quality import score_quality
 from k5data.curation.filters.resolution import score_resolution
 from k5data.curation.filters.text_area import score_text_area
 from k5data.curation.filters.watermark import score_watermark
-from k5data.curation.scenes import decode_frames, fit, segment
+from k5data.curation.scenes import decode_frames, segment
 from k5data.sources import Source, SourceObject
 
 
@@ -56,7 +56,7 @@ def _items_for(media: dict[str, Any], path: Path, cfg: CurationConfig) -> list[t
         from PIL import Image
 
         with Image.open(path) as im:
-            rgb = fit(np.asarray(im.convert("RGB")), max_side)
+            rgb = resize_long(np.asarray(im.convert("RGB")), max_side)
         item = Item("image", media["width"], media["height"], {0: rgb})
         return [({"scene_index": 0, "start_s": None, "end_s": None, "scene_reason": None}, item)]
     sc, f = cfg.section("scenes"), cfg.section("filters")
