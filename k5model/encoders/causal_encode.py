@@ -204,24 +204,12 @@ def set_encoder_memory_format(vae: nn.Module, memory_format: torch.memory_format
     vae.quant_conv.to(memory_format=memory_format)
 
 
-class CausalChunkEncoder:
-    """``encode(pixels)`` of an ``AutoencoderKLHunyuanVideo`` in temporal chunks; returns the posterior moments.
+class _CausalChunkRunner:
+    """What the chunked encoder and decoder share: the ResNet block and mid-block attention on chunks, the settings
+    a run enters (cuDNN autotuning, compile limits)."""
 
-    ``channels_last`` (default): channels-last-3d activations and conv weights (the encoder's weights are converted
-    in place; ``False`` converts them back to contiguous). ``compile``: ``torch.compile`` the GroupNorm → SiLU →
-    buffer write (fp32 Welford statistics, one fused pointwise pass); the eager path is the default."""
-
-    def __init__(self, vae: nn.Module, *, chunk_frames: int = 16, compile: bool = False,
-                 channels_last: bool = True, cudnn_benchmark: bool = True):
-        if chunk_frames % vae.config.temporal_compression_ratio:
-            raise ValueError(f"chunk_frames must be a multiple of {vae.config.temporal_compression_ratio}, "
-                             f"got {chunk_frames}")
-        self.vae, self.chunk = vae, chunk_frames
-        self.channels_last, self.cudnn_benchmark, self.compile = channels_last, cudnn_benchmark, compile
-        self.memory_format = torch.channels_last_3d if channels_last else torch.contiguous_format
-        # static shapes would need ~30 variants (levels × chunk lengths × cache sizes); automatic dynamic needs few
-        self.fused = torch.compile(_group_norm_silu_fused, fullgraph=True) if compile else None
-        set_encoder_memory_format(vae, self.memory_format)
+    compile: bool = False
+    cudnn_benchmark: bool = True
 
     # -- building blocks ------------------------------------------------------------------------------------------
     def _resnet(self, block: nn.Module, x: torch.Tensor, convs: dict) -> torch.Tensor:
@@ -256,6 +244,35 @@ class CausalChunkEncoder:
             out = out.div_(attn.rescale_output_factor)
         return out.reshape(b, t, h, w, c).permute(0, 4, 1, 2, 3)  # channels-last in memory
 
+    def _settings(self, pixels: torch.Tensor) -> contextlib.ExitStack:
+        """cuDNN autotuning on GPU; with ``compile``, room for dynamo to keep every level and chunk length's graph."""
+        stack = contextlib.ExitStack()
+        if self.cudnn_benchmark and pixels.is_cuda:
+            stack.enter_context(torch.backends.cudnn.flags(enabled=True, benchmark=True))
+        if self.compile:
+            stack.enter_context(recompile_limits(64, 1024))
+        return stack
+
+
+class CausalChunkEncoder(_CausalChunkRunner):
+    """``encode(pixels)`` of an ``AutoencoderKLHunyuanVideo`` in temporal chunks; returns the posterior moments.
+
+    ``channels_last`` (default): channels-last-3d activations and conv weights (the encoder's weights are converted
+    in place; ``False`` converts them back to contiguous). ``compile``: ``torch.compile`` the GroupNorm → SiLU →
+    buffer write (fp32 Welford statistics, one fused pointwise pass); the eager path is the default."""
+
+    def __init__(self, vae: nn.Module, *, chunk_frames: int = 16, compile: bool = False,
+                 channels_last: bool = True, cudnn_benchmark: bool = True):
+        if chunk_frames % vae.config.temporal_compression_ratio:
+            raise ValueError(f"chunk_frames must be a multiple of {vae.config.temporal_compression_ratio}, "
+                             f"got {chunk_frames}")
+        self.vae, self.chunk = vae, chunk_frames
+        self.channels_last, self.cudnn_benchmark, self.compile = channels_last, cudnn_benchmark, compile
+        self.memory_format = torch.channels_last_3d if channels_last else torch.contiguous_format
+        # static shapes would need ~30 variants (levels × chunk lengths × cache sizes); automatic dynamic needs few
+        self.fused = torch.compile(_group_norm_silu_fused, fullgraph=True) if compile else None
+        set_encoder_memory_format(vae, self.memory_format)
+
     def _chunk(self, x: torch.Tensor, convs: dict) -> torch.Tensor | None:
         enc = self.vae.encoder
         x = convs[id(enc.conv_in)](x)
@@ -274,15 +291,6 @@ class CausalChunkEncoder:
             x = self._resnet(resnet, x, convs)
         x = convs[id(enc.conv_out)](x, enc.conv_norm_out)
         return self.vae.quant_conv(x)
-
-    def _settings(self, pixels: torch.Tensor) -> contextlib.ExitStack:
-        """cuDNN autotuning on GPU; with ``compile``, room for dynamo to keep every level and chunk length's graph."""
-        stack = contextlib.ExitStack()
-        if self.cudnn_benchmark and pixels.is_cuda:
-            stack.enter_context(torch.backends.cudnn.flags(enabled=True, benchmark=True))
-        if self.compile:
-            stack.enter_context(recompile_limits(64, 1024))
-        return stack
 
     # -- public -----------------------------------------------------------------------------------------------------
     @torch.no_grad()
@@ -314,3 +322,110 @@ class CausalChunkEncoder:
                  for m in self.vae.encoder.modules() if hasattr(m, "time_causal_padding")}
         with self._settings(pixels):
             return self._chunk(pixels, convs).contiguous()
+
+
+def set_decoder_memory_format(vae: nn.Module, memory_format: torch.memory_format) -> None:
+    """Convert the decoder's weights (and the post-quant conv's) in place, like ``set_encoder_memory_format``."""
+    vae.decoder.to(memory_format=memory_format)
+    vae.post_quant_conv.to(memory_format=memory_format)
+
+
+def upsample_nearest(x: torch.Tensor, factor: tuple[int, int, int], *, starts_clip: bool,
+                     memory_format: torch.memory_format) -> torch.Tensor:
+    """diffusers' ``HunyuanVideoUpsampleCausal3D`` resampling (nearest, before its conv) written once into a new
+    tensor of ``memory_format``: the clip's first frame is repeated in space only, every later frame also ``ft``
+    times in time. ``starts_clip``: whether ``x`` begins with the clip's first frame (only the first chunk does)."""
+    ft, fh, fw = factor
+    n, c, t, h, w = x.shape
+    first = 1 if starts_clip else 0
+    out = torch.empty((n, c, first + (t - first) * ft, h * fh, w * fw), dtype=x.dtype, device=x.device,
+                      memory_format=memory_format)
+
+    def put(dst: torch.Tensor, src: torch.Tensor, rep_t: int) -> None:
+        # split each output dim into (input index, repeat) and broadcast the input over the repeats: one pass
+        view = dst.unflatten(4, (w, fw)).unflatten(3, (h, fh)).unflatten(2, (src.shape[2], rep_t))
+        view.copy_(src[:, :, :, None, :, None, :, None].expand(view.shape))
+
+    if first:
+        put(out[:, :, :1], x[:, :, :1], 1)
+    if t > first:
+        put(out[:, :, first:], x[:, :, first:], ft)
+    return out
+
+
+class CausalChunkDecoder(_CausalChunkRunner):
+    """``decode(z)`` of an ``AutoencoderKLHunyuanVideo`` in temporal chunks of latent frames, the decoder's
+    counterpart of ``CausalChunkEncoder``: every causal conv carries its last input frames to the next chunk and the
+    temporal upsamplers know whether a chunk starts the clip, so the convolutions and resampling are exact and no
+    frame is decoded twice or blended (diffusers decodes overlapping 5-latent-frame tiles, treats each tile's first
+    frame as a clip start, drops it and blends 4 frames). What stays per chunk: the GroupNorm statistics and the
+    mid-block attention (frame-causal inside the chunk), as in diffusers' tiles.
+
+    ``chunk_latent_frames``: latent frames per chunk after the first (which takes one more: the causal first frame).
+    ``channels_last`` converts the decoder's weights in place (``set_decoder_memory_format`` converts them back)."""
+
+    def __init__(self, vae: nn.Module, *, chunk_latent_frames: int = 4, channels_last: bool = True,
+                 cudnn_benchmark: bool = True):
+        if chunk_latent_frames < 1:
+            raise ValueError(f"chunk_latent_frames must be >= 1, got {chunk_latent_frames}")
+        self.vae, self.chunk = vae, chunk_latent_frames
+        self.channels_last, self.cudnn_benchmark = channels_last, cudnn_benchmark
+        self.memory_format = torch.channels_last_3d if channels_last else torch.contiguous_format
+        set_decoder_memory_format(vae, self.memory_format)
+
+    def _chunk(self, z: torch.Tensor, convs: dict, starts_clip: bool) -> torch.Tensor:
+        dec = self.vae.decoder
+        x = self.vae.post_quant_conv(z.contiguous(memory_format=self.memory_format))
+        x = convs[id(dec.conv_in)](x)
+        mid = dec.mid_block
+        x = self._resnet(mid.resnets[0], x, convs)
+        for attn, resnet in zip(mid.attentions, mid.resnets[1:]):
+            if attn is not None:
+                x = self._attention(attn, x)
+            x = self._resnet(resnet, x, convs)
+        for block in dec.up_blocks:
+            for resnet in block.resnets:
+                x = self._resnet(resnet, x, convs)
+            for up in block.upsamplers or []:
+                x = upsample_nearest(x, tuple(int(f) for f in up.upsample_factor), starts_clip=starts_clip,
+                                     memory_format=self.memory_format)
+                x = convs[id(up.conv)](x)
+        return convs[id(dec.conv_out)](x, dec.conv_norm_out)
+
+    def _check(self, z: torch.Tensor) -> None:
+        if z.ndim != 5 or z.shape[1] != self.vae.config.latent_channels:
+            raise ValueError(f"expected unscaled latents (B, {self.vae.config.latent_channels}, T, h, w), "
+                             f"got {tuple(z.shape)}")
+
+    @torch.no_grad()
+    def decode(self, z: torch.Tensor) -> torch.Tensor:
+        """Unscaled latents (B, C, T, h, w) -> pixels (B, 3, 4(T-1)+1, 8h, 8w), not clamped (diffusers' ``decode``).
+        Each chunk's frames go straight into the preallocated result."""
+        self._check(z)
+        convs = {id(m): _StreamConv(m, memory_format=self.memory_format)
+                 for m in self.vae.decoder.modules() if hasattr(m, "time_causal_padding")}
+        tc, sc = self.vae.config.temporal_compression_ratio, self.vae.config.spatial_compression_ratio
+        b, _, t, h, w = z.shape
+        out, pos, start = None, 0, 0
+        with self._settings(z):
+            while start < t:
+                stop = start + self.chunk + (1 if start == 0 else 0)
+                y = self._chunk(z[:, :, start:stop], convs, starts_clip=start == 0)
+                if out is None:
+                    out = torch.empty((b, y.shape[1], (t - 1) * tc + 1, h * sc, w * sc), dtype=y.dtype,
+                                      device=y.device)
+                out[:, :, pos:pos + y.shape[2]] = y
+                pos += y.shape[2]
+                start = stop
+        return out
+
+    @torch.no_grad()
+    def decode_whole_clip(self, z: torch.Tensor, slice_frames: int = 16) -> torch.Tensor:
+        """The reference the chunks approximate: diffusers' decoder over the whole clip with no tiling (GroupNorm
+        statistics and the mid-block attention over every frame), the convolutions run exactly in ``slice_frames``
+        slices (cuDNN takes no single 121×512×768 input). Memory grows with the whole clip."""
+        self._check(z)
+        convs = {id(m): _WholeConv(m, memory_format=self.memory_format, slice_frames=slice_frames)
+                 for m in self.vae.decoder.modules() if hasattr(m, "time_causal_padding")}
+        with self._settings(z):
+            return self._chunk(z, convs, starts_clip=True).contiguous()

@@ -58,6 +58,7 @@ class VideoVAE(_VAEBase):
     def __init__(self, vae: torch.nn.Module):
         super().__init__(vae)
         self.chunked = None  # a CausalChunkEncoder once use_chunked_encoding() was called
+        self.chunked_decoder = None  # a CausalChunkDecoder once use_chunked_decoding() was called
 
     def use_chunked_encoding(self, chunk_frames: int = 16, *, compile: bool = False,
                              channels_last: bool = True) -> VideoVAE:
@@ -78,6 +79,26 @@ class VideoVAE(_VAEBase):
 
             self.chunked = None
             set_encoder_memory_format(self.vae, torch.contiguous_format)
+        return self
+
+    def use_chunked_decoding(self, chunk_latent_frames: int = 4, *, channels_last: bool = True) -> VideoVAE:
+        """Decode in causal temporal chunks with carried conv state instead of diffusers' overlapping, blended tiles
+        (see k5model.encoders.causal_encode.CausalChunkDecoder); memory stays bounded by the chunk."""
+        from k5model.encoders.causal_encode import CausalChunkDecoder
+
+        c = self.chunked_decoder
+        if c is None or (c.chunk, c.channels_last) != (chunk_latent_frames, channels_last):
+            self.chunked_decoder = CausalChunkDecoder(self.vae, chunk_latent_frames=chunk_latent_frames,
+                                                      channels_last=channels_last)
+        return self
+
+    def use_diffusers_decoding(self) -> VideoVAE:
+        """Back to diffusers' own decode (its tiling attributes apply); the decoder's weights contiguous again."""
+        if self.chunked_decoder is not None:
+            from k5model.encoders.causal_encode import set_decoder_memory_format
+
+            self.chunked_decoder = None
+            set_decoder_memory_format(self.vae, torch.contiguous_format)
         return self
 
     @classmethod
@@ -141,6 +162,8 @@ class VideoVAE(_VAEBase):
         if latents.ndim != 5 or latents.shape[-1] != self.latent_channels:
             raise ValueError(f"expected latents (B, T, h, w, {self.latent_channels}), got {tuple(latents.shape)}")
         z = latents.permute(0, 4, 1, 2, 3).to(self.device, self.dtype) / self.scaling_factor
+        if self.chunked_decoder is not None:
+            return self.chunked_decoder.decode(z).clamp_(-1, 1)
         return self.vae.decode(z).sample.clamp(-1, 1)
 
 
