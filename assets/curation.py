@@ -10,9 +10,9 @@ import dagster as dg
 from k5data.curation.catalog import Catalog
 from k5data.curation.checks import CheckOutcome, bucket_sanity, duplicate_hashes, uncaptioned_rows
 from k5data.curation.config import load_config
-from k5data.curation.curate import finalize, score_pending
+from k5data.curation.curate import finalize
 from k5data.curation.output import read_dataset
-from k5data.curation.register import register_sources
+from k5data.curation.register import RegisterStats
 from orchestration.lineage import latest_metadata
 from orchestration.resources import CurationResource, K5HomeResource, ObjectStoreResource
 
@@ -30,7 +30,7 @@ def raw_sources(context: dg.AssetExecutionContext, k5_home: K5HomeResource,
     """Register the shard's images and videos into the DuckDB catalog by content hash; bad files -> quarantine."""
     shard = int(context.partition_key)
     source = curation.open_source(k5_home)
-    stats = register_sources(source, _catalog(k5_home), curation.config(), shard)
+    stats = RegisterStats(**curation.run_shard_step(k5_home, "register", shard))  # here, or a Ray task
     context.log.info(f"shard {shard} of {source.root}: {stats}")
     return dg.MaterializeResult(metadata={
         "source": source.root, "listed": stats.listed, "new_media": stats.new_media, "new_copies": stats.new_copies,
@@ -43,8 +43,8 @@ def scored_scenes(context: dg.AssetExecutionContext, k5_home: K5HomeResource,
                   curation: CurationResource) -> dg.MaterializeResult:
     """Scene segmentation and every per-row filter, caption, domain and embedding for the shard's new media."""
     shard = int(context.partition_key)
-    media_n, rows_n, errors = score_pending(curation.open_source(k5_home), _catalog(k5_home), curation.config(), shard)
-    return dg.MaterializeResult(metadata={"scored_media": media_n, "rows": rows_n, "errors": errors})
+    counts = curation.run_shard_step(k5_home, "score", shard)  # in this process, or a Ray task (ray_address)
+    return dg.MaterializeResult(metadata={k: counts[k] for k in ("scored_media", "rows", "errors")})
 
 
 @dg.asset(deps=[scored_scenes], group_name="curation", kinds={"parquet"})

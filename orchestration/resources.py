@@ -23,6 +23,7 @@ if TYPE_CHECKING:
     import mlflow
 
     from k5data.curation.config import CurationConfig
+    from k5data.curation.ray_exec import ShardExecutor
     from k5data.object_store import LocalStore, S3Store
     from k5data.sources import Source
     from k5model.training.job import TrainJob
@@ -193,12 +194,34 @@ class CurationResource(dg.ConfigurableResource):
     """Where curation reads and writes. ``source`` unset: the sample corpus, built under ``<K5_HOME>/corpus``.
     ``out`` unset: the object store resource (``curation/`` prefix); or a folder / ``s3://`` URI written directly.
     ``config_path``: YAML merged over ``k5data/curation/configs/curation.yaml``; ``endpoint_url``: S3-compatible
-    store."""
+    store. ``ray_address`` set: each shard's registration and scoring run as Ray tasks on that cluster (retried when
+    a worker dies; the catalog under the K5 home must then be on a volume every Ray worker mounts at the same path);
+    unset: in the run's process. ``ray_num_cpus`` / ``ray_num_gpus``: what one such task reserves."""
 
     source: str | None = None
     out: str | None = None
     config_path: str | None = None
     endpoint_url: str | None = None
+    ray_address: str | None = None
+    ray_num_cpus: float = 1.0
+    ray_num_gpus: float = 0.0
+
+    def executor(self) -> ShardExecutor:
+        """Where per-shard calls run: a ``RayExecutor`` when ``ray_address`` is set, else this process."""
+        from k5data.curation.ray_exec import InProcessExecutor, RayExecutor
+
+        if self.ray_address:
+            return RayExecutor(address=self.ray_address, num_cpus=self.ray_num_cpus, num_gpus=self.ray_num_gpus)
+        return InProcessExecutor()
+
+    def run_shard_step(self, home: K5HomeResource, step: str, shard: int) -> dict[str, Any]:
+        """``register`` or ``score`` one source shard into the catalog under ``home`` on ``executor()``; returns its
+        counts (see ``k5data.curation.ray_exec.run_shard_work``)."""
+        from k5data.curation.ray_exec import ShardWork, run_shard_work
+
+        work = ShardWork(step=step, source_root=self.resolved_source(home), catalog_path=str(home.paths.catalog_db),
+                         cfg=dict(self.config()), shard=shard)
+        return self.executor().map(run_shard_work, [work])[0]
 
     def config(self) -> CurationConfig:
         from k5data.curation.config import load_config

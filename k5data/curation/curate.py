@@ -9,15 +9,18 @@ import os
 import time
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from k5data.curation.catalog import Catalog
 from k5data.curation.config import CurationConfig, load_config
 from k5data.curation.output import build_rows, summarize, write_outputs
 from k5data.curation.register import RegisterStats, register_sources
 from k5data.curation.score import Scorers, score_media
-from k5data.object_store import ObjectStore
+from k5data.object_store import ObjectStore, TransientStoreError, with_retries
 from k5data.sources import Source, is_s3
+
+if TYPE_CHECKING:
+    from k5data.curation.ray_exec import ShardExecutor
 
 
 @dataclass
@@ -52,8 +55,10 @@ def score_pending(source: Source, catalog: Catalog, cfg: CurationConfig, shard: 
                   progress: bool = False) -> tuple[int, int, int]:
     """Score every registered but unscored media file of ``source`` (one shard when given).
 
-    Returns (media scored, rows produced, media that failed). A media file that fails here (say, a decoder
-    error past the probe) is quarantined with the reason and the run goes on."""
+    Returns (media scored, rows produced, media that failed). A media file that fails here for a reason of its
+    own (say, a decoder error past the probe) moves to quarantine with the reason and the run goes on; a transient
+    error (store unreachable, throttling, permissions) is retried, then raises ``TransientStoreError`` and leaves
+    the media unscored, so a later run scores it. A media file is marked scored only together with its rows."""
     pending = catalog.unscored(source.name, shard)
     scorers = Scorers(cfg) if pending else None
     media_n = rows_n = errors = 0
@@ -61,14 +66,15 @@ def score_pending(source: Source, catalog: Catalog, cfg: CurationConfig, shard: 
         for media in pending:
             bar.set_postfix_str(media["key"][-40:])
             try:
-                rows_n += len(score_media(media, source, catalog, cfg, scorers))
+                rows_n += len(with_retries(lambda media=media: score_media(media, source, catalog, cfg, scorers),
+                                           operation="scoring", target=media["source_uri"],
+                                           policy=cfg.retry_policy))
                 media_n += 1
+            except TransientStoreError:
+                raise
             except Exception as err:
                 errors += 1
-                catalog.save_items(media["media_id"], [])
-                catalog.quarantine(uri=media["source_uri"], source=source.name, key=media["key"],
-                                   shard=int(media["shard"]), size=int(media["size"]), version="",
-                                   reason=f"scoring failed: {type(err).__name__}: {err}")
+                catalog.quarantine_media(media["media_id"], f"scoring failed: {type(err).__name__}: {err}")
             bar.update(1)
     return media_n, rows_n, errors
 
@@ -82,15 +88,22 @@ def finalize(catalog: Catalog, out: str | ObjectStore, cfg: CurationConfig) -> t
 
 
 def run_curation(src: str, out: str, cfg: CurationConfig | None = None, *, catalog_path: str | None = None,
-                 shard: int | None = None, progress: bool = True) -> CurationSummary:
-    """Curate ``src`` (folder or s3://bucket/prefix) into ``out`` (folder or s3://...). Re-runs only add new files."""
+                 shard: int | None = None, progress: bool = True,
+                 executor: ShardExecutor | None = None) -> CurationSummary:
+    """Curate ``src`` (folder or s3://bucket/prefix) into ``out`` (folder or s3://...). Re-runs only add new files.
+    With ``executor``, registration and scoring run per shard on it (one call per shard and step)."""
     start = time.perf_counter()
     cfg = cfg or load_config()
     s3 = cfg.section("s3")
-    source = Source(src, cfg.endpoint_url, s3["region"])
+    source = Source(src, cfg.endpoint_url, s3["region"], retry=cfg.retry_policy)
     catalog = Catalog(catalog_path or default_catalog_path(out))
-    with _bar(None, "registering", progress) as bar:
-        stats: RegisterStats = register_sources(source, catalog, cfg, shard, progress=bar)
-    media_n, rows_n, errors = score_pending(source, catalog, cfg, shard, progress)
+    if executor is not None:
+        from k5data.curation.ray_exec import register_and_score
+
+        stats, media_n, rows_n, errors = register_and_score(executor, src, catalog.path, cfg, shard)
+    else:
+        with _bar(None, "registering", progress) as bar:
+            stats: RegisterStats = register_sources(source, catalog, cfg, shard, progress=bar)
+        media_n, rows_n, errors = score_pending(source, catalog, cfg, shard, progress)
     dataset, written = finalize(catalog, out, cfg)
     return CurationSummary(asdict(stats), media_n, rows_n, errors, dataset, written, time.perf_counter() - start)
