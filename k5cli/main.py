@@ -129,12 +129,14 @@ def _register_subcommands() -> None:
     from k5cli.curate import curate
     from k5cli.latents import latents
     from k5cli.sbs import sbs
+    from k5cli.sft import sft
     from k5cli.soup import soup
     from k5cli.train import plan_cmd, stages, train
 
     main.add_command(curate)  # k5 curate SRC OUT
     main.add_command(latents)  # k5 latents DATASET STORE --video-vae PATH
     main.add_command(sbs)  # k5 sbs score JUDGMENTS
+    main.add_command(sft)  # k5 sft batch|simulate|build|status|annotator (report §4.6)
     main.add_command(soup)  # k5 soup OUT --member DOMAIN[/SUB]:SIZE:PATH ... | --recipe FILE
     main.add_command(plan_cmd)  # k5 plan STAGE --gpus N [--ref-seconds 6.30]
     main.add_command(stages)  # k5 stages (report Table 4)
