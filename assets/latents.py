@@ -23,7 +23,7 @@ from orchestration.resources import CurationResource, ObjectStoreResource
 class LatentSet:
     """One family member: which rows it encodes, where, and whose VAEs the demo uses."""
 
-    prefix: str  # key prefix in the object store (shards/ + index.parquet)
+    prefix: str  # key prefix in the object store (shards/ + index.json -> indexes/)
     kinds: tuple[str, ...]  # curated row kinds it encodes
     video_bundle: str  # asset whose pipeline folder holds the video VAE
     image_bundle: str | None  # asset whose pipeline folder holds the image VAE (None: images through the video VAE)
@@ -93,20 +93,26 @@ def build_latent_asset(name: str, spec: LatentSet) -> dg.AssetsDefinition:
     def _latents(context: dg.AssetExecutionContext, config: LatentShardsConfig, curation: CurationResource,
                  object_store: ObjectStoreResource) -> dg.MaterializeResult:
         from k5data.latents.encode import LatentEncoders, encode_dataset
+        from k5data.latents.shards import index_uri
+        from k5data.leases import LeaseHeld
 
         cfg = _latent_config(config)
         video_vae = config.video_vae or str(upstream_path(context, spec.video_bundle))
         image_vae = config.image_vae or (str(upstream_path(context, spec.image_bundle)) if spec.image_bundle else None)
         encoders = LatentEncoders.from_pretrained(video_vae, image_vae, cfg)
         store, prefix = object_store.store(), (config.prefix or spec.prefix).strip("/")
-        summary = encode_dataset(_curated_rows(context, curation, spec.kinds), store, prefix, encoders, cfg,
-                                 curation.config().endpoint_url)
+        try:  # one writer per prefix: a concurrent run of this asset (or `k5 latents`) is refused, naming it
+            summary = encode_dataset(_curated_rows(context, curation, spec.kinds), store, prefix, encoders, cfg,
+                                     curation.config().endpoint_url, holder=f"Dagster run {context.run_id} ({name})")
+        except LeaseHeld as err:
+            raise dg.Failure(str(err)) from None
         context.log.info(f"latent shards at {store.uri(prefix)}: {summary}")
         return dg.MaterializeResult(metadata={
-            "prefix": prefix, "index_uri": store.uri(f"{prefix}/index.parquet"), "kinds": ",".join(spec.kinds),
+            "prefix": prefix, "index_uri": index_uri(store, prefix), "kinds": ",".join(spec.kinds),
             "dataset_snapshot": dataset_snapshot(context),
             "samples": summary["index_samples"], "shards": summary["index_shards"], "encoded": summary["encoded"],
             "already_encoded": summary["already_encoded"], "skipped": dg.MetadataValue.json(summary["skipped"]),
+            "media_missing": summary["media_missing"], "recovered_pending": summary["recovered_pending"],
             "seconds": summary["seconds"], "samples_per_s": summary["samples_per_s"],
             "vae_frames_per_s": summary["frames_per_s_encode"], "latent_bytes": summary["latent_bytes"],
             "video_vae": video_vae, "image_vae": image_vae or "(video VAE, 1-frame videos)",

@@ -269,7 +269,7 @@ def test_round_trip_s3_media_dataset_and_shards(dataset: Path, encoders: LatentE
 
     # the Dagster object store resource serves the same S3 store
     res = ObjectStoreResource(base_uri="s3://k5lat/root", endpoint_url=s3)
-    assert res.exists("lat/index.parquet") and res.uri("lat/index.parquet") == "s3://k5lat/root/lat/index.parquet"
+    assert res.exists("lat/index.json") and res.uri("lat/index.json") == "s3://k5lat/root/lat/index.json"
     assert res.put_file(dataset / "media" / "wide.png", "x/wide.png") == "s3://k5lat/root/x/wide.png"
     back = res.get_file("x/wide.png", dataset / "back.png")
     assert back.read_bytes() == (dataset / "media" / "wide.png").read_bytes()

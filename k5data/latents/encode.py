@@ -4,8 +4,10 @@ the run driver.
 ``encode_dataset`` plans one job per passed row (``k5data.latents.plan``), loads and crops its pixels
 (``k5data.latents.media``) at its bucket (``k5data.latents.buckets``), encodes them with the tiling of
 ``k5data.latents.tiling`` and writes ``LatentSample``s through ``k5data.latents.shards.write_shards`` to an object
-store. Re-running skips the ids already listed in the shard index, so a killed run resumes without encoding anything
-twice.
+store, holding the prefix's one-writer lease (``k5data.leases``: a second run on the same prefix is refused, naming the
+first). Re-running skips the ids already listed in the shard index and takes back the samples a killed run spilled to
+``pending/``, so a killed run resumes without encoding anything twice and loses at most ``spill_every`` samples per
+class. Rows whose media vanished after curation are skipped and reported, not fatal.
 
 Images go through the FLUX VAE when one is given (Image Lite's latent space); without it they are encoded as
 1-frame videos by the HunyuanVideo VAE, which is what a *video* model's T2I steps need (one latent space per model).
@@ -28,8 +30,9 @@ import torch
 from k5data.latents.buckets import CLASSES
 from k5data.latents.media import MediaFetcher, load_image, load_video_frames, resize_cover_crop
 from k5data.latents.plan import EncodeJob, plan_jobs
-from k5data.latents.shards import LatentSample, Store, read_index, write_shards
+from k5data.latents.shards import SPILL_EVERY, LatentSample, ShardWriter, Store, read_index
 from k5data.latents.tiling import TilePlan, tile_plan
+from k5data.leases import acquire_lease
 
 SLEEP_ENV = "K5_LATENTS_SLEEP_S"  # test hook: pause before each sample goes to the shard writer (kill/resume test)
 
@@ -50,6 +53,8 @@ class LatentConfig:
     compile: bool = False  # torch.compile the VAE encoders (one graph per bucket shape)
     tiling: dict[str, TilePlan] = field(default_factory=dict)  # overrides of VIDEO_TILING ("HxW" -> plan)
     per_shard: dict[tuple[str, str], int] | None = None  # samples per archive (default: the report's counts)
+    spill_every: int = SPILL_EVERY  # encoded samples per class held only in memory before a spill to pending/
+    lease_ttl_s: float = 120.0  # the writer lease's expiry without renewal (renewed every third of it)
     progress: bool = True
 
     def __post_init__(self) -> None:
@@ -59,6 +64,8 @@ class LatentConfig:
         if self.fps is not None and self.fps <= 0 or self.max_seconds <= 0 or not 0 < self.scale <= 1:
             raise ValueError(f"need fps > 0 (or None), max_seconds > 0 and 0 < scale <= 1; got fps={self.fps}, "
                              f"max_seconds={self.max_seconds}, scale={self.scale}")
+        if self.spill_every < 1 or self.lease_ttl_s <= 0:
+            raise ValueError(f"need spill_every >= 1 and lease_ttl_s > 0, got {self.spill_every}, {self.lease_ttl_s}")
         if self.image_batch < 1 or self.video_batch < 1:
             raise ValueError(f"batch sizes must be >= 1, got image {self.image_batch}, video {self.video_batch}")
         for name in (self.vae_dtype, self.latent_dtype):
@@ -78,6 +85,26 @@ def _to_tensor(frames: np.ndarray) -> torch.Tensor:
     return torch.from_numpy(frames).permute(0, 4, 1, 2, 3).float().div(127.5).sub(1.0)
 
 
+class ModelFolderError(ValueError):
+    """A VAE folder that is missing or does not load; ``str(err)`` is one line naming it and what to pass."""
+
+
+def _load_vae(load: Any, path: str | os.PathLike, what: str) -> Any:
+    """``load()``, with every way a model folder can be broken turned into one ``ModelFolderError`` line."""
+    folder = Path(path)
+    if not folder.is_dir():
+        raise ModelFolderError(f"{what} folder {str(path)!r} does not exist; pass a VAE folder or a pipeline folder "
+                               "with vae/")
+    try:
+        return load()
+    except Exception as err:  # diffusers/safetensors/json raise many types for a broken folder; all mean the same
+        detail = " ".join(str(err).split())[:300]
+        raise ModelFolderError(f"cannot load the {what} from {str(path)!r} ({type(err).__name__}: {detail}); pass "
+                               "a complete VAE folder (config.json + diffusion_pytorch_model.safetensors) or a "
+                               "pipeline folder with such a vae/, e.g. one written by `k5 train` or the demo bundles"
+                               ) from err
+
+
 class LatentEncoders:
     """The VAEs of one encoding run: HunyuanVideo for videos, FLUX for images (or the video VAE when none)."""
 
@@ -94,8 +121,10 @@ class LatentEncoders:
         from k5model.encoders.vae import ImageVAE, VideoVAE
 
         dtype = getattr(torch, cfg.vae_dtype)
-        video = VideoVAE.from_pretrained(video_vae, device=cfg.device, dtype=dtype, tiling=False)
-        image = ImageVAE.from_pretrained(image_vae, device=cfg.device, dtype=dtype) if image_vae else None
+        video = _load_vae(lambda: VideoVAE.from_pretrained(video_vae, device=cfg.device, dtype=dtype, tiling=False),
+                          video_vae, "video VAE (HunyuanVideo)")
+        image = _load_vae(lambda: ImageVAE.from_pretrained(image_vae, device=cfg.device, dtype=dtype),
+                          image_vae, "image VAE (FLUX)") if image_vae else None
         return cls(video, image, cfg)
 
     def vae_name(self, kind: str) -> str:
@@ -124,6 +153,7 @@ class EncodeStats:
     encode_s: float = 0.0
     pixel_frames: int = 0
     latent_bytes: int = 0
+    missing: dict[str, str] = field(default_factory=dict)  # sample id -> why its media could not be read
 
 
 def _batches(jobs: list[EncodeJob], cfg: LatentConfig) -> list[list[EncodeJob]]:
@@ -148,18 +178,26 @@ def iter_latent_samples(jobs: list[EncodeJob], encoders: LatentEncoders, cfg: La
     with tqdm(total=len(jobs), desc="encode latents", unit="sample", disable=not cfg.progress,
               dynamic_ncols=True) as bar, tempfile.TemporaryDirectory(prefix="k5-latents-") as td:
         fetch = MediaFetcher(Path(td), endpoint_url)
-        for batch in _batches(jobs, cfg):
+        for planned in _batches(jobs, cfg):
             t0 = time.perf_counter()
-            h, w = batch[0].size
-            kind = batch[0].kind
-            clips, sources = [], []
-            for j in batch:
-                path = fetch.local(j.uri)
+            h, w = planned[0].size
+            kind = planned[0].kind
+            clips, sources, batch = [], [], []
+            for j in planned:
+                try:
+                    path = fetch.local(j.uri)
+                    src_path = fetch.local(j.edit_source_uri) if j.edit_source_uri else None
+                except FileNotFoundError as err:  # deleted after curation: skip it, encode the rest
+                    stats.missing[j.id] = f"media vanished since curation ({err}); re-curate to retire the row"
+                    bar.update(1)
+                    continue
                 raw = load_image(path)[None] if kind == "image" else load_video_frames(path, j.frames)
                 clips.append(np.stack([resize_cover_crop(f, h, w) for f in raw]))
-                if j.edit_source_uri:
-                    src = load_image(fetch.local(j.edit_source_uri))
-                    sources.append(resize_cover_crop(src, h, w)[None])
+                if src_path is not None:
+                    sources.append(resize_cover_crop(load_image(src_path), h, w)[None])
+                batch.append(j)
+            if not batch:
+                continue
             t1 = time.perf_counter()
             z = encoders.encode(kind, np.stack(clips + sources))
             t2 = time.perf_counter()
@@ -181,22 +219,29 @@ def iter_latent_samples(jobs: list[EncodeJob], encoders: LatentEncoders, cfg: La
 
 
 def encode_dataset(df: pd.DataFrame, store: Store, prefix: str, encoders: LatentEncoders, cfg: LatentConfig,
-                   endpoint_url: str | None = None) -> dict[str, Any]:
-    """Encode the passed rows of ``df`` into shards under ``prefix``; rows already in the index are skipped.
-    Returns a summary (counts, timings, throughput)."""
+                   endpoint_url: str | None = None, *, holder: str = "k5 latents") -> dict[str, Any]:
+    """Encode the passed rows of ``df`` into shards under ``prefix`` as its one writer (``holder`` names this run in
+    the lease; a live writer already there raises ``LeaseHeld``); rows already in the index are skipped, samples a
+    killed run spilled are taken back. Returns a summary (counts, timings, throughput)."""
     t0 = time.perf_counter()
     jobs, skipped = plan_jobs(df, cfg)
-    done = set(read_index(store, prefix).column("sample_id").to_pylist())
-    todo = [j for j in jobs if j.id not in done]
     stats = EncodeStats()
-    shards = write_shards(iter_latent_samples(todo, encoders, cfg, endpoint_url, stats), store, prefix,
-                          per_shard=cfg.per_shard)
+    with acquire_lease(store, prefix, holder=holder, ttl_s=cfg.lease_ttl_s) as lease:
+        writer = ShardWriter(store, prefix, lease, cfg.per_shard, spill_every=cfg.spill_every)
+        indexed, waiting = set(writer.indexed), set(writer.waiting)
+        todo = [j for j in jobs if j.id not in indexed and j.id not in waiting]
+        for sample in iter_latent_samples(todo, encoders, cfg, endpoint_url, stats):
+            writer.add(sample)
+        writer.close()
     seconds = time.perf_counter() - t0
     index = read_index(store, prefix)
     return {
         "passed_rows": int(df["passed"].fillna(False).astype(bool).sum()), "planned": len(jobs),
-        "skipped": skipped, "already_encoded": len(jobs) - len(todo), "encoded": stats.encoded,
-        "shards_written": shards, "index_samples": index.num_rows,
+        "skipped": {**skipped, **stats.missing}, "media_missing": len(stats.missing),
+        "already_encoded": sum(j.id in indexed for j in jobs), "recovered_pending": writer.recovered,
+        "orphans_deleted": writer.orphans_deleted,
+        "took_over_lease_of": lease.took_over.describe() if lease.took_over else None, "encoded": stats.encoded,
+        "shards_written": writer.shards_written, "index_samples": index.num_rows,
         "index_shards": len(set(index.column("shard").to_pylist())), "seconds": seconds,
         "load_seconds": stats.load_s, "encode_seconds": stats.encode_s, "pixel_frames": stats.pixel_frames,
         "latent_bytes": stats.latent_bytes,
