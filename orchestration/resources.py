@@ -17,7 +17,15 @@ from typing import TYPE_CHECKING, Any
 import dagster as dg
 
 from orchestration.settings import K5Paths, offline_env
-from orchestration.training_jobs import BACKENDS, build_training_pod_spec, training_command
+from orchestration.training_jobs import (
+    BACKENDS,
+    PYTORCHJOB_API,
+    build_pytorchjob,
+    build_training_pod_spec,
+    pytorchjob_name,
+    training_command,
+    wait_for_pytorchjob,
+)
 
 if TYPE_CHECKING:
     import mlflow
@@ -250,9 +258,11 @@ class TrainingJobResource(dg.ConfigurableResource):
     ``backend="k8s"`` as a GPU pod through ``dagster_k8s.PipesK8sClient``.
 
     ``from_env()`` reads ``K5_PIPES`` (subprocess | k8s), ``K5_TRAIN_IMAGE``, ``K5_K8S_NAMESPACE``,
-    ``K5_GPUS_PER_POD``, ``K5_NPROC_PER_NODE``, ``K5_HOME_PVC``, ``K5_K8S_SECRET``, ``K5_K8S_SERVICE_ACCOUNT``.
-    The processes of a job are the job's own (``TrainJob.parallel.nproc``); ``default_nproc`` is what a stage asset
-    puts there when its config names none."""
+    ``K5_GPUS_PER_POD``, ``K5_NPROC_PER_NODE``, ``K5_HOME_PVC``, ``K5_K8S_SECRET``, ``K5_K8S_SERVICE_ACCOUNT``,
+    ``K5_TRAIN_NODES``. The processes of a job are the job's own (``TrainJob.parallel.nproc``); ``default_nproc`` is
+    what a stage asset puts there when its config names none. ``nodes`` > 1 on Kubernetes: one Kubeflow PyTorchJob of
+    that many pods (``training_jobs.build_pytorchjob``) instead of one pod; its Pipes messages come back through a file
+    under the shared K5 home."""
 
     backend: str = "subprocess"
     nproc_per_node: int | None = None  # default: 1 locally, gpus_per_pod on Kubernetes
@@ -270,6 +280,9 @@ class TrainingJobResource(dg.ConfigurableResource):
     load_incluster_config: bool | None = None
     kubeconfig_file: str | None = None
     pod_wait_timeout_s: float = 0.0  # 0 = wait without limit (a full stage runs for days)
+    nodes: int = 1  # k8s: >1 runs a PyTorchJob of this many pods (each nproc/nodes GPUs), c10d rendezvous
+    nccl_env: dict[str, str] = {}  # over training_jobs.NCCL_ENV, e.g. {"NCCL_IB_HCA": "mlx5"} on InfiniBand
+    backoff_limit: int = 3  # PyTorchJob: pod restarts in all before the job fails (each resumes from a checkpoint)
 
     @classmethod
     def from_env(cls, environ: Mapping[str, str] | None = None) -> TrainingJobResource:
@@ -281,7 +294,7 @@ class TrainingJobResource(dg.ConfigurableResource):
         for var, name, cast in (("K5_TRAIN_IMAGE", "image", str), ("K5_K8S_NAMESPACE", "namespace", str),
                                 ("K5_GPUS_PER_POD", "gpus_per_pod", int), ("K5_NPROC_PER_NODE", "nproc_per_node", int),
                                 ("K5_HOME_PVC", "k5_home_pvc", str), ("K5_K8S_SECRET", "secret_env", str),
-                                ("K5_K8S_SERVICE_ACCOUNT", "service_account", str)):
+                                ("K5_K8S_SERVICE_ACCOUNT", "service_account", str), ("K5_TRAIN_NODES", "nodes", int)):
             if env.get(var):
                 try:
                     fields[name] = cast(env[var])
@@ -292,18 +305,55 @@ class TrainingJobResource(dg.ConfigurableResource):
     def default_nproc(self) -> int:
         if self.nproc_per_node is not None:
             return self.nproc_per_node
-        return max(self.gpus_per_pod, 1) if self.backend == "k8s" else 1
+        return max(self.gpus_per_pod, 1) * max(self.nodes, 1) if self.backend == "k8s" else 1
+
+    def _home(self) -> str:
+        return self.k5_home_mount or str(K5Paths.from_env().home)
+
+    def _pod_settings(self) -> dict[str, Any]:
+        return dict(image=self.image or "", k5_home=self._home(), k5_home_pvc=self.k5_home_pvc or "", cpu=self.cpu,
+                    memory=self.memory, shm_size=self.shm_size, secret_env=self.secret_env,
+                    service_account=self.service_account, node_selector=self.node_selector)
 
     def pod_spec(self, job: TrainJob, env: Mapping[str, str]) -> dict[str, Any]:
         """The Kubernetes pod spec this resource would launch for ``job`` (see ``build_training_pod_spec``)."""
-        from orchestration.settings import K5Paths
+        return build_training_pod_spec(command=training_command(job, python="python"),
+                                       env={**env, "K5_HOME": self._home()}, gpus=job.parallel.nproc,
+                                       **self._pod_settings())
 
-        home = self.k5_home_mount or str(K5Paths.from_env().home)
-        return build_training_pod_spec(
-            image=self.image or "", command=training_command(job, python="python"),
-            env={**env, "K5_HOME": home}, gpus=job.parallel.nproc, k5_home=home, k5_home_pvc=self.k5_home_pvc or "",
-            cpu=self.cpu, memory=self.memory, shm_size=self.shm_size, secret_env=self.secret_env,
-            service_account=self.service_account, node_selector=self.node_selector)
+    def pytorchjob(self, job: TrainJob, env: Mapping[str, str], name: str) -> dict[str, Any]:
+        """The PyTorchJob this resource would create for ``job`` on ``nodes`` nodes (see ``build_pytorchjob``)."""
+        return build_pytorchjob(name=name, namespace=self.namespace, job=job, nodes=self.nodes,
+                                pod_settings=self._pod_settings(), env={**env, "K5_HOME": self._home()},
+                                nccl_env=self.nccl_env, backoff_limit=self.backoff_limit)
+
+    def _run_pytorchjob(self, context: dg.AssetExecutionContext, job: TrainJob,
+                        env: Mapping[str, str]) -> dg.PipesClientCompletedInvocation:
+        import kubernetes
+
+        if self.load_incluster_config or (self.load_incluster_config is None
+                                          and os.environ.get("KUBERNETES_SERVICE_HOST")):
+            kubernetes.config.load_incluster_config()
+        else:
+            kubernetes.config.load_kube_config(self.kubeconfig_file)
+        api = kubernetes.client.CustomObjectsApi()
+        name = pytorchjob_name(job.stage.stage, context.run_id, context.retry_number)
+        # The pods write Pipes messages into a file on the shared K5 home; this process reads it while they run.
+        messages = Path(self._home()) / "pipes" / f"{name}.jsonl"
+        messages.parent.mkdir(parents=True, exist_ok=True)
+        with dg.open_pipes_session(context=context, context_injector=dg.PipesEnvContextInjector(),
+                                   message_reader=dg.PipesFileMessageReader(str(messages))) as session:
+            manifest = self.pytorchjob(job, {**env, **session.get_bootstrap_env_vars()}, name)
+            master = manifest["spec"]["pytorchReplicaSpecs"]["Master"]["template"]["spec"]["containers"][0]
+            context.log.info(f"training job (PyTorchJob {self.namespace}/{name}, {self.nodes} nodes): "
+                             f"{shlex.join(master['command'])}")
+            group, version, plural = PYTORCHJOB_API
+            api.create_namespaced_custom_object(group, version, self.namespace, plural, manifest)
+            state = wait_for_pytorchjob(api, self.namespace, name, timeout_s=self.pod_wait_timeout_s)
+            if state != "Succeeded":
+                raise dg.Failure(f"PyTorchJob {self.namespace}/{name} ended {state}: "
+                                 f"kubectl -n {self.namespace} describe pytorchjob {name}; logs of its pods")
+        return dg.PipesClientCompletedInvocation(session)
 
     def run(self, context: dg.AssetExecutionContext, job: TrainJob,
             env: Mapping[str, str]) -> dg.PipesClientCompletedInvocation:
@@ -312,6 +362,8 @@ class TrainingJobResource(dg.ConfigurableResource):
             cmd = training_command(job)
             context.log.info(f"training job (subprocess): {shlex.join(cmd)}")
             return dg.PipesSubprocessClient().run(context=context, command=cmd, env=dict(env))
+        if self.backend == "k8s" and self.nodes > 1:
+            return self._run_pytorchjob(context, job, env)
         if self.backend == "k8s":
             from dagster_k8s import PipesK8sClient
 
