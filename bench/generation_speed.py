@@ -2,7 +2,8 @@
 
 Ours: `k5model.sampling.sample` (official grid, CFG batched into one forward of batch 2, compiled blocks).
 Anchor: diffusers' `Kandinsky5Transformer3DModel` driven the way `Kandinsky5T2VPipeline` drives it — two sequential
-forwards per step (conditional, then unconditional) — compiled with `compile_repeated_blocks`. Both get the same
+forwards per step (conditional, then unconditional) — compiled with `compile_repeated_blocks`, on the cuDNN attention
+backend by default (its best on Hopper; ``--diffusers-backend native`` gives its default). Both get the same
 random weights, noise and text states. Reports seconds per generation for `--steps` steps (100 NFE at 50 steps).
 
     python -m bench.generation_speed --steps 50            # GPU, 5 s 512x768
@@ -53,6 +54,8 @@ def main() -> None:
     ap.add_argument("--nabla", action="store_true")
     ap.add_argument("--no-diffusers", action="store_true")
     ap.add_argument("--no-compile", action="store_true")
+    ap.add_argument("--diffusers-backend", default="_native_cudnn",
+                    help="the anchor's attention backend: its best on Hopper (default), or 'native' (its default)")
     ap.add_argument("--residual-fp32", action="store_true", help="keep our residual streams in fp32")
     ap.add_argument("--force-total-density", type=float, default=None,
                     help="NABLA: pin the block density (STA included), for random weights")
@@ -97,6 +100,9 @@ def main() -> None:
         except ImportError as err:  # the device image has no diffusers unless carried as a wheel
             res["diffusers"] = f"not importable: {err}"
         else:
+            backend = args.diffusers_backend if cuda else "native"  # cuDNN is CUDA-only
+            ref.set_attention_backend(backend)
+            res["diffusers_backend"] = backend
             if not args.no_compile:
                 ref.compile_repeated_blocks(fullgraph=False)
             # diffusers passes no text mask: give it the unpadded texts (same as ours after masking)

@@ -75,6 +75,15 @@ def test_vae_encode_bench_smoke():
     assert res["ours_c8_s"] > 0 and res["diffusers_tiled_s"] > 0
 
 
+def test_vae_decode_bench_smoke():
+    res = last_json(run_bench("bench.vae_decode", "--smoke", "--whole-clip", "--diffusers", "default,t32",
+                              "--variants", "c2,c4"))
+    assert res["ours_c4_max_dev_vs_whole"] < 1e-5  # one chunk holds all 5 latent frames: exact
+    assert res["diffusers_t32_max_dev_vs_whole"] < 1e-4  # 17 frames fit one 32-frame tile: no tiling either
+    assert res["diffusers_default_max_dev_vs_whole"] > res["ours_c2_max_dev_vs_whole"] > 0
+    assert res["diffusers_best"] in ("default", "t32") and res["ours_c2_speedup_vs_diffusers_default"] > 0
+
+
 def test_vae_conv_probe_smoke_formulations_agree():
     res = last_json(run_bench("bench.vae_conv_probe", "--smoke"))
     shapes = {k: v for k, v in res.items() if isinstance(v, dict)}
