@@ -16,6 +16,7 @@ import dagster as dg
 
 from assets.curation import curated_dataset
 from orchestration.lineage import latest_metadata, upstream_path
+from orchestration.production import gpu_op_tags
 from orchestration.resources import CurationResource, ObjectStoreResource
 
 
@@ -88,6 +89,7 @@ def dataset_snapshot(context: dg.AssetExecutionContext) -> str:
 def build_latent_asset(name: str, spec: LatentSet) -> dg.AssetsDefinition:
     @dg.asset(name=name, deps=[curated_dataset, spec.video_bundle, *([spec.image_bundle] if spec.image_bundle else [])],
               group_name="latents", kinds={"pytorch", "parquet"}, owners=["team:k5-lifecycle"],
+              op_tags=gpu_op_tags(1),  # the VAE encode's step pod gets a GPU under k8s_job_executor (K5_EXECUTOR=k8s)
               description=f"Passed curated rows, {spec.what}, VAE-encoded at the report's resolution buckets into tar "
               "shards + a Parquet index in the object store; re-runs resume.")
     def _latents(context: dg.AssetExecutionContext, config: LatentShardsConfig, curation: CurationResource,

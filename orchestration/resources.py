@@ -379,7 +379,12 @@ class TrainingJobResource(dg.ConfigurableResource):
 
 
 def default_resources() -> dict[str, dg.ConfigurableResource]:
-    """The resource set of ``defs``; everything resolves from K5_HOME at run time."""
+    """The resource set of ``defs``; everything resolves from K5_HOME at run time. ``K5_DEPLOYMENT=production``:
+    ``orchestration.production.production_resources()`` (object store, MLflow server, Ray, from the environment)."""
+    from orchestration.production import is_production, production_resources
+
+    if is_production():
+        return production_resources()
     return {"k5_home": K5HomeResource(), "mlflow": MLflowResource(), "object_store": ObjectStoreResource(),
             "training_job": TrainingJobResource.from_env(),
             "curation": CurationResource()}
