@@ -63,26 +63,20 @@ def item_consensus(items: pd.DataFrame, answers: pd.DataFrame, cfg: ConsensusCon
     ``failed_criteria`` (below v2_min_good), ``attributes`` (JSON {descriptive criterion: majority answer}),
     ``stage1_passed``, ``in_v1``, ``in_v2``. ``items`` is ``SftStore.items_frame()``, ``answers`` its
     ``answers_frame(stage=2)``."""
-    by_item = {k: g for k, g in answers.groupby("item_id")} if len(answers) else {}
+    by_item: dict[str, dict[str, dict[str, str]]] = {}  # item -> criterion -> annotator -> answer
+    for item_id, annotator, criterion, ans in zip(answers["item_id"], answers["annotator"], answers["criterion"],
+                                                  answers["answer"]):
+        by_item.setdefault(item_id, {}).setdefault(criterion, {})[annotator] = ans
     rows = []
     for it in items.itertuples(index=False):
         crit = [q.key for q in consensus_questions(it.kind, bool(it.has_text))]
         descriptive = [q.key for q in questions_for(STAGE_EXPERT, it.kind, bool(it.has_text)) if q.descriptive]
-        got = by_item.get(it.item_id)
-        shares: dict[str, float] = {}
-        attributes: dict[str, str] = {}
-        n_experts = 0
-        if got is not None:
-            per_rater = got.groupby("annotator")["criterion"].apply(set)
-            n_experts = int(sum(set(crit) <= keys for keys in per_rater))
-            for key in crit:
-                votes = got.loc[got["criterion"] == key, "answer"]
-                if len(votes):
-                    shares[key] = float(votes.isin(question(key).good).mean())
-            for key in descriptive:
-                votes = got.loc[got["criterion"] == key, "answer"]
-                if len(votes):
-                    attributes[key] = Counter(votes).most_common(1)[0][0]
+        got = by_item.get(it.item_id, {})
+        shares = {key: sum(a in question(key).good for a in got[key].values()) / len(got[key])
+                  for key in crit if got.get(key)}
+        attributes = {key: Counter(got[key].values()).most_common(1)[0][0] for key in descriptive if got.get(key)}
+        finished = set.intersection(*(set(got.get(key, {})) for key in crit)) if crit else set()
+        n_experts = len(finished)
         complete = len(shares) == len(crit)
         min_good = min(shares.values()) if complete else 0.0
         failed = sum(v < cfg.v2_min_good for v in shares.values()) + (len(crit) - len(shares))

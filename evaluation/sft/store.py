@@ -221,8 +221,13 @@ class SftStore(JudgmentsStore):
                     "SELECT nextval('action_seq') FROM range(?)", [len(accepted)]).fetchall()] if accepted else []
                 now = _utcnow()
                 if accepted:
-                    con.executemany("INSERT INTO sft_answers VALUES (?, ?, ?, ?, ?, ?, ?)",
-                                    [[seq, *row, now] for seq, row in zip(seqs, accepted)])
+                    # one set-based insert: executemany runs a statement per row
+                    frame = pd.DataFrame([(seq, *row, now) for seq, row in zip(seqs, accepted)],
+                                         columns=["seq", "annotator", "item_id", "stage", "criterion", "answer",
+                                                  "created_at"])
+                    con.register("new_answers", frame)
+                    con.execute("INSERT INTO sft_answers SELECT * FROM new_answers")
+                    con.unregister("new_answers")
                 for item_id in sorted({r[1] for r in accepted if r[2] == STAGE_SCREENING}):
                     self._decide_screening(con, item_id, n_questions[item_id])
                 con.execute("COMMIT")
