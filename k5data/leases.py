@@ -326,7 +326,12 @@ def _try_acquire(store: ObjectStore, key: str, holder: str, ttl_s: float) -> Lea
                          expires_at=now + ttl_s, ttl_s=ttl_s, token=secrets.token_hex(8))
     version = put_if_absent(store, key, record.encode())
     if version is not None:
-        return Lease(store, key, record, version, None)
+        # create-then-verify: an S3-compatible store without atomic conditional puts may let two creates succeed;
+        # the one whose record is not there lost
+        back = read_versioned(store, key)
+        if back is not None and back.version == version:
+            return Lease(store, key, record, version, None)
+        raise _Retry
     current = read_versioned(store, key)
     if current is None:  # released between our two calls: try again
         raise _Retry
