@@ -1,4 +1,5 @@
-"""``k5 curate SRC OUT``: curate a folder or S3 prefix into OUT/dataset/**/*.parquet + OUT/quarantine.parquet.
+"""``k5 curate SRC OUT``: curate a folder or S3 prefix into a new dataset version under OUT (Parquet by bucket and
+source + quarantine table), switched in by OUT/CURRENT.json.
 
 Also runnable as ``python -m k5cli.curate SRC OUT``."""
 
@@ -32,13 +33,18 @@ def curate(src: str, out: str, config_path: str | None, catalog_path: str | None
     cfg = load_config(config_path, overrides)
     if shard is not None and not 0 <= shard < cfg["shards"]:
         raise click.BadParameter(f"shard must be in 0..{cfg['shards'] - 1}", param_hint="--shard")
-    summary = run_curation(src, out, cfg, catalog_path=catalog_path, shard=shard, progress=not no_progress)
+    from k5data.object_store import TransientStoreError
+
+    try:
+        summary = run_curation(src, out, cfg, catalog_path=catalog_path, shard=shard, progress=not no_progress)
+    except TransientStoreError as err:  # retries spent: one line, exit 1; a re-run picks up where this one stopped
+        raise click.ClickException(str(err)) from None
     if as_json:
         click.echo(json.dumps(summary.to_dict(), indent=2, default=str))
         return
     reg, ds = summary.register, summary.dataset
     click.echo(f"registered: {reg['new_media']} new media, {reg['new_copies']} new copies, "
-               f"{reg['unchanged']} unchanged, {reg['quarantined']} quarantined")
+               f"{reg['unchanged']} unchanged, {reg['quarantined']} quarantined, {reg['retired']} retired (gone)")
     click.echo(f"scored: {summary.scored_media} media -> {summary.scored_rows} rows "
                f"({summary.scoring_errors} errors) in {summary.seconds:.1f} s")
     click.echo(f"dataset: {ds['rows']} rows ({ds['images']} images, {ds['scenes']} scenes), {ds['passed']} passed, "

@@ -10,7 +10,7 @@ from pathlib import Path, PurePosixPath
 from typing import TYPE_CHECKING, Any
 
 if TYPE_CHECKING:
-    from k5data.object_store import ObjectStore
+    from k5data.object_store import ObjectStore, RetryPolicy
 
 
 def is_s3(uri: str) -> bool:
@@ -24,14 +24,19 @@ def split_s3(uri: str) -> tuple[str, str]:
     return bucket, key.strip("/")
 
 
-def s3_client(endpoint_url: str | None = None, region: str = "us-east-1") -> Any:
+def s3_client(endpoint_url: str | None = None, region: str = "us-east-1", *, retry: RetryPolicy | None = None) -> Any:
+    """The project's S3 client: path-style addressing (works with every S3-compatible store: MinIO, moto, Ceph, AWS),
+    botocore's retries in the policy's mode and its connect/read timeouts."""
     import boto3
-
-    # Path-style addressing works with every S3-compatible store (MinIO, moto, Ceph) as well as AWS.
     from botocore.config import Config
 
-    return boto3.client("s3", endpoint_url=endpoint_url, region_name=region,
-                        config=Config(s3={"addressing_style": "path"}, retries={"max_attempts": 3}))
+    from k5data.object_store import RetryPolicy
+
+    policy = retry or RetryPolicy()
+    return boto3.client("s3", endpoint_url=endpoint_url, region_name=region, config=Config(
+        s3={"addressing_style": "path"},
+        retries={"mode": policy.botocore_mode, "total_max_attempts": max(1, policy.botocore_attempts)},
+        connect_timeout=policy.connect_timeout_s, read_timeout=policy.read_timeout_s))
 
 
 def source_name(src: str) -> str:
@@ -59,11 +64,13 @@ class Source:
     """A folder or S3 prefix of raw media; ``iter_objects`` lists, ``read_bytes``/``local_path`` fetch. Reads go
     through the object store of the root (``k5data.object_store``)."""
 
-    def __init__(self, root: str, endpoint_url: str | None = None, region: str = "us-east-1") -> None:
+    def __init__(self, root: str, endpoint_url: str | None = None, region: str = "us-east-1", *,
+                 retry: RetryPolicy | None = None) -> None:
         self.root = str(root)
         self.name = source_name(self.root)
         self._endpoint_url = endpoint_url
         self._region = region
+        self._retry = retry
         self._store: ObjectStore | None = None
 
     @property
@@ -72,7 +79,7 @@ class Source:
             from k5data.object_store import open_store
 
             root = self.root if is_s3(self.root) else str(Path(self.root).resolve())
-            self._store = open_store(root, self._endpoint_url, region=self._region, create=False)
+            self._store = open_store(root, self._endpoint_url, region=self._region, create=False, retry=self._retry)
         return self._store
 
     def iter_objects(self) -> Iterator[SourceObject]:
@@ -84,6 +91,15 @@ class Source:
             elif not PurePosixPath(info.key).name.startswith("."):  # hidden files (.DS_Store, swap files): not media
                 # why: the path as listed, not symlink-resolved, so a re-run sees the same URIs as before
                 yield SourceObject((Path(self.store.location) / info.key).as_uri(), info.key, info.size, info.version)
+
+    def external_target(self, key: str) -> Path | None:
+        """For a local source: where ``key`` really points when a symlink (of the file or of a folder on its way)
+        leads outside the source folder, else None. S3 keys have no links."""
+        if is_s3(self.root):
+            return None
+        root = Path(self.root).resolve()
+        target = (root / key).resolve()
+        return None if target.is_relative_to(root) else target
 
     def read_bytes(self, obj_or_key: SourceObject | str) -> bytes:
         return self.store.get_bytes(obj_or_key.key if isinstance(obj_or_key, SourceObject) else obj_or_key)

@@ -15,7 +15,7 @@ from k5cli.curate import curate
 from k5data.curation.config import load_config
 from k5data.curation.corpus import build_sample_corpus
 from k5data.curation.curate import run_curation
-from k5data.curation.output import read_dataset
+from k5data.curation.output import current_version, read_dataset, read_quarantine
 
 BIKES_CUTS = [1.2, 3.04, 5.48, 7.48, 9.68]  # the 5 cuts between bikes.mp4's 6 shots
 
@@ -28,7 +28,7 @@ def local_run(tmp_path_factory: pytest.TempPathFactory) -> dict:
     summary = run_curation(str(corpus), str(out), load_config(), progress=False)
     df = read_dataset(str(out), load_config())
     df["name"] = df["source_uri"].str.rsplit("/", n=1).str[-1]
-    quarantine = pd.read_parquet(out / "quarantine.parquet")
+    quarantine = read_quarantine(str(out), load_config())
     quarantine["name"] = quarantine["source_uri"].str.rsplit("/", n=1).str[-1]
     return {"root": root, "corpus": corpus, "out": out, "summary": summary, "df": df, "quarantine": quarantine}
 
@@ -109,7 +109,7 @@ def test_rows_have_every_column_and_partitions(local_run: dict) -> None:
     assert not passed["caption"].str.contains("The video starts|Велосипед").any()  # post-processing applied
     assert set(passed["bucket"]) <= {256, 512, 1024} and (passed["cluster"] >= 0).all()
     assert _row(df, "chelsea.png")["domain"] == "animals" and _row(df, "bigbuckbunny.mp4")["domain"] == "cartoons"
-    dirs = {p.parent.relative_to(out / "dataset").as_posix() for p in (out / "dataset").rglob("*.parquet")}
+    dirs = {k.split("/dataset/", 1)[1].rsplit("/", 1)[0] for k in current_version(str(out), load_config())["dataset"]}
     assert dirs == {"0/corpus", "256/corpus", "512/corpus"}
 
 
@@ -145,7 +145,8 @@ def test_same_rows_from_s3(local_run: dict, tmp_path: Path) -> None:
             for k, v in old.items():
                 os.environ.pop(k) if v is None else os.environ.__setitem__(k, v)
     assert summary.dataset["quarantined"] == 5
-    assert "run1/quarantine.parquet" in keys and "run1/dataset/256/corpus/part-00000.parquet" in keys
+    assert "run1/CURRENT.json" in keys and any(k.startswith("run1/versions/")
+                                               and k.endswith("/dataset/256/corpus/part-00000.parquet") for k in keys)
     assert remote["source_uri"].str.startswith("s3://raw/corpus/").all()
     local = local_run["df"].drop(columns=["name"])
     order = ["media_id", "scene_index"]

@@ -9,7 +9,7 @@ import pytest
 
 from assets import curation as cur
 from k5data.curation.corpus import build_sample_corpus
-from k5data.curation.output import read_dataset
+from k5data.curation.output import current_version, read_dataset
 from orchestration.resources import CurationResource, K5HomeResource, ObjectStoreResource
 
 
@@ -55,7 +55,7 @@ def test_dataset_metadata_and_checks(materialized: dict) -> None:
     assert checks == {"no_duplicate_hashes": True, "passed_rows_captioned": True, "bucket_counts_sane": True}
     path = Path(meta["path"])
     assert path == materialized["root"] / "objects" / "curation"
-    assert (path / "quarantine.parquet").is_file() and list((path / "dataset").rglob("*.parquet"))
+    assert (path / "CURRENT.json").is_file() and list((path / "versions").rglob("*.parquet"))
 
 
 def test_materialize_helper_reruns_cleanly(materialized: dict) -> None:
@@ -74,7 +74,8 @@ def test_check_fails_on_a_bad_dataset(materialized: dict) -> None:
     out = materialized["root"] / "objects" / "curation"
     df = read_dataset(str(out), load_config())
     victim = df[df["passed"]].iloc[0]
-    part = out / "dataset" / str(victim["bucket"]) / victim["source"] / "part-00000.parquet"
+    part = out / next(k for k in current_version(str(out), load_config())["dataset"]
+                      if k.endswith(f"/{victim['bucket']}/{victim['source']}/part-00000.parquet"))
     frame = pd.read_parquet(part)
     frame.loc[frame["media_id"] == victim["media_id"], "caption"] = ""
     frame.to_parquet(part, index=False)

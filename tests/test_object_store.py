@@ -113,9 +113,10 @@ def test_key_order_walks_folders_first() -> None:
 @pytest.mark.parametrize("kind", ["local", "s3"])
 def test_curation_output_rewritten_whole(kind: str, tmp_path: Path, request: pytest.FixtureRequest,
                                          monkeypatch: pytest.MonkeyPatch) -> None:
-    """``write_outputs`` rewrites the dataset through the store: a source gone from the catalog leaves no part file."""
+    """``write_outputs`` publishes a new version through the store and switches ``CURRENT.json`` to it: a source gone
+    from the catalog leaves the current version, and versions older than the previous one are deleted."""
     from k5data.curation.config import load_config
-    from k5data.curation.output import COLUMNS, read_dataset, write_outputs
+    from k5data.curation.output import COLUMNS, current_version, read_dataset, write_outputs
 
     cfg = load_config()
     if kind == "local":
@@ -136,10 +137,15 @@ def test_curation_output_rewritten_whole(kind: str, tmp_path: Path, request: pyt
         return r
 
     first = write_outputs([row("m1", "alpha"), row("m2", "beta")], [], out, cfg)
-    assert len(first) == 3 and all(u.startswith("s3://" if kind == "s3" else "file://") for u in first)
+    assert len(first) == 4 and first[-1].endswith("/CURRENT.json")
+    assert all(u.startswith("s3://" if kind == "s3" else "file://") for u in first)
     assert sorted(read_dataset(out, cfg)["media_id"]) == ["m1", "m2"]
     write_outputs([row("m1", "alpha")], [{"source_uri": "file:///bad", "reason": "truncated"}], out, cfg)
     reread = read_dataset(out, cfg)
-    assert list(reread["media_id"]) == ["m1"]  # beta's part file is gone, not merely unlisted
+    assert list(reread["media_id"]) == ["m1"]
+    write_outputs([row("m1", "alpha")], [], out, cfg)
+    now = current_version(out, cfg)
     listed = open_store(out, cfg.endpoint_url, create=False).list()
-    assert listed == ["dataset/256/alpha/part-00000.parquet", "quarantine.parquet"]
+    assert listed == ["CURRENT.json"] + sorted(  # the first version (with beta's part file) is gone
+        f"versions/{v}/{k}" for v in (now["previous"], now["version"])
+        for k in ("dataset/256/alpha/part-00000.parquet", "quarantine.parquet"))

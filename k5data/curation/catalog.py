@@ -34,7 +34,9 @@ CREATE TABLE IF NOT EXISTS curation.items (
     media_id VARCHAR, scene_index INTEGER, data JSON, PRIMARY KEY (media_id, scene_index));
 CREATE TABLE IF NOT EXISTS curation.scored (
     media_id VARCHAR PRIMARY KEY, scored_at TIMESTAMP DEFAULT current_timestamp);
+ALTER TABLE curation.quarantine ADD COLUMN IF NOT EXISTS error_class VARCHAR;
 """
+PERMANENT, TRANSIENT = "permanent", "transient"  # quarantine error classes: a verdict on the file / a condition
 
 
 class Catalog:
@@ -63,12 +65,30 @@ class Catalog:
 
     # --- registration -------------------------------------------------------------------------------------------
     def known_versions(self, source: str) -> dict[str, str]:
-        """uri -> version of every object of ``source`` already registered or quarantined."""
+        """uri -> version of every object of ``source`` already registered or quarantined for good (entries of
+        transient errors are left out, so the next run tries them again)."""
         with self.connect() as con:
             rows = con.execute("SELECT source_uri, version FROM curation.locations WHERE source = ? UNION ALL "
-                               "SELECT source_uri, version FROM curation.quarantine WHERE source = ?",
-                               [source, source]).fetchall()
+                               "SELECT source_uri, version FROM curation.quarantine WHERE source = ? "
+                               "AND coalesce(error_class, '') <> ?", [source, source, TRANSIENT]).fetchall()
         return dict(rows)
+
+    def retire_missing(self, source: str, listed: set[str], shard: int | None = None) -> list[str]:
+        """Forget every location and quarantine entry of ``source`` (of ``shard`` when given) whose URI is not in
+        ``listed`` (a complete listing): deleted files leave the dataset. Returns the retired URIs."""
+        where = "source = ?" + (" AND shard = ?" if shard is not None else "")
+        params: list[Any] = [source] + ([shard] if shard is not None else [])
+        with self.connect() as con:
+            known = [r[0] for r in con.execute(f"SELECT source_uri FROM curation.locations WHERE {where} UNION "
+                                               f"SELECT source_uri FROM curation.quarantine WHERE {where}",
+                                               params + params).fetchall()]
+            gone = sorted(uri for uri in known if uri not in listed)
+            if gone:
+                con.execute("BEGIN")
+                for table in ("locations", "quarantine"):
+                    con.executemany(f"DELETE FROM curation.{table} WHERE source_uri = ?", [[u] for u in gone])
+                con.execute("COMMIT")
+        return gone
 
     def has_media(self, media_id: str) -> bool:
         with self.connect() as con:
@@ -92,17 +112,37 @@ class Catalog:
             con.execute("COMMIT")
         return new
 
-    def quarantine(self, *, uri: str, source: str, key: str, shard: int, size: int, version: str, reason: str) -> None:
+    def quarantine(self, *, uri: str, source: str, key: str, shard: int, size: int, version: str, reason: str,
+                   error_class: str = PERMANENT) -> None:
+        """Move one location to quarantine with its reason and error class (``PERMANENT``: the file is bad;
+        ``TRANSIENT``: a condition, tried again by the next run)."""
         with self.connect() as con:
+            con.execute("BEGIN")
             con.execute("DELETE FROM curation.locations WHERE source_uri = ?", [uri])
             con.execute("INSERT OR REPLACE INTO curation.quarantine "
-                        "(source_uri, source, key, shard, size, version, reason) "
-                        "VALUES (?, ?, ?, ?, ?, ?, ?)", [uri, source, key, shard, size, version, reason])
+                        "(source_uri, source, key, shard, size, version, reason, error_class) "
+                        "VALUES (?, ?, ?, ?, ?, ?, ?, ?)", [uri, source, key, shard, size, version, reason,
+                                                            error_class])
+            con.execute("COMMIT")
+
+    def quarantine_media(self, media_id: str, reason: str, error_class: str = PERMANENT) -> int:
+        """Move every location of ``media_id`` to quarantine (a file that probed fine but failed scoring): its
+        copies are bad alike, and the media stays unscored. Returns how many locations moved."""
+        with self.connect() as con:
+            con.execute("BEGIN")
+            moved = con.execute(
+                "INSERT OR REPLACE INTO curation.quarantine "
+                "(source_uri, source, key, shard, size, version, reason, error_class) "
+                "SELECT source_uri, source, key, shard, size, version, ?, ? FROM curation.locations "
+                "WHERE media_id = ?", [reason, error_class, media_id]).fetchone()[0]
+            con.execute("DELETE FROM curation.locations WHERE media_id = ?", [media_id])
+            con.execute("COMMIT")
+        return int(moved)
 
     # --- scoring ------------------------------------------------------------------------------------------------
     def unscored(self, source: str | None = None, shard: int | None = None) -> list[dict[str, Any]]:
         """Media (with one location each) not yet scored, optionally limited to a source / shard."""
-        sql = ("SELECT m.*, l.source_uri, l.key, l.shard, l.source AS loc_source FROM curation.media m "
+        sql = ("SELECT m.*, l.source_uri, l.key, l.shard, l.version, l.source AS loc_source FROM curation.media m "
                "JOIN (SELECT *, row_number() OVER (PARTITION BY media_id ORDER BY source_uri) AS rn "
                "FROM curation.locations) l "
                "ON l.media_id = m.media_id AND l.rn = 1 WHERE m.media_id NOT IN (SELECT media_id FROM curation.scored)")
@@ -149,11 +189,12 @@ class Catalog:
         return out
 
     def quarantined(self, source: str | None = None) -> list[dict[str, Any]]:
-        sql = "SELECT source_uri, reason, source, key FROM curation.quarantine"
-        params = [] if source is None else [source]
+        sql = "SELECT source_uri, reason, source, key, coalesce(error_class, ?) FROM curation.quarantine"
+        params = [PERMANENT] + ([] if source is None else [source])
         with self.connect() as con:
-            rows = con.execute(sql + (" WHERE source = ?" if source else "") + " ORDER BY key", params).fetchall()
-        return [dict(source_uri=r[0], reason=r[1], source=r[2], key=r[3]) for r in rows]
+            rows = con.execute(sql + (" WHERE source = ?" if source else "") + " ORDER BY key, source_uri",
+                               params).fetchall()
+        return [dict(source_uri=r[0], reason=r[1], source=r[2], key=r[3], error_class=r[4]) for r in rows]
 
     def counts(self) -> dict[str, int]:
         with self.connect() as con:

@@ -5,9 +5,12 @@ from __future__ import annotations
 import copy
 import os
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import yaml
+
+if TYPE_CHECKING:
+    from k5data.object_store import RetryPolicy
 
 DEFAULT_CONFIG = Path(__file__).with_name("configs") / "curation.yaml"
 
@@ -37,6 +40,13 @@ class CurationConfig(dict):
     def endpoint_url(self) -> str | None:
         # Config wins; the env var lets a deployment point at its store without editing the file.
         return self.section("s3").get("endpoint_url") or os.environ.get("K5_S3_ENDPOINT_URL") or None
+
+    @property
+    def retry_policy(self) -> RetryPolicy:
+        """How store and file operations of curation retry transient errors (``s3.retries``)."""
+        from k5data.object_store import RetryPolicy
+
+        return RetryPolicy(**self.section("s3").get("retries", {}))
 
 
 def load_config(path: str | os.PathLike | None = None, overrides: dict | None = None) -> CurationConfig:

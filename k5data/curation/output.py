@@ -1,12 +1,20 @@
 """Dataset assembly: global dedup, pass/reject decision, k-means clusters, buckets; Parquet to a folder or S3.
 
-Layout (report §4.2/§4.4): ``OUT/dataset/<bucket>/<source>/part-00000.parquet`` with bucket 256/512/1024 by the
-short side (0 for rows under 256, which are rejected), plus ``OUT/quarantine.parquet``."""
+Layout (report §4.2/§4.4): one version per write, ``OUT/versions/<version>/dataset/<bucket>/<source>/``
+``part-00000.parquet`` with bucket 256/512/1024 by the short side (0 for rows under 256, which are rejected), plus
+``OUT/versions/<version>/quarantine.parquet``; ``OUT/CURRENT.json`` names the current version and its files.
+A write puts the new version beside the old ones and then switches ``CURRENT.json`` in one PUT, so readers see the
+old dataset or the new one, never a half-written or missing one; a failed write leaves the previous version current.
+After a switch, versions other than the new and the previous one are deleted. Outputs written before versioning
+(``OUT/dataset/``, ``OUT/quarantine.parquet``) are read while no ``CURRENT.json`` exists."""
 
 from __future__ import annotations
 
 import io
+import json
+import uuid
 from collections import Counter
+from datetime import UTC, datetime
 from typing import Any
 
 import numpy as np
@@ -27,7 +35,9 @@ COLUMNS = (["media_id", "source_uri", "source", "kind", "scene_index", "start_s"
            + ["text_boxes", "quality_technical", "quality_aesthetic", "complexity_edges", "complexity_regions",
               "camera_motion", "object_motion", "dup_of", "caption", "caption_backend", "domain", "domain_backend",
               "cluster", "bucket", "passed", "reject_reason"])
-QUARANTINE_COLUMNS = ["source_uri", "reason"]
+QUARANTINE_COLUMNS = ["source_uri", "reason", "error_class"]
+POINTER = "CURRENT.json"
+VERSIONS = "versions/"
 
 
 def reasons_of(row: dict[str, Any], require_caption: bool) -> list[str]:
@@ -93,18 +103,56 @@ def open_output(out: str | ObjectStore, cfg: CurationConfig, create: bool = True
 
 def write_outputs(rows: list[dict[str, Any]], quarantine: list[dict[str, Any]], out: str | ObjectStore,
                   cfg: CurationConfig) -> list[str]:
-    """Write the partitioned dataset and quarantine.parquet to ``out`` (folder, ``s3://`` prefix or store); returns
-    the written objects' URIs."""
+    """Publish the dataset and its quarantine table to ``out`` (folder, ``s3://`` prefix or store) as a new
+    version, switch ``CURRENT.json`` to it, then delete versions older than the previous one; returns the written
+    objects' URIs (the pointer last). Raises (the previous version stays current) when a write fails."""
     store = open_output(out, cfg)
-    # The dataset is a pure function of the catalog: rewrite it whole so removed rows do not linger.
-    store.delete_prefix("dataset/")
+    previous = _pointer(store)
+    version = datetime.now(UTC).strftime("%Y%m%dT%H%M%S%fZ") + "-" + uuid.uuid4().hex[:8]
+    base = f"{VERSIONS}{version}/"
     df = to_frame(rows)
-    written = []
+    parts, written = [], []
     for (bucket, source), part in df.groupby(["bucket", "source"], sort=True):
-        written.append(store.put_bytes(f"dataset/{bucket}/{source}/part-00000.parquet", _parquet_bytes(part)))
-    qdf = pd.DataFrame([{c: q[c] for c in QUARANTINE_COLUMNS} for q in quarantine], columns=QUARANTINE_COLUMNS)
-    written.append(store.put_bytes("quarantine.parquet", _parquet_bytes(qdf.astype("string"))))
+        key = f"{base}dataset/{bucket}/{source}/part-00000.parquet"
+        written.append(store.put_bytes(key, _parquet_bytes(part)))
+        parts.append(key)
+    qdf = pd.DataFrame([{c: q.get(c) for c in QUARANTINE_COLUMNS} for q in quarantine], columns=QUARANTINE_COLUMNS)
+    written.append(store.put_bytes(f"{base}quarantine.parquet", _parquet_bytes(qdf.astype("string"))))
+    missing = sorted(set(parts) - set(store.list(base)))
+    if missing:  # why: never point readers at a version whose files are gone (a concurrent writer's cleanup)
+        raise RuntimeError(f"dataset version {store.uri(base)} lost {len(missing)} files before the switch "
+                           f"(first: {missing[0]}); another writer may be cleaning up this output - re-run alone")
+    manifest = {"format": 1, "version": version, "dataset": parts, "quarantine": f"{base}quarantine.parquet",
+                "rows": len(df), "quarantined": len(qdf), "previous": (previous or {}).get("version"),
+                "written_at": datetime.now(UTC).isoformat()}
+    written.append(store.put_bytes(POINTER, json.dumps(manifest, indent=1).encode()))
+    _collect_garbage(store, keep={version, (previous or {}).get("version")})
     return written
+
+
+def current_version(out: str | ObjectStore, cfg: CurationConfig) -> dict[str, Any] | None:
+    """The manifest of the current dataset version under ``out`` (``version``, ``dataset``: part keys,
+    ``quarantine``: its key, ``rows``, ``previous``...), or None before the first versioned write."""
+    return _pointer(open_output(out, cfg, create=False))
+
+
+def _pointer(store: ObjectStore) -> dict[str, Any] | None:
+    try:
+        return json.loads(store.get_bytes(POINTER))
+    except FileNotFoundError:
+        return None
+
+
+def _collect_garbage(store: ObjectStore, keep: set[str | None]) -> None:
+    """Delete versions not in ``keep`` that are older than the newest kept one (a newer one may be a concurrent
+    writer's, still in progress), and the pre-versioning layout."""
+    newest = max(v for v in keep if v)
+    versions = {k[len(VERSIONS):].split("/", 1)[0] for k in store.list(VERSIONS)}
+    for old in sorted(v for v in versions if v not in keep and v < newest):
+        store.delete_prefix(f"{VERSIONS}{old}/")
+    store.delete_prefix("dataset/")
+    if store.exists("quarantine.parquet"):
+        store.delete_prefix("quarantine.parquet")
 
 
 def summarize(rows: list[dict[str, Any]], quarantine: list[dict[str, Any]]) -> dict[str, Any]:
@@ -124,10 +172,28 @@ def summarize(rows: list[dict[str, Any]], quarantine: list[dict[str, Any]]) -> d
 
 
 def read_dataset(out: str | ObjectStore, cfg: CurationConfig) -> pd.DataFrame:
-    """All dataset rows under ``out`` (folder, ``s3://`` prefix or store), for checks, tests and the encoder."""
+    """All dataset rows of the current version under ``out`` (folder, ``s3://`` prefix or store), for checks, tests
+    and the encoder; raises when the files disagree with the manifest's row count."""
     store = open_output(out, cfg, create=False)
-    keys = sorted((k for k in store.list("dataset/") if k.endswith(".parquet")), key=key_order)
+    manifest = _pointer(store)
+    if manifest is None:  # an output written before versioning (or none yet)
+        keys = sorted((k for k in store.list("dataset/") if k.endswith(".parquet")), key=key_order)
+    else:
+        keys = sorted(manifest["dataset"], key=key_order)
     parts = [pq.read_table(io.BytesIO(store.get_bytes(k))) for k in keys]
-    if not parts:
-        return pd.DataFrame(columns=COLUMNS)
-    return pd.concat([p.to_pandas() for p in parts], ignore_index=True)
+    df = (pd.concat([p.to_pandas() for p in parts], ignore_index=True) if parts
+          else pd.DataFrame(columns=COLUMNS))
+    if manifest is not None and len(df) != manifest["rows"]:
+        raise RuntimeError(f"dataset version {manifest['version']} under {store.location} holds {len(df)} rows, its "
+                           f"manifest {POINTER} says {manifest['rows']}; re-run the curation to rewrite it")
+    return df
+
+
+def read_quarantine(out: str | ObjectStore, cfg: CurationConfig) -> pd.DataFrame:
+    """The quarantine table of the current version under ``out`` (source_uri, reason, error_class)."""
+    store = open_output(out, cfg, create=False)
+    manifest = _pointer(store)
+    key = manifest["quarantine"] if manifest is not None else "quarantine.parquet"
+    if manifest is None and not store.exists(key):
+        return pd.DataFrame(columns=QUARANTINE_COLUMNS)
+    return pq.read_table(io.BytesIO(store.get_bytes(key))).to_pandas()

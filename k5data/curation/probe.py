@@ -59,19 +59,31 @@ def sniff(head: bytes) -> str | None:
     return None
 
 
-def probe_image(data: bytes, family: str) -> MediaInfo:
+def check_pixels(kind: str, width: int, height: int, max_megapixels: float | None) -> None:
+    """Refuse media whose decoded frame would exceed the pixel budget (bounded memory, not an out-of-memory kill)."""
+    if max_megapixels and width * height > max_megapixels * 1e6:
+        raise ProbeError(f"{kind} too large to decode: {width}x{height} = {width * height / 1e6:.1f} megapixels over "
+                         f"the budget media.max_megapixels={max_megapixels:g}")
+
+
+def probe_image(data: bytes, family: str, max_megapixels: float | None = None) -> MediaInfo:
     from PIL import Image
 
     try:
         with Image.open(io.BytesIO(data)) as im:
+            check_pixels("image", im.width, im.height, max_megapixels)  # from the header, before decoding
             im.load()  # full decode: catches truncation that the header alone would hide
             width, height, codec = im.width, im.height, (im.format or family).lower()
+    except ProbeError:
+        raise
+    except Image.DecompressionBombError as err:
+        raise ProbeError(f"image too large to decode: {err}") from err
     except Exception as err:  # PIL raises many types (OSError, SyntaxError, ValueError...)
         raise ProbeError(f"truncated or corrupt {family} image: {err}") from err
     return MediaInfo("image", family, codec, width, height, None, None, 1)
 
 
-def probe_video(path: str | Path, family: str) -> MediaInfo:
+def probe_video(path: str | Path, family: str, max_megapixels: float | None = None) -> MediaInfo:
     import av
 
     try:
@@ -82,24 +94,29 @@ def probe_video(path: str | Path, family: str) -> MediaInfo:
         if not container.streams.video:
             raise ProbeError(f"{family} file has no video stream")
         stream = container.streams.video[0]
+        stream.thread_type = "AUTO"
         codec = stream.codec_context.name
         width, height = stream.codec_context.width, stream.codec_context.height
+        check_pixels("video frame", width or 0, height or 0, max_megapixels)
         fps = float(stream.average_rate or stream.guessed_rate or 0) or None
         declared = stream.frames or None
         duration = float(container.duration / 1e6) if container.duration else None
-        packets = 0
+        packets = frames = 0
         try:
-            # Demuxing (no decoding) every packet is cheap and finds files cut short: their index promises more
-            # frames than the bytes hold, or the demuxer errors out.
+            # Decode through to the end: a corrupt middle demuxes fine but stops the decoder (scene detection
+            # would then see a clip cut short); an index promising more frames than the bytes hold is truncation.
             for packet in container.demux(stream):
-                if packet.size:
-                    packets += 1
+                packets += bool(packet.size)
+                frames += len(packet.decode())
         except Exception as err:
-            raise ProbeError(f"truncated or corrupt {family} video after {packets} packets: {err}") from err
+            raise ProbeError(f"corrupt {family} video: decoding failed after {frames} of "
+                             f"{declared or packets} frames ({err})") from err
     if packets == 0:
         raise ProbeError(f"{family} video has no frames")
     if declared and packets < 0.98 * declared:
         raise ProbeError(f"truncated {family} video: {packets} of {declared} frames present")
+    if frames < 0.98 * packets:
+        raise ProbeError(f"corrupt {family} video: only {frames} of {packets} frames decode")
     if not width or not height:
         raise ProbeError(f"{family} video has no frame size")
     if duration is None and fps:
@@ -107,8 +124,10 @@ def probe_video(path: str | Path, family: str) -> MediaInfo:
     return MediaInfo("video", family, codec, width, height, fps, duration, declared or packets)
 
 
-def probe_file(path: str | Path, name: str, size: int, image_exts: list[str], video_exts: list[str]) -> MediaInfo:
-    """Probe one file; ``name`` (its key) gives the extension it claims. Raises ProbeError with the reason."""
+def probe_file(path: str | Path, name: str, size: int, image_exts: list[str], video_exts: list[str], *,
+               max_megapixels: float | None = None) -> MediaInfo:
+    """Probe one file; ``name`` (its key) gives the extension it claims; frames over ``max_megapixels`` are refused.
+    Raises ProbeError with the reason."""
     ext = Path(name).suffix.lower()
     if ext not in image_exts and ext not in video_exts:
         raise ProbeError(f"unsupported file type '{ext or '(no extension)'}'")
@@ -123,5 +142,5 @@ def probe_file(path: str | Path, name: str, size: int, image_exts: list[str], vi
     if expected and family != expected:
         raise ProbeError(f"mislabelled file: extension '{ext}' but the content is {family}")
     if family in VIDEO_FAMILIES:
-        return probe_video(path, family)
-    return probe_image(Path(path).read_bytes(), family)
+        return probe_video(path, family, max_megapixels)
+    return probe_image(Path(path).read_bytes(), family, max_megapixels)

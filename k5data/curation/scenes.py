@@ -8,6 +8,7 @@ from pathlib import Path
 import numpy as np
 
 from k5data.curation.filters import resize_long
+from k5data.curation.probe import ProbeError
 
 
 @dataclass
@@ -76,8 +77,13 @@ def apply_length_rule(shots: list[tuple[int, int]], fps: float, min_s: float, ma
     return scenes
 
 
-def segment(path: str | Path, detector: str, min_s: float, max_s: float) -> list[Scene]:
-    shots, fps, _ = detect_shots(path, detector)
+def segment(path: str | Path, detector: str, min_s: float, max_s: float,
+            expected_frames: int | None = None) -> list[Scene]:
+    """Scenes of a clip. With ``expected_frames`` (the probe's count), a decoder that stops early is an error, not
+    a shorter clip: PySceneDetect gives up quietly after a run of undecodable frames."""
+    shots, fps, total = detect_shots(path, detector)
+    if expected_frames and total < 0.98 * expected_frames:
+        raise ProbeError(f"corrupt video: scene detection decoded only {total} of {expected_frames} frames")
     return apply_length_rule(shots, fps, min_s, max_s)
 
 
@@ -97,4 +103,7 @@ def decode_frames(path: str | Path, wanted: set[int], max_side: int) -> dict[int
                 out[i] = resize_long(frame.to_ndarray(format="rgb24"), max_side)  # scores use a bounded size
             if i >= last:
                 break
+    if len(out) < len(wanted):
+        raise ProbeError(f"corrupt video: decoding stopped before frame {max(set(wanted) - set(out))} "
+                         f"({len(out)} of {len(wanted)} sampled frames decoded)")
     return out

