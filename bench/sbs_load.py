@@ -29,6 +29,7 @@ from pathlib import Path
 from bench.common import free_port
 from evaluation.sbs.judgments_store import hash_password, options_for
 from evaluation.sbs.sbs_plan import PlanItem, build_plan
+from ui.annotation_app import CHOICE_KEYS
 
 REPO = Path(__file__).resolve().parents[1]  # the app runs from here (python -m ui.annotation_app)
 
@@ -77,22 +78,22 @@ class Annotator(threading.Thread):
         self.errors: list[str] = []
 
     def run(self) -> None:
-        token = self.client.predict(api_name="/view")[-2]
+        token = self.client.predict(api_name="/view")[-3]  # outputs end with token, status, skip reason
         self.start_barrier.wait()
         end = time.monotonic() + self.duration
         while time.monotonic() < end and token:
             undo = self.confirmed > 0 and self.rng.random() < self.undo_rate
             criterion = token.partition("|")[2]
-            index = self.rng.randrange(len(options_for(criterion)))
+            choice = self.rng.choice(options_for(criterion))
             t0 = time.perf_counter()
             try:
                 out = (self.client.predict(token, api_name="/undo") if undo
-                       else self.client.predict(token, api_name=f"/press_{index}"))
+                       else self.client.predict(token, api_name=f"/choose_{CHOICE_KEYS[choice]}"))
             except Exception as exc:  # noqa: BLE001 -- an error is a result to report, not a crash of the bench
                 self.errors.append(repr(exc)[:200])
                 continue
             self.latencies.append(time.perf_counter() - t0)
-            status, token = out[-1], out[-2]
+            status, token = out[-2], out[-3]
             if status.startswith("✓ saved"):
                 self.confirmed += 1
             elif status.startswith("↶ undone:"):

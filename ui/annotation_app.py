@@ -5,6 +5,7 @@ Run:
         [--credentials creds.txt] [--host 127.0.0.1] [--port 7860]
     python -m ui.annotation_app serve-demo K5_HOME/sbs/<comparison>  # demo logins, the comparison's own store
     python -m ui.annotation_app hash-password NAME < password.txt   # prints one credentials line
+    python -m ui.annotation_app hash-password NAME --credentials creds.txt < password.txt  # adds/replaces it (0600)
 
 For a comparison materialized by ``sbs_batch``, ``--db`` is ``K5_HOME/sbs/<comparison>/judgments.duckdb``: the store
 that the ``sbs_report`` asset scores, so what annotators enter here is what the report and the release gate see
@@ -12,27 +13,35 @@ that the ``sbs_report`` asset scores, so what annotators enter here is what the 
 
 Credentials file: one ``annotator:scrypt$n$r$p$salt_hex$hash_hex`` line per annotator (``#`` comments, blank lines
 allowed); without ``--credentials`` the ``annotators`` table of the judgments DB is used. Passwords are never stored
-in clear (scrypt, random 16-byte salt per user).
+in clear (scrypt, random 16-byte salt per user). Logins go through ``ui.security.LoginGuard`` (lockout per name and
+per client address, scrypt off the event loop, the same work and answer time for unknown names); the server process
+creates its files owner-only (umask 077).
 
 Identity comes only from the login session (``gr.Request.username``); the item to judge is derived on the server
 from that annotator's own queue, and the store refuses judgments outside the annotator's assignments, so one
 annotator can neither see nor write another one's items. Every button carries the (item, criterion) token the
-annotator saw; a stale token (double key press, second tab) is refused instead of landing on the next criterion.
+annotator saw; a stale token (double key press, second tab) is refused instead of landing on the next criterion,
+and a repeated press of a choice already saved says so. The page carries only opaque per-annotator tokens
+(``ui.server.OpaqueRefs``): no item id, no model side, no golden flag, no server path; media come from
+``/media/<token>``, served only to the annotator it was issued to.
 
-Keyboard: 1-6 options of the current criterion, U undo, Space play/pause both videos, arrows seek both by 1 s.
+Keyboard: every answer has one key on every criterion (``CHOICE_KEYS``: 1 model 1 better, 2 model 2 better,
+3 equally, 4/5 model 1/2 better (unconfident), 6 both fully correct, 7 both fully incorrect, 0 not applicable),
+U undo, Space play/pause both videos, arrows seek both by 1 s.
 """
 
 from __future__ import annotations
 
 import argparse
 import html
+import os
 import sys
-from collections.abc import Callable
 from pathlib import Path
 
 import gradio as gr
 
 from evaluation.sbs.judgments_store import (
+    MAX_REASON_CHARS,
     AlreadyJudged,
     InvalidJudgment,
     JudgmentsStore,
@@ -40,12 +49,15 @@ from evaluation.sbs.judgments_store import (
     Task,
     hash_password,
     options_for,
-    verify_password,
 )
 from evaluation.sbs.sbs_plan import Plan, criteria_for
-from evaluation.sbs.sbs_scores import CHOICE_LABELS, CRITERION_LABELS
+from evaluation.sbs.sbs_scores import ALL_CHOICES, CHOICE_LABELS, CRITERION_LABELS, NA
+from ui.security import LoginGuard, LoginPolicy, PasswordLookup, password_lookup_from_file, write_private_text
+from ui.server import MediaGrants, OpaqueRefs, build_server, run_server
 
-MAX_OPTIONS = 6  # 5 options + "not applicable" for criterion 8
+# One key per answer, the same on every criterion (an option a criterion does not offer is simply not shown).
+CHOICE_KEYS: dict[str, str] = {choice: str(k) for k, choice in enumerate(ALL_CHOICES, start=1)} | {NA: "0"}
+MAX_TOKEN_CHARS = 200  # the hidden (item, criterion) token; anything longer is not one we issued
 
 _DESCRIPTIONS = {
     "visual_1": "Framing, balance, and visual structure",
@@ -81,6 +93,15 @@ _HEAD_JS = """
   function seekTo(t) { vids().forEach(function (x) { x.currentTime = Math.max(0, Math.min(t, x.duration || t)); }); }
   window.k5 = {toggle: toggle, seekTo: seekTo, vids: vids};
   document.addEventListener('click', function (e) { if (e.target.closest('#k5-play')) toggle(); });
+  // A double click (or a double key press) must not answer the next criterion with the same choice: a second
+  // press of the same answer within 350 ms is dropped before Gradio sees it (capture phase, above its listeners).
+  var lastAnswer = {id: '', at: 0};
+  document.addEventListener('click', function (e) {
+    var b = e.target.closest('[id^="k5-key-"]'); if (!b) return;
+    var now = Date.now();
+    if (b.id === lastAnswer.id && now - lastAnswer.at < 350) { e.stopPropagation(); e.preventDefault(); return; }
+    lastAnswer = {id: b.id, at: now};
+  }, true);
   document.addEventListener('input', function (e) {
     if (e.target.id === 'k5-seek') {
       var v = vids(); if (v.length && v[0].duration) seekTo(e.target.value / 1000 * v[0].duration);
@@ -89,9 +110,9 @@ _HEAD_JS = """
   document.addEventListener('keydown', function (e) {
     var t = e.target; var tag = (t && t.tagName) || '';
     if (tag === 'INPUT' || tag === 'TEXTAREA' || (t && t.isContentEditable) ||
-        e.ctrlKey || e.metaKey || e.altKey) return;
+        e.ctrlKey || e.metaKey || e.altKey || e.repeat) return;
     var btn = null;
-    if (e.key >= '1' && e.key <= '6') btn = document.getElementById('k5-opt-' + (Number(e.key) - 1));
+    if (e.key >= '0' && e.key <= '9') btn = document.getElementById('k5-key-' + e.key);
     else if (e.key === 'u' || e.key === 'U') btn = document.getElementById('k5-undo');
     else if (e.key === ' ') { e.preventDefault(); toggle(); return; }
     else if (e.key === 'ArrowRight' || e.key === 'ArrowLeft') {
@@ -112,38 +133,55 @@ _HEAD_JS = """
 </script>
 """
 
+# Compact enough that media, question and answers fit a 1366x768 laptop screen in both phases.
+_CSS = """
+.gradio-container { padding-top: 4px !important; padding-bottom: 4px !important; }
+#k5-header p, #k5-prompt p, #k5-status p { margin: 0; }
+#k5-media video, #k5-media img { width: 100%; height: 34vh; object-fit: contain; background: #111; display: block; }
+#k5-criterion h3 { margin: 0 0 2px 0; }
+#k5-criterion p { margin: 0; }
+#k5-answers button { min-width: 0; }
+"""
 
-def _token(task: Task | None) -> str:
-    return "" if task is None else f"{task.item_id}|{task.criterion}"
+
+def _token(item_ref: str, task: Task | None) -> str:
+    return "" if task is None else f"{item_ref}|{task.criterion}"
 
 
-def _media_html(task: Task | None, media_root: Path) -> str:
+def _media_html(task: Task | None, item_ref: str, srcs: tuple[str, str]) -> str:
     if task is None:
         return "<div id='k5-media'><p>All assigned pairs are done. Thank you!</p></div>"
-    srcs = [f"/gradio_api/file={html.escape(str((media_root / p).resolve()))}" for p in (task.left, task.right)]
     if task.kind == "video":
-        tags = [f"<video id='k5-{side}' src='{src}' muted playsinline loop preload='auto' "
-                f"style='width:100%'></video>" for side, src in zip(("left", "right"), srcs)]
-        controls = ("<div style='margin-top:6px'><button id='k5-play' type='button'>Play / pause both (Space)"
+        tags = [f"<video id='k5-{side}' src='{src}' muted playsinline loop preload='auto'></video>"
+                for side, src in zip(("left", "right"), srcs)]
+        controls = ("<div style='margin-top:4px'><button id='k5-play' type='button'>Play / pause both (Space)"
                     "</button> <input id='k5-seek' type='range' min='0' max='1000' value='0' style='width:60%'></div>")
     else:
-        tags = [f"<img id='k5-{side}' src='{src}' style='width:100%'>" for side, src in zip(("left", "right"), srcs)]
+        tags = [f"<img id='k5-{side}' src='{src}' alt=''>" for side, src in zip(("left", "right"), srcs)]
         controls = ""
     cells = "".join(f"<div style='flex:1'><b>Model {k}</b><br>{t}</div>" for k, t in ((1, tags[0]), (2, tags[1])))
-    return f"<div id='k5-media' data-item='{html.escape(task.item_id)}'><div style='display:flex;gap:12px'>{cells}" \
-           f"</div>{controls}</div>"
+    return (f"<div id='k5-media' data-item='{html.escape(item_ref)}'><div style='display:flex;gap:12px'>{cells}"
+            f"</div>{controls}</div>")
+
+
+def _choice_button(choice: str) -> str:
+    return f"[{CHOICE_KEYS[choice]}] {CHOICE_LABELS[choice]}"
 
 
 def build_app(store: JudgmentsStore, plan: Plan | None, media_root: str | Path,
-              auth: Callable[[str, str], bool]) -> gr.Blocks:
-    """The annotation Blocks app. ``plan`` (if given) is loaded into the store; ``auth`` checks a login and is
-    passed to ``launch`` by ``serve``. Media paths of the plan are relative to ``media_root``."""
-    media_root = Path(media_root).resolve()
+              password_lookup: PasswordLookup, login_policy: LoginPolicy | None = None) -> gr.Blocks:
+    """The annotation Blocks app. ``plan`` (if given) is loaded into the store; ``password_lookup(name)`` gives a
+    stored scrypt line (None for unknown names) and backs the login guard ``serve`` installs. Media paths of the
+    plan are relative to ``media_root`` and reach the page only as opaque ``/media/<token>`` URLs."""
+    media = MediaGrants(media_root)
+    items = OpaqueRefs()  # the page's stand-in for item ids (which name golden pairs)
     if plan is not None:
         store.load_plan(plan)
+    choices = list(CHOICE_KEYS)  # buttons in key order: a key is also always at the same place
 
-    def view(user: str, status: str, old_item: str | None) -> list:
+    def view(user: str, status: str, old_ref: str | None, reason: object = None) -> list:
         task = store.next_task(user)
+        ref = items.token(user, task.item_id, task.item_id) if task is not None else ""
         if task is None:
             done, total = store.progress(user)
             header = f"**{html.escape(user)}** · {done}/{total} pairs done"
@@ -156,15 +194,19 @@ def build_app(store: JudgmentsStore, plan: Plan | None, media_root: str | Path,
         prompt = gr.Markdown(value=f"**Prompt:** {html.escape(task.prompt)}" if task and task.phase == 2 else "",
                              visible=bool(task and task.phase == 2))
         # Re-rendering the media restarts playback, so only send it when the item changes.
-        media = _media_html(task, media_root) if task is None or task.item_id != old_item else gr.skip()
         if task is None:
-            crit_md, opts = "", []
+            media_html = _media_html(None, "", ("", ""))
+        elif ref != old_ref:
+            srcs = (media.url(user, (task.item_id, "left"), task.left), media.url(user, (task.item_id, "right"),
+                                                                                   task.right))
+            media_html = _media_html(task, ref, srcs)
         else:
-            crit_md = f"### {CRITERION_LABELS[task.criterion]}\n{_DESCRIPTIONS[task.criterion]}"
-            opts = list(options_for(task.criterion))
-        buttons = [gr.Button(value=f"[{i + 1}] {CHOICE_LABELS[opts[i]]}", visible=True) if i < len(opts)
-                   else gr.Button(visible=False) for i in range(MAX_OPTIONS)]
-        return [header, prompt, media, crit_md, *buttons, _token(task), status]
+            media_html = gr.skip()
+        offered = set(options_for(task.criterion)) if task is not None else set()
+        crit_md = "" if task is None else f"### {CRITERION_LABELS[task.criterion]}\n{_DESCRIPTIONS[task.criterion]}"
+        buttons = [gr.Button(visible=c in offered) for c in choices]
+        return [header, prompt, media_html, crit_md, *buttons, _token(ref, task), status,
+                gr.skip() if reason is None else reason]
 
     def user_of(request: gr.Request) -> str:
         user = getattr(request, "username", None)
@@ -175,94 +217,107 @@ def build_app(store: JudgmentsStore, plan: Plan | None, media_root: str | Path,
     def on_load(request: gr.Request) -> list:
         return view(user_of(request), "", None)
 
-    def press(index: int, token: str, request: gr.Request) -> list:
+    def seen(user: str, token: str) -> tuple[str, str | None, str]:
+        """(item ref, item id or None, criterion) of the token the page sent."""
+        if len(token) > MAX_TOKEN_CHARS:
+            return "", None, ""
+        ref, _, criterion = token.partition("|")
+        return ref, items.value(user, ref) if ref else None, criterion
+
+    def choose(choice: str, token: str, request: gr.Request) -> list:
         user = user_of(request)
-        item_id, _, criterion = token.partition("|")
+        ref, item_id, criterion = seen(user, token)
         current = store.next_task(user)
-        if current is None or token != _token(current):
-            # The screen was stale (double press, other tab): refresh instead of judging the wrong criterion.
-            return view(user, "⚠ not saved: the page was out of date and has been refreshed", item_id)
-        opts = options_for(criterion)
-        if not 0 <= index < len(opts):
-            return view(user, "⚠ not saved: no such option", item_id)
+        on_screen = current is not None and (current.item_id, current.criterion) == (item_id, criterion)
+        if item_id is not None and criterion in CRITERION_LABELS and not on_screen:
+            saved = store.saved_choice(user, item_id, criterion)
+            if saved == choice:  # a second press of the same answer (double click, key repeat)
+                return view(user, f"✓ already saved: {CRITERION_LABELS[criterion]} = {CHOICE_LABELS[saved]}", ref)
+            if saved is not None:
+                return view(user, f"⚠ not changed: {CRITERION_LABELS[criterion]} was already saved as "
+                            f"{CHOICE_LABELS[saved]} (press U to undo it)", ref)
+        if not on_screen:
+            # The screen was stale (other tab, restarted server): refresh instead of judging the wrong criterion.
+            return view(user, "⚠ not saved: the page was out of date and has been refreshed", ref)
+        if choice not in options_for(criterion):
+            return view(user, f"⚠ not saved: {CHOICE_LABELS[choice]} is not an answer to this question", ref)
         try:
-            store.record(user, item_id, criterion, opts[index])
+            store.record(user, item_id, criterion, choice)
         except (NotAssigned, InvalidJudgment, AlreadyJudged) as exc:
-            return view(user, f"⚠ not saved: {exc}", item_id)
-        return view(user, f"✓ saved: {CRITERION_LABELS[criterion]} = {CHOICE_LABELS[opts[index]]}", item_id)
+            return view(user, f"⚠ not saved: {exc}", ref)
+        return view(user, f"✓ saved: {CRITERION_LABELS[criterion]} = {CHOICE_LABELS[choice]}", ref)
 
     def undo(token: str, request: gr.Request) -> list:
         user = user_of(request)
         undone = store.undo_last(user)
         msg = "nothing to undo" if undone is None else (
             f"↶ undone: {CRITERION_LABELS[undone[2]]} of this pair" if undone[0] == "judgment" else "↶ skip undone")
-        return view(user, msg, token.partition("|")[0] or None)
+        return view(user, msg, seen(user, token)[0] or None)
 
     def skip(reason: str, token: str, request: gr.Request) -> list:
         user = user_of(request)
-        item_id = token.partition("|")[0]
+        ref, item_id, _ = seen(user, token)
         current = store.next_task(user)
-        if current is None or current.item_id != item_id:
-            return view(user, "⚠ not skipped: the page was out of date and has been refreshed", item_id)
-        if not reason or not reason.strip():
-            return view(user, "⚠ not skipped: give a reason", item_id)
+        if current is None or item_id is None or current.item_id != item_id:
+            return view(user, "⚠ not skipped: the page was out of date and has been refreshed", ref)
+        reason = (reason or "").strip()
+        if not reason:
+            return view(user, "⚠ not skipped: give a reason", ref)
+        if len(reason) > MAX_REASON_CHARS:
+            return view(user, f"⚠ not skipped: the reason is {len(reason)} characters long, at most "
+                        f"{MAX_REASON_CHARS} are accepted", ref)
         store.skip(user, item_id, reason)
-        return view(user, "⏭ skipped", item_id)
+        return view(user, "⏭ skipped", ref, reason="")  # an empty box for the next pair
 
     with gr.Blocks(title="K5 side-by-side annotation") as app:
         header = gr.Markdown(elem_id="k5-header")
         prompt = gr.Markdown(visible=False, elem_id="k5-prompt")
-        media = gr.HTML(elem_id="k5-media-block")
+        media_block = gr.HTML(elem_id="k5-media-block", padding=False)
         crit = gr.Markdown(elem_id="k5-criterion")
-        with gr.Row():
-            buttons = [gr.Button(visible=False, elem_id=f"k5-opt-{i}") for i in range(MAX_OPTIONS)]
+        with gr.Row(elem_id="k5-answers"):
+            buttons = [gr.Button(_choice_button(c), visible=False, elem_id=f"k5-key-{CHOICE_KEYS[c]}", size="md")
+                       for c in choices]
         status = gr.Markdown(elem_id="k5-status")
-        with gr.Row():
-            undo_btn = gr.Button("[U] Undo last judgment", elem_id="k5-undo", variant="secondary")
-            reason = gr.Textbox(label="Skip reason", placeholder="e.g. video does not load", elem_id="k5-skip-reason",
-                                scale=3)
-            skip_btn = gr.Button("Skip pair", elem_id="k5-skip")
+        with gr.Row(equal_height=True):
+            undo_btn = gr.Button("[U] Undo last judgment", elem_id="k5-undo", variant="secondary", size="md")
+            reason = gr.Textbox(show_label=False, placeholder="Skip reason, e.g. video does not load",
+                                elem_id="k5-skip-reason", scale=3, max_length=MAX_REASON_CHARS, lines=1)
+            skip_btn = gr.Button("Skip pair", elem_id="k5-skip", size="md")
         # Rendered but hidden: its value travels with every click, so the server knows what the annotator saw.
         token = gr.Textbox(visible="hidden", elem_id="k5-token")
-        outputs = [header, prompt, media, crit, *buttons, token, status]
+        outputs = [header, prompt, media_block, crit, *buttons, token, status, reason]
         app.load(on_load, inputs=None, outputs=outputs, api_name="view")
-        for i, b in enumerate(buttons):
-            b.click(_bind(press, i), inputs=[token], outputs=outputs, api_name=f"press_{i}")
+        for c, b in zip(choices, buttons):
+            b.click(_bind(choose, c), inputs=[token], outputs=outputs, api_name=f"choose_{CHOICE_KEYS[c]}")
         undo_btn.click(undo, inputs=[token], outputs=outputs, api_name="undo")
         skip_btn.click(skip, inputs=[reason, token], outputs=outputs, api_name="skip")
-    app.k5_auth = auth  # picked up by serve()
-    app.k5_media_root = media_root
+    app.k5_guard = LoginGuard(password_lookup, login_policy)  # picked up by serve()
+    app.k5_media = media  # a task mounted beside this one grants its media here
     return app
 
 
-def _bind(press: Callable[..., list], index: int) -> Callable[..., list]:
+def _bind(choose: object, choice: str) -> object:
     # Gradio injects gr.Request by annotation, which a lambda cannot carry.
     def handler(token: str, request: gr.Request) -> list:
-        return press(index, token, request)
+        return choose(choice, token, request)
 
     return handler
 
 
-def file_auth(path: str | Path) -> Callable[[str, str], bool]:
-    """Login check against a credentials file (format in the module docstring)."""
-    table: dict[str, str] = {}
-    for line in Path(path).read_text(encoding="utf-8").splitlines():
-        line = line.strip()
-        if line and not line.startswith("#"):
-            name, _, hashed = line.partition(":")
-            table[name.strip()] = hashed.strip()
-    return lambda user, password: user in table and verify_password(password, table[user])
-
-
 def serve(app: gr.Blocks, host: str = "127.0.0.1", port: int = 7860, block: bool = True) -> str:
-    """Launch with login and access to the media folder only; returns the local URL."""
-    # Many annotators submit at once; the store serialises the writes itself, so Gradio's queue need not.
-    app.queue(default_concurrency_limit=32)
-    _, url, _ = app.launch(server_name=host, server_port=port, auth=app.k5_auth, allowed_paths=[str(app.k5_media_root)],
-                           prevent_thread_lock=not block, quiet=True, head=_HEAD_JS, ssr_mode=False,
-                           footer_links=[],
-                           auth_message="K5 side-by-side evaluation: log in with your annotator account")
-    return url
+    """Serve ``app`` (from ``build_app``) with guarded logins and private media; returns the local URL."""
+    server = build_server(app, app.k5_guard, app.k5_media, head=_HEAD_JS, css=_CSS,
+                          auth_message="K5 side-by-side evaluation: log in with your annotator account")
+    return run_server(server, host, port, block=block)
+
+
+def add_credentials(path: Path, name: str, password: str) -> None:
+    """Add or replace ``name``'s line in a credentials file, written atomically with owner-only permissions."""
+    if not name or ":" in name or name != name.strip():
+        raise SystemExit(f"Error: annotator name {name!r} must be non-empty, without ':' or surrounding spaces")
+    lines = path.read_text(encoding="utf-8").splitlines() if path.exists() else []
+    kept = [ln for ln in lines if ln.strip().startswith("#") or ln.partition(":")[0].strip() != name]
+    write_private_text(path, "\n".join([*kept, f"{name}:{hash_password(password)}"]) + "\n")
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -281,13 +336,19 @@ def main(argv: list[str] | None = None) -> int:
     d.add_argument("batch", help="folder written by the sbs_batch asset (plan.json, media/)")
     d.add_argument("--host", default="127.0.0.1")
     d.add_argument("--port", type=int, default=7860)
-    h = sub.add_parser("hash-password", help="read a password on stdin, print a credentials line")
+    h = sub.add_parser("hash-password", help="read a password on stdin, print a credentials line "
+                       "(or add it to --credentials FILE, created owner-only)")
     h.add_argument("name")
+    h.add_argument("--credentials", help="credentials file to add the line to (replacing NAME's old line)")
     args = parser.parse_args(argv)
     if args.cmd == "hash-password":
         password = sys.stdin.readline().rstrip("\n")
-        print(f"{args.name}:{hash_password(password)}")
+        if args.credentials:
+            add_credentials(Path(args.credentials), args.name, password)
+        else:
+            print(f"{args.name}:{hash_password(password)}")
         return 0
+    os.umask(0o077)  # the server writes judgments and password hashes: owner-only files (as PostgreSQL does)
     if args.cmd == "serve-demo":
         batch = Path(args.batch)
         if not (batch / "plan.json").exists():
@@ -301,13 +362,12 @@ def main(argv: list[str] | None = None) -> int:
             if not store.check_password(name, "demo"):
                 store.set_password(name, "demo")
         print(f"annotation app: log in as one of {', '.join(names)} with password 'demo'", flush=True)
-        serve(build_app(store, plan, batch / "media", store.check_password), args.host, args.port, block=True)
+        serve(build_app(store, plan, batch / "media", store.password_hash), args.host, args.port, block=True)
         return 0
     store = JudgmentsStore(args.db)
     plan = Plan.from_json(Path(args.plan).read_text()) if args.plan else None
-    auth = file_auth(args.credentials) if args.credentials else store.check_password
-    app = build_app(store, plan, args.media_root, auth)
-    serve(app, args.host, args.port, block=True)
+    lookup = password_lookup_from_file(args.credentials) if args.credentials else store.password_hash
+    serve(build_app(store, plan, args.media_root, lookup), args.host, args.port, block=True)
     return 0
 
 

@@ -16,6 +16,9 @@ Tables
             ``choice_screen`` as clicked (model 1 = left)
   skips(seq, annotator, item_id, reason, created_at)    PK (annotator, item_id)
 ``seq`` comes from one sequence shared by judgments and skips, so "undo" removes the annotator's latest action.
+
+The file holds password hashes: a store that creates it makes it owner-only (0600), and tightens the write-ahead log
+the same way while it exists.
 """
 
 from __future__ import annotations
@@ -52,6 +55,10 @@ class AlreadyJudged(ValueError):
 
 class StoreBusy(RuntimeError):
     """Another process kept the judgments file locked for longer than the store's busy timeout."""
+
+
+MAX_REASON_CHARS = 500
+"""Longest skip reason accepted (free text typed by annotators)."""
 
 
 # --- passwords ------------------------------------------------------------------------------------------------------
@@ -127,7 +134,10 @@ class JudgmentsStore:
         self.busy_timeout_s = busy_timeout_s
         self._lock = threading.Lock()
         Path(self.path).parent.mkdir(parents=True, exist_ok=True)
+        created = not Path(self.path).exists()
         with self._connection() as con:
+            if created:
+                os.chmod(self.path, 0o600)  # before the schema (and any hash) is written
             con.execute(_SCHEMA)
 
     @contextmanager
@@ -149,6 +159,9 @@ class JudgmentsStore:
             try:
                 yield con
             finally:
+                wal = Path(self.path + ".wal")
+                if wal.exists() and wal.stat().st_mode & 0o077:
+                    wal.chmod(0o600)
                 con.close()
 
     def close(self) -> None:
@@ -187,9 +200,14 @@ class JudgmentsStore:
         with self._connection() as con:
             con.execute("INSERT OR REPLACE INTO annotators VALUES (?, ?)", [annotator, hashed])
 
-    def check_password(self, annotator: str, password: str) -> bool:
+    def password_hash(self, annotator: str) -> str | None:
+        """The stored scrypt line of ``annotator`` (None when unknown): the app's login lookup."""
         rows = self._query("SELECT password FROM annotators WHERE annotator = ?", [annotator])
-        return bool(rows) and verify_password(password, rows[0][0])
+        return rows[0][0] if rows else None
+
+    def check_password(self, annotator: str, password: str) -> bool:
+        stored = self.password_hash(annotator)
+        return stored is not None and verify_password(password, stored)
 
     # --- writes ---------------------------------------------------------------------------------------------------
 
@@ -251,9 +269,13 @@ class JudgmentsStore:
         return int(seq)
 
     def skip(self, annotator: str, item_id: str, reason: str) -> int:
-        """Skip an assigned item with a (non-empty) reason; its partial judgments stay but it counts as done."""
+        """Skip an assigned item with a (non-empty) reason of at most ``MAX_REASON_CHARS`` characters; its partial
+        judgments stay but it counts as done."""
         if not reason.strip():
             raise ValueError("a skip needs a reason")
+        if len(reason.strip()) > MAX_REASON_CHARS:
+            raise InvalidJudgment(f"a skip reason may have at most {MAX_REASON_CHARS} characters, "
+                                  f"got {len(reason.strip())}")
         with self._connection() as con:
             con.execute("BEGIN")
             try:
@@ -321,6 +343,12 @@ class JudgmentsStore:
         if pending is None:
             return None
         return Task(**{**pending.__dict__, "done": done})
+
+    def saved_choice(self, annotator: str, item_id: str, criterion: str) -> str | None:
+        """The on-screen choice the annotator saved for (item, criterion), or None."""
+        rows = self._query("SELECT choice_screen FROM judgments WHERE annotator = ? AND item_id = ? AND criterion = ?",
+                           [annotator, item_id, criterion])
+        return rows[0][0] if rows else None
 
     def progress(self, annotator: str) -> tuple[int, int]:
         task = self.next_task(annotator)
