@@ -36,7 +36,15 @@ from k5model.training.checkpointing import (
 )
 from k5model.training.config import StageConfig, get_stage
 from k5model.training.job import TrainJob, parse_mix
-from k5model.training.parallel import apply_activation_checkpointing, apply_fsdp, training_mesh
+from k5model.training.parallel import (
+    apply_activation_checkpointing,
+    apply_fsdp,
+    apply_sequence_parallel,
+    data_parallel_rank,
+    fsdp_mesh,
+    sp_mesh,
+    training_mesh,
+)
 from k5model.training.throughput import ThroughputMeter
 from k5model.training.trainer import SyntheticLatentSource, Trainer
 
@@ -125,7 +133,7 @@ def resolve_stage(job: TrainJob) -> StageConfig:
 
 def build_model(job: TrainJob, stage: StageConfig, device: torch.device, world: int) -> tuple[CrossDiT, Any]:
     """The stage's CrossDiT, initialised from ``init`` unless a checkpoint will be resumed, parallelised; and its
-    device mesh (None = FSDP over all ranks; 2-D = HSDP)."""
+    device mesh (None = FSDP over all ranks; 2-D = HSDP; a last dim ``sp`` = Ulysses sequence parallel)."""
     torch.manual_seed(stage.seed)  # same initial weights on every rank before sharding
     model = CrossDiT(get_preset(stage.model_preset, attention_type=stage.attention)).to(device)
     out = Path(job.checkpoint.out)
@@ -141,8 +149,11 @@ def build_model(job: TrainJob, stage: StageConfig, device: torch.device, world: 
                           ".safetensors file") from None
     if stage.activation_checkpointing:
         apply_activation_checkpointing(model, offload=job.parallel.offload_activations)
-    mesh = training_mesh(world, job.parallel.replicate, device.type)
-    apply_fsdp(model, mesh=mesh, param_dtype=torch.bfloat16 if stage.bf16 and device.type == "cuda" else None)
+    mesh = training_mesh(world, job.parallel.replicate, device.type, job.parallel.sequence_parallel)
+    apply_fsdp(model, mesh=fsdp_mesh(mesh),
+               param_dtype=torch.bfloat16 if stage.bf16 and device.type == "cuda" else None)
+    if sp_mesh(mesh) is not None:
+        apply_sequence_parallel(model, sp_mesh(mesh))
     return model, mesh
 
 
@@ -236,8 +247,10 @@ def run_training(job: TrainJob, callbacks: list[Any] | None = None) -> dict[str,
     device = torch.device("cuda", torch.cuda.current_device()) if torch.cuda.is_available() else torch.device("cpu")
     resume_from, skipped = resume_point(job, rank)  # verified before anything heavy is built
     model, mesh = build_model(job, stage, device, world)
-    data = build_data(job, stage, model.config, rank, world, device)
-    trainer = Trainer(model, stage, data, data.null_condition(), rank=rank, device=device)
+    data_rank, data_world = data_parallel_rank(mesh, rank, world)  # a sequence-parallel group shares its batches
+    data = build_data(job, stage, model.config, data_rank, data_world, device)
+    trainer = Trainer(model, stage, data, data.null_condition(), rank=data_rank, device=device,
+                      batch_replicas=world // data_world)
     ckpt_dir, resumed_from = Path(job.checkpoint.out) / "checkpoints", None
     if resume_from is not None:
         try:

@@ -196,6 +196,9 @@ class AttentionContext:
     key_valid: torch.Tensor | None = None  # packed: (Sk,) valid keys (text padding)
     nabla: NablaContext | None = None  # NABLA self-attention (visual tokens in fractal order)
     rope_cast: torch.dtype | None = None
+    # sequence parallel (k5model.training.parallel.SequenceShards): q/k/v hold this rank's tokens; attention runs on
+    # the whole sequence for this rank's heads between two all-to-all exchanges
+    sequence_shards: Any = None
 
 
 class Attention(nn.Module):
@@ -224,12 +227,21 @@ class Attention(nn.Module):
         else:
             q = norm_and_rope(q, self.query_norm.weight, self.query_norm.eps, rope, ctx.rope_cast)
             k = norm_and_rope(k, self.key_norm.weight, self.key_norm.eps, rope, ctx.rope_cast)
+        shards = ctx.sequence_shards
+        if shards is not None:
+            if context is None:
+                q, k, v = shards.to_full_sequence(q, k, v)
+            else:  # cross-attention: the text is whole on every rank, only its keys/values of this rank's heads
+                q, = shards.to_full_sequence(q)
+                k, v = shards.local_heads(k), shards.local_heads(v)
         if ctx.nabla is not None:
             out = ctx.nabla.attend(q, k, v)
         elif ctx.q_lengths is not None and ctx.backend == "flex":
             out = attn_ops.flex_document_attention(q, k, v, ctx.q_lengths, ctx.k_lengths, ctx.key_valid)
         else:
             out = attn_ops.attention(q, k, v, mask=ctx.mask, backend=ctx.backend)
+        if shards is not None:
+            out = shards.to_local_sequence(out)
         return self.out_layer(out.flatten(-2))
 
 
@@ -336,6 +348,9 @@ class CrossDiT(nn.Module):
         self.options = CrossDiTOptions()
         # with options.nabla.track_density: mean block density NABLA chose over the layers of the last forward
         self.last_nabla_density: float | None = None
+        # set from outside (k5model.training.parallel.apply_sequence_parallel): forward_packed then splits its visual
+        # tokens over a sequence-parallel group; None = the whole sequence on this process
+        self.sequence_parallel: Any = None
 
     # ----------------------------------------------------------------------------------------------------------------
     @property
@@ -550,11 +565,18 @@ class CrossDiT(nn.Module):
             cross_ctx = AttentionContext("flex", q_lengths=lengths, k_lengths=text_lengths)
         else:
             cross_ctx = AttentionContext(backend, mask=_packed_mask(lengths, text_lengths, device))
+        shards, local_lengths = None, lengths
+        if self.sequence_parallel is not None:  # this rank keeps its run of the tokens; masks stay whole-sequence
+            shards = self.sequence_parallel.shards(x.shape[1])
+            self_ctx.sequence_shards = cross_ctx.sequence_shards = shards
+            x, local_lengths = shards.shard(x), shards.local_lengths(lengths)
+            v_rope = Rope(shards.shard(v_rope.cos), shards.shard(v_rope.sin))
         with attn_ops.sdpa_priority(x.is_cuda):
             for block in self.visual_transformer_blocks:
-                x = self._block(block, x, text, time_embed, v_rope, self_ctx, cross_ctx, lengths)
+                x = self._block(block, x, text, time_embed, v_rope, self_ctx, cross_ctx, local_lengths)
         self._record_density(self_ctx)
-        x = self.out_layer(x, time_embed, lengths)[0]
+        x = self.out_layer(x, time_embed, local_lengths)
+        x = (x if shards is None else shards.gather(x))[0]
         outs = []
         for part, grid in zip(x.split(lengths), grids):
             if use_nabla:

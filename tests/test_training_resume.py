@@ -163,18 +163,19 @@ def test_latest_checkpoint_ignores_incomplete(tmp_path: Path) -> None:
 # 2 processes, FSDP2 + gloo, SIGKILL and resume
 
 
-def _cmd(out: Path, *extra: str) -> list[str]:
+def _cmd(out: Path, *extra: str, steps: int = 12) -> list[str]:
     return [sys.executable, "-m", "torch.distributed.run", "--nproc-per-node", "2", "--master-addr", "127.0.0.1",
             "--master-port", str(free_port()), "-m", "k5cli.train_run", "--stage", "tiny_demo",
-            "--out", str(out), "--steps", "12", "--ckpt-every", "4", *extra]
+            "--out", str(out), "--steps", str(steps), "--ckpt-every", "4", *extra]
 
 
 def _env() -> dict[str, str]:
     return {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONUNBUFFERED": "1"}
 
 
-def _run(out: Path, *extra: str) -> list[dict]:
-    proc = subprocess.run(_cmd(out, *extra), cwd=REPO, env=_env(), capture_output=True, text=True, timeout=80)
+def _run(out: Path, *extra: str, steps: int = 12) -> list[dict]:
+    proc = subprocess.run(_cmd(out, *extra, steps=steps), cwd=REPO, env=_env(), capture_output=True, text=True,
+                          timeout=80)
     assert proc.returncode == 0, proc.stderr[-3000:]
     return json_records(proc.stdout)
 
@@ -203,24 +204,20 @@ def _sigkill_tree(pid: int) -> None:
             pass
 
 
-def test_sigkill_and_resume_matches_uninterrupted_run(tmp_path: Path) -> None:
-    t0 = time.monotonic()
-    ref = _run(tmp_path / "ref")
-    ref_losses = step_losses(ref)
-    assert sorted(ref_losses) == list(range(1, 13))
-
-    # The run to kill: read its JSON lines live, SIGKILL torchrun and its workers once step 6 is logged.
-    victim_out = tmp_path / "victim"
-    proc = subprocess.Popen(_cmd(victim_out, "--no-export", "--activation-checkpointing"), cwd=REPO, env=_env(),
-                            stdout=subprocess.PIPE, stderr=subprocess.DEVNULL, text=True, start_new_session=True)
+def _run_killed_at(step: int, cmd: list[str], step_sleep_s: float | None = None) -> dict[int, float]:
+    """Start ``cmd``, read its JSON lines live and SIGKILL torchrun and its workers once ``step`` is logged; the
+    losses it logged. ``step_sleep_s``: pause after each step (the kill lands before the next checkpoint)."""
+    env = _env() if step_sleep_s is None else {**_env(), "K5_TRAIN_STEP_SLEEP_S": str(step_sleep_s)}
+    proc = subprocess.Popen(cmd, cwd=REPO, env=env, stdout=subprocess.PIPE, stderr=subprocess.DEVNULL, text=True,
+                            start_new_session=True)
     lines: queue.Queue[str | None] = queue.Queue()
     threading.Thread(target=lambda: ([lines.put(x) for x in proc.stdout], lines.put(None)), daemon=True).start()
     killed_losses: dict[int, float] = {}
     deadline = time.monotonic() + 60
     try:
-        while 6 not in killed_losses:
+        while step not in killed_losses:
             line = lines.get(timeout=max(0.1, deadline - time.monotonic()))
-            assert line is not None, "victim run ended before step 6"
+            assert line is not None, f"victim run ended before step {step}"
             killed_losses.update(step_losses(json_records(line)))
         _sigkill_tree(proc.pid)
     finally:
@@ -228,6 +225,30 @@ def test_sigkill_and_resume_matches_uninterrupted_run(tmp_path: Path) -> None:
             _sigkill_tree(proc.pid)
         proc.wait(timeout=30)
     assert proc.returncode == -signal.SIGKILL
+    return killed_losses
+
+
+def _assert_same_checkpoint(a_dir: Path, b_dir: Path) -> None:
+    """Model, EMA and AdamW state of two DCP checkpoints agree bit for bit."""
+    a, b = load_dcp(a_dir), load_dcp(b_dir)
+    for part in ("model", "ema"):
+        assert a[part].keys() == b[part].keys()
+        assert all(torch.equal(a[part][k], b[part][k]) for k in a[part]), part
+    assert a["optim"]["state"].keys() == b["optim"]["state"].keys()
+    for key, state in a["optim"]["state"].items():
+        assert all(torch.equal(torch.as_tensor(v), torch.as_tensor(b["optim"]["state"][key][n]))
+                   for n, v in state.items())
+
+
+def test_sigkill_and_resume_matches_uninterrupted_run(tmp_path: Path) -> None:
+    t0 = time.monotonic()
+    ref = _run(tmp_path / "ref")
+    ref_losses = step_losses(ref)
+    assert sorted(ref_losses) == list(range(1, 13))
+
+    # The run to kill: SIGKILL torchrun and its workers once step 6 is logged.
+    victim_out = tmp_path / "victim"
+    killed_losses = _run_killed_at(6, _cmd(victim_out, "--no-export", "--activation-checkpointing"))
     latest = latest_checkpoint(victim_out / "checkpoints")
     assert latest is not None and latest.name in ("step_4", "step_8"), latest  # mid-run: step_12 never written
     resumed_step = int(latest.name.split("_")[1])
@@ -245,14 +266,8 @@ def test_sigkill_and_resume_matches_uninterrupted_run(tmp_path: Path) -> None:
         assert loss == ref_losses[step], (step, loss, ref_losses[step])
 
     # Final sharded checkpoints agree bit for bit (model, AdamW moments, EMA).
-    a, b = load_dcp(tmp_path / "ref/checkpoints/step_12"), load_dcp(victim_out / "checkpoints/step_12")
-    for part in ("model", "ema"):
-        assert a[part].keys() == b[part].keys()
-        assert all(torch.equal(a[part][k], b[part][k]) for k in a[part]), part
-    assert a["optim"]["state"].keys() == b["optim"]["state"].keys()
-    for key, state in a["optim"]["state"].items():
-        assert all(torch.equal(torch.as_tensor(v), torch.as_tensor(b["optim"]["state"][key][n]))
-                   for n, v in state.items())
+    _assert_same_checkpoint(tmp_path / "ref/checkpoints/step_12", victim_out / "checkpoints/step_12")
+    a = load_dcp(tmp_path / "ref/checkpoints/step_12")
 
     # EMA export: a diffusers transformer/ folder that CrossDiT.from_pretrained loads, holding exactly the EMA.
     exported = CrossDiT.from_pretrained(tmp_path / "ref/ema/transformer")
@@ -261,3 +276,34 @@ def test_sigkill_and_resume_matches_uninterrupted_run(tmp_path: Path) -> None:
     assert all(torch.equal(state[k], a["ema"][k]) for k in state)
     assert any(not torch.equal(state[k], a["model"][k]) for k in state)  # the EMA, not the raw weights
     assert time.monotonic() - t0 < 85
+
+
+@pytest.mark.slow
+def test_sequence_parallel_run_matches_one_process_and_resumes_exactly(tmp_path: Path) -> None:
+    """Ulysses over 2 gloo ranks (both ranks train the same batches, each on half of the tokens for one of the two
+    heads): the losses of the one-process run to float rounding, and SIGKILL + resume repeats the run bit for bit."""
+    ref = _run(tmp_path / "ref", "--no-export", "--sequence-parallel", "2", steps=8)
+    assert ref[0]["mesh"] == {"dp": 1, "sp": 2} and ref[0]["world_size"] == 2
+    ref_losses = step_losses(ref)
+    one = subprocess.run([sys.executable, "-m", "k5cli.train_run", "--stage", "tiny_demo", "--out",
+                          str(tmp_path / "one"), "--steps", "8", "--ckpt-every", "0", "--no-export"],
+                         cwd=REPO, env=_env(), capture_output=True, text=True, timeout=80)
+    assert one.returncode == 0, one.stderr[-3000:]
+    one_records = json_records(one.stdout)
+    one_losses = step_losses(one_records)
+    assert sorted(one_losses) == sorted(ref_losses) == list(range(1, 9))
+    # the same samples (a batch is shared by the group, not split as data parallel would) ...
+    assert [r["samples"] for r in ref if "loss" in r] == [r["samples"] for r in one_records if "loss" in r]
+    for step, loss in one_losses.items():  # ... and the same maths up to the summation order of the gradients
+        assert ref_losses[step] == pytest.approx(loss, rel=1e-5, abs=1e-6), step
+
+    victim_out = tmp_path / "victim"
+    killed = _run_killed_at(6, _cmd(victim_out, "--no-export", "--sequence-parallel", "2", steps=8), step_sleep_s=1)
+    assert latest_checkpoint(victim_out / "checkpoints").name == "step_4"
+    assert all(loss == ref_losses[step] for step, loss in killed.items())
+    resumed = _run(victim_out, "--no-export", "--sequence-parallel", "2", "--resume", steps=8)
+    assert resumed[0]["resumed_from"] == 4 and resumed[0]["mesh"] == {"dp": 1, "sp": 2}
+    resumed_losses = step_losses(resumed)
+    assert sorted(resumed_losses) == [5, 6, 7, 8]
+    assert all(loss == ref_losses[step] for step, loss in resumed_losses.items())  # exact: same ranks, same ops
+    _assert_same_checkpoint(tmp_path / "ref/checkpoints/step_8", victim_out / "checkpoints/step_8")

@@ -116,10 +116,14 @@ class ParallelSpec:
     """Recompute each block in the backward pass."""
     offload_activations: bool = False
     """Activation checkpointing with each block's saved inputs in pinned host memory (report §6.1.3)."""
+    sequence_parallel: int = 1
+    """Ulysses sequence parallel: N consecutive ranks split each batch's visual tokens and attend the whole sequence
+    for heads/N of the heads each (N divides the heads and nproc/replicate; 1 = off). For long videos."""
 
     def __post_init__(self) -> None:
-        if self.nproc < 1 or self.replicate < 1:
-            raise ValueError(f"nproc and replicate must be >= 1, got {self.nproc} and {self.replicate}")
+        if self.nproc < 1 or self.replicate < 1 or self.sequence_parallel < 1:
+            raise ValueError(f"nproc, replicate and sequence_parallel must be >= 1, got {self.nproc}, "
+                             f"{self.replicate} and {self.sequence_parallel}")
         if self.offload_activations:
             self.activation_checkpointing = True
 

@@ -94,6 +94,8 @@ class ThroughputMeter:
         cfg = getattr(self.trainer.model, "config", None)
         tokens, flops = batch_tokens_and_flops(cfg, batch) if batch is not None and cfg is not None else (0, 0.0)
         tokens, flops = self._reduce((tokens, flops), dist.ReduceOp.SUM)
+        replicas = getattr(self.trainer, "batch_replicas", 1)  # a sequence-parallel group shares one batch
+        tokens, flops = tokens / replicas, flops / replicas
         seconds, peak = self._reduce((seconds, peak_memory_gib(self.trainer.device)), dist.ReduceOp.MAX)
         metrics.update(step_time_s=seconds, tokens_per_s=tokens / seconds if seconds > 0 else 0.0,
                        model_tflops=flops / seconds / 1e12 if seconds > 0 else 0.0, peak_mem_gib=peak)

@@ -170,7 +170,10 @@ class Trainer:
         callbacks: Iterable[StepCallback] = (),
         rank: int = 0,
         device: torch.device | str = "cpu",
+        batch_replicas: int = 1,
     ):
+        """``rank``: the data-parallel rank (seeds the step's draws). ``batch_replicas``: ranks that share each batch
+        (a sequence-parallel group: each computes part of the same loss; ``parallel.apply_sequence_parallel``)."""
         self.model = model
         self.stage = stage
         self.optim_cfg = stage.optim
@@ -178,6 +181,7 @@ class Trainer:
         self.null_condition = null_condition
         self.callbacks = list(callbacks)
         self.rank = rank
+        self.batch_replicas = int(batch_replicas)
         self.device = torch.device(device)
         self.optimizer = build_optimizer(model, self.optim_cfg)
         self.ema = EMA(model, stage.ema_decay)
@@ -196,7 +200,7 @@ class Trainer:
         if dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1:
             total = torch.tensor(float(value), device=self.device, dtype=torch.float64)
             dist.all_reduce(total)
-            return int(total.item())
+            return int(total.item()) // self.batch_replicas  # a shared batch counts once
         return int(value)
 
     def _loss(self, batch: PackedBatch, g: torch.Generator) -> tuple[torch.Tensor, torch.Tensor, int]:
@@ -237,7 +241,9 @@ class Trainer:
         loss, dropped, tokens = self._loss(batch, g)
         if not torch.isfinite(loss):
             raise FloatingPointError(f"non-finite loss {float(loss)} at step {step}")
-        loss.backward()
+        # FSDP averages gradients over every rank; the ranks of a sequence-parallel group each hold part of the same
+        # loss's gradient, which must be summed, not averaged (N is a power of two in practice: the scaling is exact)
+        (loss * self.batch_replicas if self.batch_replicas > 1 else loss).backward()
         grad_norm = clip_gradients(self.model.parameters(), self.optim_cfg.grad_clip)
         lr = warmup_lr(step, self.optim_cfg.lr, self.optim_cfg.warmup_steps)
         for group in self.optimizer.param_groups:
