@@ -2,19 +2,28 @@
 curated latent shards, the base pipeline), run it through Pipes into a ``.partial`` work folder that survives
 failures (the next attempt resumes from its last sharded checkpoint), and publish the folder only when the job
 completed. MLflow: one run per attempt under the chain's lineage run, linked back to the Dagster run and asset.
+
+One materialization of a stage at a time: ``hold_stage`` takes a lease on the stage's folder (``k5data.leases``, at
+``training/.<stage>.lock/``) before the work folder is touched and keeps it until the publish; a second run of the
+same stage fails at once, naming the run that holds it, and leaves the first one's work folder and metrics intact.
+A run worker that died (its pid gone, or the lease unrenewed for its TTL) is taken over by the next attempt.
 """
 
 from __future__ import annotations
 
+import contextlib
 import json
 import math
 import shutil
+from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 import dagster as dg
 
+from k5data.leases import Lease, LeaseHeld, acquire_lease
+from k5data.object_store import LocalStore
 from k5model.training.job import TrainJob
 from k5model.training.stages import TableStage, demo_scaling, get_table_stage
 from orchestration.lineage import latest_metadata, stage_dir
@@ -87,6 +96,23 @@ def build_job(inputs: StageInputs, work: Path) -> tuple[TrainJob, str]:
     return job, why
 
 
+STAGE_LEASE_TTL_S = 120.0  # renewed every 40 s by the run worker; a dead worker's lease is taken over after this
+
+
+@contextlib.contextmanager
+def hold_stage(out: Path, holder: str, ttl_s: float = STAGE_LEASE_TTL_S) -> Iterator[Lease]:
+    """The one-materialization lease of the stage whose folder is ``out``; ``dg.Failure`` (not retried) when another
+    run holds it."""
+    stage = out.name
+    try:
+        with acquire_lease(LocalStore(out.parent), f".{stage}.lock", holder=holder, ttl_s=ttl_s) as lease:
+            yield lease
+    except LeaseHeld as err:
+        raise dg.Failure(f"train_{stage} is already being materialized by {err.record.describe()}: refusing to run "
+                         f"it twice at once (they would share {out.parent / f'.{stage}.partial'}). Wait for that run "
+                         "to finish or cancel it, then materialize again", allow_retries=False) from None
+
+
 def prepare_work(work: Path, job: TrainJob, log: Any) -> bool:
     """Keep a failed attempt's work folder when it trained the same job (the next attempt resumes from its
     checkpoints); start afresh when the job changed. Returns whether checkpoints are kept."""
@@ -155,6 +181,15 @@ def run_stage(context: dg.AssetExecutionContext, inputs: StageInputs, paths: K5P
     out = stage_dir(paths, inputs.stage)
     work = out.with_name(f".{inputs.stage}.partial")  # a failed attempt never replaces the last good stage
     job, why = build_job(inputs, work)
+    with hold_stage(out, f"Dagster run {context.run_id}") as lease:
+        return _run_held(context, inputs, job, why, out, work, lease, mlflow, training_job, system_metrics_interval_s)
+
+
+def _run_held(context: dg.AssetExecutionContext, inputs: StageInputs, job: TrainJob, why: str, out: Path, work: Path,
+              lease: Lease, mlflow: Any, training_job: Any, system_metrics_interval_s: float) -> dict[str, Any]:
+    """``run_stage`` under the stage's lease: prepare the work folder, train, publish."""
+    if lease.took_over is not None:
+        context.log.warning(f"took over the stale lease of train_{inputs.stage} held by {lease.took_over.describe()}")
     resumed = prepare_work(work, job, context.log)
     asset = context.asset_key.to_user_string()
     tags = {"dagster_asset": asset, "dagster_run_url": f"{DAGSTER_UI_URL}/runs/{context.run_id}",
@@ -169,6 +204,7 @@ def run_stage(context: dg.AssetExecutionContext, inputs: StageInputs, paths: K5P
     except BaseException:
         mlflow.end_stage_run(run_id, failed=True)  # the run keeps every step the job logged before failing
         raise
+    lease.check()  # never publish over a run that took the stage over
     publish(work, out)
     metrics = read_metrics(out / "metrics.jsonl")
     consumed = {"samples_consumed": int(sum(m.get("samples", 0) for m in metrics)),

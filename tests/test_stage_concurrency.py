@@ -1,0 +1,103 @@
+"""One materialization of a training stage at a time (issue 20): a second concurrent materialization of the same stage
+is refused at once, naming the run that holds it, while the first completes with an intact metrics file; a stage
+whose run worker died is taken over; the refusal is not retried."""
+
+from __future__ import annotations
+
+import json
+import socket
+import subprocess
+import sys
+import threading
+import time
+from pathlib import Path
+
+import dagster as dg
+import pytest
+from lineage_fixtures import record_training_upstream
+
+from assets.training import stage_assets
+from k5data.leases import LeaseRecord, acquire_lease, lease_key, put_if_absent, read_lease
+from k5data.object_store import LocalStore
+from orchestration.lineage import stage_dir
+from orchestration.resources import K5HomeResource, MLflowResource, ObjectStoreResource, TrainingJobResource
+from orchestration.settings import K5Paths
+from orchestration.stage_runs import hold_stage
+
+STAGE = "video_lite_t2i_lr"
+RESOURCES = {"k5_home": K5HomeResource(), "mlflow": MLflowResource(), "object_store": ObjectStoreResource(),
+             "training_job": TrainingJobResource()}
+
+
+def test_hold_stage_refuses_a_second_holder_and_takes_over_a_dead_one(tmp_path: Path) -> None:
+    out = tmp_path / "training" / STAGE
+    with hold_stage(out, "Dagster run first-run-id"):
+        with pytest.raises(dg.Failure) as refused:
+            with hold_stage(out, "Dagster run second-run-id"):
+                pytest.fail("a second holder got in")
+        assert refused.value.allow_retries is False
+        text = refused.value.description
+        assert f"train_{STAGE} is already being materialized by Dagster run first-run-id" in text
+        assert f".{STAGE}.partial" in text and "Wait for that run" in text
+    with hold_stage(out, "Dagster run second-run-id") as lease:  # released: the next run gets it
+        assert lease.took_over is None
+
+    dead = subprocess.Popen([sys.executable, "-c", "pass"])
+    dead.wait()
+    record = LeaseRecord("Dagster run crashed-run", socket.gethostname(), dead.pid, "2026-01-01T00:00:00",
+                         time.time() + 3600, 120.0, "tok")
+    assert put_if_absent(LocalStore(out.parent), lease_key(f".{STAGE}.lock"), record.encode())
+    with hold_stage(out, "Dagster run third-run-id") as lease:  # its worker is gone: no wait for the TTL
+        assert lease.took_over.holder == "Dagster run crashed-run"
+
+
+@pytest.mark.slow
+def test_concurrent_materialization_of_one_stage_is_refused(tmp_path: Path, monkeypatch: pytest.MonkeyPatch,
+                                                            tiny_t2v_dir: Path, tiny_t2i_dir: Path) -> None:
+    monkeypatch.setenv("K5_HOME", str(tmp_path / "k5"))
+    monkeypatch.setenv("K5_TRAIN_STEP_SLEEP_S", "0.7")
+    instance = dg.DagsterInstance.ephemeral()
+    paths = K5Paths.from_env().ensure()
+    record_training_upstream(instance, paths.object_store, tiny_t2v_dir, tiny_t2i_dir)
+    asset = [a for a in stage_assets if a.key.to_user_string() == f"train_{STAGE}"]
+    run_config = {"ops": {f"train_{STAGE}": {"config": {"steps": 4, "ckpt_every": 0, "sample_every": None}}}}
+    out = stage_dir(paths, STAGE)
+    work = out.with_name(f".{STAGE}.partial")
+    results: dict[str, dg.ExecuteInProcessResult] = {}
+
+    def first() -> None:
+        results["first"] = dg.materialize(asset, resources=RESOURCES, instance=instance, run_config=run_config,
+                                          raise_on_error=False)
+
+    runner = threading.Thread(target=first)
+    runner.start()
+    try:
+        deadline = time.monotonic() + 180
+        while not (work / "metrics.jsonl").exists():  # the first run is training
+            assert runner.is_alive() and time.monotonic() < deadline, "the first run never started training"
+            time.sleep(0.05)
+        holder = read_lease(LocalStore(out.parent), f".{STAGE}.lock")
+        assert holder is not None and holder.holder.startswith("Dagster run ")
+        started = time.monotonic()
+        second = dg.materialize(asset, resources=RESOURCES, instance=instance, run_config=run_config,
+                                raise_on_error=False)
+        refused_after = time.monotonic() - started
+        assert runner.is_alive()  # refused while the first is still running
+    finally:
+        runner.join(timeout=300)
+    assert not second.success
+    [failure] = [e for e in second.all_events if e.event_type == dg.DagsterEventType.STEP_FAILURE]
+    message = failure.event_specific_data.error.message
+    assert f"already being materialized by {holder.holder}" in message and f"pid {holder.pid}" in message
+    assert not [e for e in second.all_events if e.event_type == dg.DagsterEventType.STEP_UP_FOR_RETRY]
+    assert refused_after < 60  # at once, not after training
+
+    assert results["first"].success
+    assert holder.holder == f"Dagster run {results['first'].run_id}"
+    steps = [json.loads(line)["step"] for line in (out / "metrics.jsonl").read_text().splitlines()]
+    assert steps == [1, 2, 3, 4]  # one run's steps, once each: nothing mixed in
+    meta = results["first"].asset_materializations_for_node(f"train_{STAGE}")[0].metadata
+    assert meta["steps"].value == 4 and not work.exists()
+    assert read_lease(LocalStore(out.parent), f".{STAGE}.lock") is None  # released after publishing
+    with acquire_lease(LocalStore(out.parent), f".{STAGE}.lock", holder="next", ttl_s=5):
+        pass  # free for the next materialization
