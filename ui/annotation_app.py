@@ -36,6 +36,7 @@ import argparse
 import html
 import os
 import sys
+from collections.abc import Callable, Sequence
 from pathlib import Path
 
 import gradio as gr
@@ -169,7 +170,8 @@ def _choice_button(choice: str) -> str:
 
 
 def build_app(store: JudgmentsStore, plan: Plan | None, media_root: str | Path,
-              password_lookup: PasswordLookup, login_policy: LoginPolicy | None = None) -> gr.Blocks:
+              password_lookup: PasswordLookup, login_policy: LoginPolicy | None = None,
+              extra_tasks: Sequence[Callable[[gr.Blocks, MediaGrants], None]] = ()) -> gr.Blocks:
     """The annotation Blocks app. ``plan`` (if given) is loaded into the store; ``password_lookup(name)`` gives a
     stored scrypt line (None for unknown names) and backs the login guard ``serve`` installs. Media paths of the
     plan are relative to ``media_root`` and reach the page only as opaque ``/media/<token>`` URLs."""
@@ -291,6 +293,8 @@ def build_app(store: JudgmentsStore, plan: Plan | None, media_root: str | Path,
             b.click(_bind(choose, c), inputs=[token], outputs=outputs, api_name=f"choose_{CHOICE_KEYS[c]}")
         undo_btn.click(undo, inputs=[token], outputs=outputs, api_name="undo")
         skip_btn.click(skip, inputs=[reason, token], outputs=outputs, api_name="skip")
+        for mount in extra_tasks:  # other task types (e.g. ui.sft_task.sft_task) below, on the same logins and media
+            mount(app, media)
     app.k5_guard = LoginGuard(password_lookup, login_policy)  # picked up by serve()
     app.k5_media = media  # a task mounted beside this one grants its media here
     return app
@@ -328,6 +332,7 @@ def main(argv: list[str] | None = None) -> int:
     s.add_argument("--plan", help="annotation plan JSON (sbs_plan.Plan.to_json); loaded into the DB")
     s.add_argument("--media-root", required=True)
     s.add_argument("--credentials", help="credentials file; default: the DB's annotators table")
+    s.add_argument("--sft-db", help="also mount the SFT annotation task on this store (ui/sft_task.py)")
     s.add_argument("--host", default="127.0.0.1")
     s.add_argument("--port", type=int, default=7860)
     d = sub.add_parser("serve-demo",
@@ -367,7 +372,13 @@ def main(argv: list[str] | None = None) -> int:
     store = JudgmentsStore(args.db)
     plan = Plan.from_json(Path(args.plan).read_text()) if args.plan else None
     lookup = password_lookup_from_file(args.credentials) if args.credentials else store.password_hash
-    serve(build_app(store, plan, args.media_root, lookup), args.host, args.port, block=True)
+    extra = []
+    if args.sft_db:
+        from evaluation.sft.store import SftStore
+        from ui.sft_task import sft_task
+
+        extra.append(sft_task(SftStore(args.sft_db)))
+    serve(build_app(store, plan, args.media_root, lookup, extra_tasks=extra), args.host, args.port, block=True)
     return 0
 
 

@@ -184,6 +184,30 @@ class SftStore(JudgmentsStore):
                 raise
         return written
 
+    def add_to_queue(self, annotator: str, stage: int) -> int:
+        """Queue every eligible item the annotator does not have yet, beyond the overlap (a new expert rating the
+        items already passed, a demo account): Stage 1 all items, Stage 2 the items that passed Stage 1. Decided
+        screenings stay decided. Returns the assignments written."""
+        with self._connection() as con:
+            con.execute("BEGIN")
+            try:
+                self._check_role(con, annotator, stage)
+                eligible = ("SELECT item_id FROM sft_items" if stage == STAGE_SCREENING
+                            else "SELECT item_id FROM sft_stage1 WHERE passed")
+                rows = con.execute(f"SELECT item_id FROM ({eligible}) WHERE item_id NOT IN (SELECT item_id FROM "
+                                   "sft_assignments WHERE annotator = ? AND stage = ?) ORDER BY item_id",
+                                   [annotator, stage]).fetchall()
+                start = con.execute("SELECT count(*) FROM sft_assignments WHERE annotator = ? AND stage = ?",
+                                    [annotator, stage]).fetchone()[0]
+                for k, (item_id,) in enumerate(rows):
+                    con.execute("INSERT INTO sft_assignments VALUES (?, ?, ?, ?)", [annotator, item_id, stage,
+                                                                                    int(start) + k])
+                con.execute("COMMIT")
+            except Exception:
+                con.execute("ROLLBACK")
+                raise
+        return len(rows)
+
     @staticmethod
     def _setting(con: duckdb.DuckDBPyConnection, key: str) -> str:
         return con.execute("SELECT value FROM sft_settings WHERE key = ?", [key]).fetchone()[0]
