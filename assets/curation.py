@@ -50,8 +50,9 @@ def scored_scenes(context: dg.AssetExecutionContext, k5_home: K5HomeResource,
 @dg.asset(deps=[scored_scenes], group_name="curation", kinds={"parquet"})
 def curated_dataset(context: dg.AssetExecutionContext, k5_home: K5HomeResource, curation: CurationResource,
                     object_store: ObjectStoreResource) -> dg.MaterializeResult:
-    """Parquet dataset by short-side bucket and source (one row per image / scene) + quarantine.parquet."""
-    # The dataset "folder" is the store prefix holding dataset/ and quarantine.parquet (or curation.out itself).
+    """Parquet dataset by short-side bucket and source (one row per image / scene) + quarantine table, published
+    as a new version that CURRENT.json switches to (``k5data.curation.output.write_outputs``)."""
+    # The dataset "folder" is the store prefix holding CURRENT.json and versions/ (or curation.out itself).
     out = curation.out or object_store.store().child(OBJECT_PREFIX)
     summary, _ = finalize(_catalog(k5_home), out, curation.config())
     path = out if isinstance(out, str) else out.location

@@ -219,3 +219,54 @@ def test_failed_write_leaves_the_previous_version_and_old_versions_are_collected
     now = current_version("s3://curated/faulty", cfg)
     assert {k.split("/")[1] for k in store.list("versions/")} == {now["version"], now["previous"]}
     assert json.loads(store.get_bytes("CURRENT.json"))["rows"] == rows
+
+
+# --- local catalogue semantics ------------------------------------------------------------------------------------
+
+def test_scoring_failure_is_quarantined_with_its_version_and_comes_back_when_fixed(tmp_path: Path) -> None:
+    """A file that breaks between registration and scoring is quarantined against the version that was registered
+    (not marked scored with no rows), so once fixed it is registered and scored again instead of vanishing."""
+    from k5data.curation.catalog import Catalog
+    from k5data.curation.corpus import skimage_dir
+    from k5data.curation.curate import score_pending
+    from k5data.curation.register import register_sources
+    from k5data.sources import Source
+
+    corpus = tmp_path / "corpus"
+    corpus.mkdir()
+    original = (skimage_dir() / "astronaut.png").read_bytes()
+    (corpus / "astronaut.png").write_bytes(original)
+    (corpus / "astronaut.txt").write_text(CAPTIONS["astronaut"] + "\n")
+    cfg, source, catalog = load_config(), Source(str(corpus)), Catalog(tmp_path / "catalog.duckdb")
+    register_sources(source, catalog, cfg)
+    (media,) = catalog.unscored()
+    (corpus / "astronaut.png").write_bytes(original[: len(original) // 3])  # breaks before scoring
+    assert score_pending(source, catalog, cfg) == (0, 0, 1)
+    (entry,) = catalog.quarantined()
+    assert entry["reason"].startswith("scoring failed:") and entry["error_class"] == "permanent"
+    assert catalog.known_versions(source.name) == {media["source_uri"]: media["version"]}
+    assert not catalog.items() and not catalog.unscored()
+
+    (corpus / "astronaut.png").write_bytes(original)  # fixed: a new version of the file
+    assert register_sources(source, catalog, cfg).new_copies == 1 and catalog.quarantined() == []
+    assert score_pending(source, catalog, cfg) == (1, 1, 0)
+    assert [i["media_id"] for i in catalog.items()] == [media["media_id"]]
+
+
+def test_transient_quarantine_entries_are_tried_again(tmp_path: Path) -> None:
+    from k5data.curation.catalog import PERMANENT, TRANSIENT, Catalog
+    from k5data.curation.corpus import skimage_dir
+    from k5data.curation.register import register_sources
+    from k5data.sources import Source
+
+    corpus = tmp_path / "corpus"
+    corpus.mkdir()
+    for name in ("coffee.png", "chelsea.png"):
+        shutil.copyfile(skimage_dir() / name, corpus / name)
+    source, catalog = Source(str(corpus)), Catalog(tmp_path / "catalog.duckdb")
+    for obj, error_class in zip(source.iter_objects(), (PERMANENT, TRANSIENT)):  # chelsea, coffee (key order)
+        catalog.quarantine(uri=obj.uri, source=source.name, key=obj.key, shard=0, size=obj.size, version=obj.version,
+                           reason=f"recorded as {error_class}", error_class=error_class)
+    stats = register_sources(source, catalog, load_config())
+    assert stats.unchanged == 1 and stats.new_media == 1  # the transient entry was retried, the verdict kept
+    assert [(q["key"], q["error_class"]) for q in catalog.quarantined()] == [("chelsea.png", PERMANENT)]
