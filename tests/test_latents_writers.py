@@ -236,7 +236,8 @@ def test_failure_mid_index_write_leaves_the_previous_index_visible(tmp_path: Pat
     write_shards(samples, LocalStore(tmp_path), "lat", per_shard=ONE)  # a healthy re-run completes
     ids = read_index(LocalStore(tmp_path), "lat").column("sample_id").to_pylist()
     assert sorted(ids) == sorted(archived_ids(LocalStore(tmp_path), "lat")) == [s.id for s in samples]
-    assert len(LocalStore(tmp_path).list("lat/indexes/")) <= 4  # old versions pruned
+    versions = [v.rsplit("/", 1)[1].split("-")[1] for v in LocalStore(tmp_path).list("lat/indexes/")]
+    assert versions == [f"{g:08d}" for g in range(1, 7)]  # the half-written version was removed
 
 
 def test_readers_never_see_no_index_while_versions_are_published_and_pruned(store: LocalStore | S3Store) -> None:
@@ -259,6 +260,8 @@ def test_readers_never_see_no_index_while_versions_are_published_and_pruned(stor
         stop.set()
         t.join()
     assert not errors and seen and min(seen) >= 1 and seen == sorted(seen) and max(seen) <= 16
+    generations = [int(v.rsplit("/", 1)[1].split("-")[1]) for v in store.list("lat/indexes/")]
+    assert generations == [1, 13, 14, 15, 16]  # the first run's last version stays (lineage), the second's last 4
 
 
 def test_legacy_bare_index_is_read_and_migrated(tmp_path: Path) -> None:

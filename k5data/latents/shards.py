@@ -4,7 +4,7 @@ archives, written by one writer at a time.
 Layout under a prefix::
 
     shards/<modality>/<class>/shard-<n>-<writer>.tar   archives (the writer tag: two writers never share a name)
-    indexes/index-<generation>-<writer>.parquet         index versions (the last ``KEEP_INDEX_VERSIONS`` kept)
+    indexes/index-<generation>-<writer>.parquet         index versions (each run's last; its latest few while running)
     index.json                                          pointer to the current version (+ its SHA-256 and counts)
     pending/<modality>/<class>/spill-<writer>-<n>.tar   encoded samples not yet in an archive (bounded kill loss)
     _lease.json                                         the writer's lease (``k5data.leases``)
@@ -45,7 +45,7 @@ SAMPLES_PER_SHARD: dict[tuple[str, str], int] = {
 }
 LEGACY_INDEX_KEY = "index.parquet"  # before index.json: read, migrated on the next publish
 INDEX_POINTER = "index.json"
-KEEP_INDEX_VERSIONS = 4  # older versions deleted: a reader between pointer and version retries
+KEEP_INDEX_VERSIONS = 4  # a run's older versions are deleted: a reader between pointer and version retries
 SPILL_EVERY = 32  # encoded samples per class kept only in memory at most (then spilled to pending/)
 SPILL_SECONDS = 60.0  # ... or for at most this long
 
@@ -174,7 +174,12 @@ def publish_index(store: Store, prefix: str, table: pa.Table, expected: IndexHea
     buf = io.BytesIO()
     pq.write_table(table, buf)
     data = buf.getvalue()
-    store.put_bytes(f"{prefix}/{key}", data)  # a failure here leaves the pointer at the previous version
+    try:
+        store.put_bytes(f"{prefix}/{key}", data)  # a failure here leaves the pointer at the previous version
+    except BaseException:
+        with contextlib.suppress(Exception):  # best effort: a half-written version is never pointed at anyway
+            store.delete_prefix(f"{prefix}/{key}")
+        raise
     digest = hashlib.sha256(data).hexdigest()
     pointer = json.dumps({"format": 1, "index": key, "generation": generation, "sha256": digest,
                           "samples": table.num_rows, "shards": len(set(table.column("shard").to_pylist())),
@@ -191,10 +196,10 @@ def publish_index(store: Store, prefix: str, table: pa.Table, expected: IndexHea
                             "another writer is active on this prefix; stop it (or wait) and re-run, which resumes")
     if expected is not None and expected.pointer_version is None:
         store.delete_prefix(f"{prefix}/{LEGACY_INDEX_KEY}")  # migrated: the pointer is the one truth now
-    old = sorted(k for k in store.list(f"{prefix}/indexes/") if k.endswith(".parquet"))
-    for stale in old[:-KEEP_INDEX_VERSIONS]:
-        if not stale.endswith(key):
-            store.delete_prefix(stale)
+    # prune this writer's intermediate versions only: the last version of every run stays (lineage names it)
+    own = sorted(k for k in store.list(f"{prefix}/indexes/") if k.endswith(f"-{writer}.parquet"))
+    for stale in own[:-KEEP_INDEX_VERSIONS]:
+        store.delete_prefix(stale)
     return IndexHead(key, generation, version)
 
 
