@@ -185,8 +185,11 @@ def test_two_annotators_complete_both_phases_with_shortcuts(server, browser) -> 
     wrong.goto(url)
     wrong.locator("input[type=text]").first.fill("ann1")
     wrong.locator("input[type=password]").fill("not-the-password")
-    wrong.locator("button", has_text="Login").first.click()
-    wrong.wait_for_timeout(1500)
+    with wrong.expect_response(lambda r: r.url.rstrip("/").endswith("/login")) as answer:
+        wrong.locator("button", has_text="Login").first.click()
+    assert answer.value.status == 400  # refused, and no session cookie was set
+    assert not [c for c in wrong.context.cookies() if c["name"].startswith("access-token")]
+    wrong.wait_for_timeout(500)
     assert wrong.locator("#k5-media").count() == 0  # still on the login form
 
     labels_by_key: dict[str, set[str]] = {}

@@ -5,8 +5,9 @@ The pieces are independent of Gradio so any task mounted into the annotation ser
 
 * ``LoginThrottle`` -- pure bookkeeping (clock passed in): failures counted per login name and per client address
   over a sliding window; reaching the limit locks that name / client for ``lockout_s``. A success clears the name.
-* ``LoginGuard`` -- the async ``auth`` callable handed to Gradio: refuses locked names/clients with HTTP 429, runs
-  the scrypt check in its own small thread pool (a login flood never stalls the event loop that serves annotators),
+* ``LoginGuard`` -- ``LoginGuard.login`` is the async ``auth`` function handed to Gradio: refuses locked
+  names/clients with HTTP 429, runs the scrypt check in its own small thread pool (a login flood never stalls the
+  event loop that serves annotators),
   verifies unknown names against a dummy hash (same scrypt work, so timing does not tell valid names from invalid),
   paces password checks globally (a flood from many addresses is bounded in CPU), and pads every failed answer to
   the same minimum duration.
@@ -144,7 +145,7 @@ def password_lookup_from_file(path: str | Path) -> PasswordLookup:
 
 
 class LoginGuard:
-    """Gradio ``auth`` callable (async): ``await guard(name, password) -> bool``; raises 429 when refused.
+    """Checks logins: ``await guard.login(name, password) -> bool`` is Gradio's ``auth``; raises 429 when refused.
 
     ``lookup(name)`` returns the stored scrypt line or None for an unknown name; it runs in the guard's thread pool
     together with the hash check (it may hit a database)."""
@@ -203,7 +204,9 @@ class LoginGuard:
         if remaining > 0:
             await asyncio.sleep(remaining)
 
-    async def __call__(self, name: str, password: str) -> bool:
+    async def login(self, name: str, password: str) -> bool:
+        """Gradio's ``auth``: a coroutine *function* (Gradio awaits only those; an object with an async
+        ``__call__`` would be called without await and its coroutine taken as a success)."""
         from fastapi import HTTPException
 
         try:

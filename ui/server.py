@@ -7,7 +7,7 @@
   session, an unknown token) gets the same 404. No file name, modification time or ETag is sent (the generation
   order of the files would tell the sides apart).
 * ``build_server`` -- the FastAPI app: client-address middleware for the login guard, the media route, the Gradio
-  app at ``/`` with ``LoginGuard`` as its async ``auth``; every other path answers 404 (no file serving from disk).
+  app at ``/`` with ``LoginGuard.login`` as its async ``auth``; every other path answers 404 (no files from disk).
 """
 
 from __future__ import annotations
@@ -107,8 +107,9 @@ def build_server(blocks: gr.Blocks, guard: LoginGuard, media: MediaGrants, *, he
 
     # Many annotators submit at once; the store serialises the writes itself, so Gradio's queue need not.
     blocks.queue(default_concurrency_limit=concurrency)
-    gr.mount_gradio_app(server, blocks, path="/", auth=guard, auth_message=auth_message, head=head, css=css,
-                        ssr_mode=False, footer_links=[], allowed_paths=[], show_error=True)
+    gr.mount_gradio_app(server, blocks, path="/", auth=guard.login, auth_message=auth_message, head=head, css=css,
+                        ssr_mode=False, footer_links=[], allowed_paths=[], show_error=True,
+                        app_kwargs={"docs_url": None, "redoc_url": None, "openapi_url": None})
     mounted["gradio"] = server.routes[-1].app
     return server
 
