@@ -28,7 +28,7 @@ import secrets
 import socket
 import threading
 import time
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from dataclasses import asdict, dataclass
 from datetime import UTC, datetime
 from pathlib import Path
@@ -97,6 +97,17 @@ def _local_write(path: Path, data: bytes, *, exclusive: bool) -> None:
         tmp.unlink(missing_ok=True)
 
 
+def _local_if_version(store: LocalStore, key: str, version: str, change: Callable[[Path], Any]) -> bool:
+    """``change(path)`` of a local key under its folder's lock if the key still has ``version``; whether it ran."""
+    path = store.root / key
+    with _folder_mutex(path):
+        current = read_versioned(store, key)
+        if current is None or current.version != version:
+            return False
+        change(path)
+    return True
+
+
 def read_versioned(store: ObjectStore, key: str) -> Versioned | None:
     """The object at ``key`` with its version, or None when there is none."""
     if isinstance(store, LocalStore):
@@ -139,13 +150,8 @@ def put_if_version(store: ObjectStore, key: str, data: bytes, version: str) -> s
     """Replace ``key`` by ``data`` only if it still has ``version``; the new version, or None when it changed (or is
     gone)."""
     if isinstance(store, LocalStore):
-        path = store.root / key
-        with _folder_mutex(path):
-            current = read_versioned(store, key)
-            if current is None or current.version != version:
-                return None
-            _local_write(path, data, exclusive=False)
-        return _local_version(data)
+        changed = _local_if_version(store, key, version, lambda path: _local_write(path, data, exclusive=False))
+        return _local_version(data) if changed else None
     client, bucket, full = _s3_target(store, key)
     try:
         return client.put_object(Bucket=bucket, Key=full, Body=data, IfMatch=version)["ETag"].strip('"')
@@ -158,13 +164,7 @@ def put_if_version(store: ObjectStore, key: str, data: bytes, version: str) -> s
 def delete_if_version(store: ObjectStore, key: str, version: str) -> bool:
     """Delete ``key`` only if it still has ``version``; whether it was deleted."""
     if isinstance(store, LocalStore):
-        path = store.root / key
-        with _folder_mutex(path):
-            current = read_versioned(store, key)
-            if current is None or current.version != version:
-                return False
-            path.unlink()
-        return True
+        return _local_if_version(store, key, version, Path.unlink)
     client, bucket, full = _s3_target(store, key)
     try:
         client.delete_object(Bucket=bucket, Key=full, IfMatch=version)
