@@ -48,3 +48,34 @@ def json_records(stdout: str) -> list[dict]:
 def step_losses(records: list[dict]) -> dict[int, float]:
     """Step -> loss of a run's JSON records."""
     return {r["step"]: r["loss"] for r in records if "loss" in r}
+
+
+def write_curated_dataset(root: Path, tag: str = "") -> Path:
+    """A small curated dataset in the real layout (curation's ``write_outputs``) under ``root/curated``: three images
+    (one rejected, one with text boxes) and one video scene, media files in ``root/raw``; media ids end in ``tag``.
+    Returns the dataset folder (read it with ``k5data.curation.output.read_dataset``)."""
+    import numpy as np
+    from PIL import Image
+
+    from k5data.curation.config import load_config
+    from k5data.curation.output import COLUMNS, write_outputs
+
+    media = root / "raw"
+    media.mkdir(parents=True, exist_ok=True)
+    rows = []
+    for k, (kind, passed, boxes, q) in enumerate([("image", True, 0, 4.0), ("image", True, 3, 3.0),
+                                                  ("image", False, 0, 5.0), ("video", True, 0, 2.0)]):
+        path = media / (f"clip{k}{tag}.mp4" if kind == "video" else f"img{k}{tag}.png")
+        if kind == "video":
+            path.write_bytes(b"\x00\x00\x00\x18ftypmp42 not a real clip " + tag.encode())
+        else:
+            Image.fromarray(np.full((32, 48, 3), 40 * k + len(tag), np.uint8)).save(path)
+        row = {c: None for c in COLUMNS}
+        row.update({"media_id": f"m{k}{tag}", "source_uri": str(path), "source": "local", "kind": kind,
+                    "scene_index": 0, "width": 48, "height": 32, "size": path.stat().st_size, "bucket": 256,
+                    "cluster": k % 2, "caption": f"a photo number {k}", "domain": "nature", "passed": passed,
+                    "text_boxes": boxes, "quality_aesthetic": q, "start_s": 0.0 if kind == "video" else None,
+                    "end_s": 1.5 if kind == "video" else None})
+        rows.append(row)
+    write_outputs(rows, [], str(root / "curated"), load_config())
+    return root / "curated"

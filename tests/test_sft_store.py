@@ -7,17 +7,15 @@ import subprocess
 import sys
 from pathlib import Path
 
-import numpy as np
-import pandas as pd
 import pytest
-from PIL import Image
+from helpers import write_curated_dataset
 
 from evaluation.sbs.judgments_store import AlreadyJudged, InvalidJudgment, NotAssigned
 from evaluation.sft.batch import SftBatchConfig, create_batch
 from evaluation.sft.questionnaire import IMAGE_CRITERIA, STAGE1, TEXT_CRITERIA, VIDEO_CRITERIA
 from evaluation.sft.store import RoleRefused, SftItem, SftStore
 from k5data.curation.config import load_config
-from k5data.curation.output import COLUMNS, read_dataset, write_outputs
+from k5data.curation.output import read_dataset
 
 REPO = Path(__file__).resolve().parents[1]
 
@@ -149,33 +147,8 @@ def test_confirmed_answers_survive_a_killed_process(tmp_path: Path) -> None:
     assert list(SftStore(db).answers_frame()["criterion"]) == ["depth"]
 
 
-def write_curated(root: Path) -> tuple[pd.DataFrame, Path]:
-    """A curated dataset in the real layout (curation's write_outputs): 3 images (one rejected, one with text)
-    and one video scene, media files on disk."""
-    media = root / "raw"
-    media.mkdir(parents=True)
-    rows = []
-    for k, (kind, passed, boxes, q) in enumerate([("image", True, 0, 4.0), ("image", True, 3, 3.0),
-                                                  ("image", False, 0, 5.0), ("video", True, 0, 2.0)]):
-        path = media / (f"clip{k}.mp4" if kind == "video" else f"img{k}.png")
-        if kind == "video":
-            path.write_bytes(b"\x00\x00\x00\x18ftypmp42 not a real clip")
-        else:
-            Image.fromarray(np.full((32, 48, 3), 40 * k, np.uint8)).save(path)
-        row = {c: None for c in COLUMNS}
-        row.update({"media_id": f"m{k}", "source_uri": str(path), "source": "local", "kind": kind,
-                    "scene_index": 0, "width": 48, "height": 32, "size": path.stat().st_size, "bucket": 256,
-                    "cluster": k % 2, "caption": f"a photo number {k}", "domain": "nature", "passed": passed,
-                    "text_boxes": boxes, "quality_aesthetic": q, "start_s": 0.0 if kind == "video" else None,
-                    "end_s": 1.5 if kind == "video" else None})
-        rows.append(row)
-    out = root / "curated"
-    write_outputs(rows, [], str(out), load_config())
-    return read_dataset(str(out), load_config()), out
-
-
 def test_batch_from_a_curated_dataset(tmp_path: Path) -> None:
-    curated, _ = write_curated(tmp_path)
+    curated = read_dataset(str(write_curated_dataset(tmp_path)), load_config())
     store = SftStore(tmp_path / "sft" / "judgments.duckdb")
     cfg = SftBatchConfig(regular_annotators=["r1"], experts=["e1", "e2", "e3"], max_items=10)
     summary = create_batch(store, curated, tmp_path / "sft" / "media", cfg)
