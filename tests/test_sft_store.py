@@ -164,5 +164,6 @@ def test_batch_from_a_curated_dataset(tmp_path: Path) -> None:
     assert [q.key for q in VIDEO_CRITERIA][0] == "vid_integrity"
     with pytest.raises(ValueError, match="both as regular annotators and experts"):
         SftBatchConfig(regular_annotators=["x"], experts=["x", "y", "z"])
-    with pytest.raises(ValueError, match="no passed rows"):
-        create_batch(store, curated.assign(passed=False), tmp_path / "m2", cfg)
+    empty = SftStore(tmp_path / "empty.duckdb")  # nothing passed curation: an empty batch, not a failed run
+    assert create_batch(empty, curated.assign(passed=False), tmp_path / "m2", cfg) == {
+        "items": 0, "new_items": 0, "new_stage1_assignments": 0}

@@ -101,9 +101,8 @@ def items_from_curated(curated: pd.DataFrame, media_dir: Path, cfg: SftBatchConf
 def create_batch(store: SftStore, curated: pd.DataFrame, media_dir: Path, cfg: SftBatchConfig,
                  endpoint_url: str | None = None) -> dict[str, int]:
     """Roles, overlaps, items and the screening queue in ``store`` (idempotent: a re-run adds only new rows and
-    assignments; answers are never touched). Returns counts."""
-    if curated.empty or not curated["passed"].fillna(False).astype(bool).any():
-        raise ValueError("the curated dataset has no passed rows; curate some media first (curated_dataset)")
+    assignments; answers are never touched). Returns counts; a curated dataset without passed rows gives an empty
+    batch (items 0), not an error, so a lineage run on a corpus that curation rejected entirely still completes."""
     for name in cfg.regular_annotators:
         store.set_role(name, REGULAR)
     for name in cfg.experts:
@@ -115,7 +114,7 @@ def create_batch(store: SftStore, curated: pd.DataFrame, media_dir: Path, cfg: S
                     expert_overlap=cfg.expert_overlap)
     items = items_from_curated(curated, media_dir, cfg, endpoint_url)
     added = store.add_items(items)
-    assigned = store.assign_screening()
+    assigned = store.assign_screening() if items else 0
     return {"items": len(items), "new_items": added, "new_stage1_assignments": assigned}
 
 
