@@ -10,12 +10,13 @@ import assets.latents
 import assets.models
 import assets.release
 import assets.sbs
+import assets.sft_data
 import assets.training
 from orchestration.resources import default_resources
 
 # New asset modules go here: assets and asset checks are collected from each module.
 ASSET_MODULES = [assets.models, assets.generation, assets.curation, assets.latents, assets.sbs, assets.training,
-                 assets.release]
+                 assets.release, assets.sft_data]
 
 all_assets = dg.load_assets_from_modules(ASSET_MODULES)
 all_asset_checks = dg.load_asset_checks_from_modules(ASSET_MODULES)
