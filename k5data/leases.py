@@ -34,7 +34,7 @@ from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
 
-from k5data.object_store import LocalStore, ObjectStore
+from k5data.object_store import LocalStore, ObjectStore, RetryPolicy, with_retries
 
 log = logging.getLogger(__name__)
 LEASE_NAME = "_lease.json"
@@ -55,6 +55,13 @@ class Versioned:
 def _s3_target(store: Any, key: str) -> tuple[Any, str, str]:
     """(client, bucket, full key) of ``key`` in an ``S3Store`` (its public ``client``, ``bucket`` and ``uri``)."""
     return store.client, store.bucket, store.uri(key).removeprefix(f"s3://{store.bucket}/")
+
+
+def _s3_call(store: Any, key: str, operation: str, call: Callable[[], Any]) -> Any:
+    """One conditional S3 request, retried whole on transient errors like every store operation. A retried write
+    whose first try landed answers 412: callers compare the record's token to tell that from a lost race."""
+    policy = getattr(store, "retry", None) or RetryPolicy()
+    return with_retries(call, operation=f"S3 {operation}", target=store.uri(key), policy=policy)
 
 
 def _s3_code(err: Exception) -> tuple[str, int]:
@@ -119,12 +126,13 @@ def read_versioned(store: ObjectStore, key: str) -> Versioned | None:
         return Versioned(data, _local_version(data))
     client, bucket, full = _s3_target(store, key)
     try:
-        got = client.get_object(Bucket=bucket, Key=full)
+        got = _s3_call(store, key, "get", lambda: client.get_object(Bucket=bucket, Key=full))
+        data = got["Body"].read()
     except Exception as err:
         if _s3_code(err)[0] in ("NoSuchKey", "404"):
             return None
         raise
-    return Versioned(got["Body"].read(), got["ETag"].strip('"'))
+    return Versioned(data, got["ETag"].strip('"'))
 
 
 def put_if_absent(store: ObjectStore, key: str, data: bytes) -> str | None:
@@ -139,7 +147,9 @@ def put_if_absent(store: ObjectStore, key: str, data: bytes) -> str | None:
         return _local_version(data)
     client, bucket, full = _s3_target(store, key)
     try:
-        return client.put_object(Bucket=bucket, Key=full, Body=data, IfNoneMatch="*")["ETag"].strip('"')
+        put = _s3_call(store, key, "conditional put",
+                       lambda: client.put_object(Bucket=bucket, Key=full, Body=data, IfNoneMatch="*"))
+        return put["ETag"].strip('"')
     except Exception as err:
         if _s3_condition_failed(err):
             return None
@@ -154,7 +164,9 @@ def put_if_version(store: ObjectStore, key: str, data: bytes, version: str) -> s
         return _local_version(data) if changed else None
     client, bucket, full = _s3_target(store, key)
     try:
-        return client.put_object(Bucket=bucket, Key=full, Body=data, IfMatch=version)["ETag"].strip('"')
+        put = _s3_call(store, key, "conditional put",
+                       lambda: client.put_object(Bucket=bucket, Key=full, Body=data, IfMatch=version))
+        return put["ETag"].strip('"')
     except Exception as err:
         if _s3_condition_failed(err):
             return None
@@ -167,7 +179,8 @@ def delete_if_version(store: ObjectStore, key: str, version: str) -> bool:
         return _local_if_version(store, key, version, Path.unlink)
     client, bucket, full = _s3_target(store, key)
     try:
-        client.delete_object(Bucket=bucket, Key=full, IfMatch=version)
+        _s3_call(store, key, "conditional delete",
+                 lambda: client.delete_object(Bucket=bucket, Key=full, IfMatch=version))
     except Exception as err:
         if _s3_condition_failed(err):
             return False
@@ -266,8 +279,10 @@ class Lease:
                 raise LeaseLost(self._lost)
             record = LeaseRecord(**{**asdict(self.record), "expires_at": time.time() + self.record.ttl_s})
             version = put_if_version(self.store, self.key, record.encode(), self.version)
+            current = read_versioned(self.store, self.key) if version is None else None
+            if current is not None and LeaseRecord.decode(current.data) == record:
+                version = current.version  # our retried write had landed
             if version is None:
-                current = read_versioned(self.store, self.key)
                 other = LeaseRecord.decode(current.data) if current else None
                 self._lost = (f"lease {self.uri} of {self.record.describe()} was taken over by "
                               f"{other.describe() if other else 'nobody (it was deleted)'}; stop writing")
@@ -336,13 +351,18 @@ def _try_acquire(store: ObjectStore, key: str, holder: str, ttl_s: float) -> Lea
     if current is None:  # released between our two calls: try again
         raise _Retry
     old = LeaseRecord.decode(current.data)
+    if old == record:  # our retried create had landed
+        return Lease(store, key, record, current.version, None)
     reason = "its record is unreadable" if old is None else old.stale_reason(now)
     if reason is None:
         assert old is not None
         raise LeaseHeld(store.uri(key), old)
     version = put_if_version(store, key, record.encode(), current.version)
-    if version is None:  # another writer took it over (or renewed it) first
-        raise _Retry
+    if version is None:
+        now_there = read_versioned(store, key)
+        if now_there is None or LeaseRecord.decode(now_there.data) != record:
+            raise _Retry  # another writer took it over (or renewed it) first
+        version = now_there.version  # our retried takeover had landed
     who = old.describe() if old else "an unknown holder"
     log.warning(f"took over stale lease {store.uri(key)} of {who}: {reason}")
     return Lease(store, key, record, version, old)
