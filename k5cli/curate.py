@@ -33,12 +33,18 @@ def curate(src: str, out: str, config_path: str | None, catalog_path: str | None
     cfg = load_config(config_path, overrides)
     if shard is not None and not 0 <= shard < cfg["shards"]:
         raise click.BadParameter(f"shard must be in 0..{cfg['shards'] - 1}", param_hint="--shard")
-    from k5data.object_store import TransientStoreError
+    from k5data.object_store import TransientStoreError, is_transient
 
     try:
         summary = run_curation(src, out, cfg, catalog_path=catalog_path, shard=shard, progress=not no_progress)
     except TransientStoreError as err:  # retries spent: one line, exit 1; a re-run picks up where this one stopped
         raise click.ClickException(str(err)) from None
+    except Exception as err:
+        if not is_transient(err):
+            raise
+        # a local condition (disk full, permissions) while writing the dataset or the catalog
+        raise click.ClickException(f"{type(err).__name__}: {' '.join(str(err).split())} - a condition, not a bad "
+                                   "file: nothing was quarantined or marked done; fix it and re-run") from None
     if as_json:
         click.echo(json.dumps(summary.to_dict(), indent=2, default=str))
         return

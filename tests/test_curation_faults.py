@@ -270,3 +270,22 @@ def test_transient_quarantine_entries_are_tried_again(tmp_path: Path) -> None:
     stats = register_sources(source, catalog, load_config())
     assert stats.unchanged == 1 and stats.new_media == 1  # the transient entry was retried, the verdict kept
     assert [(q["key"], q["error_class"]) for q in catalog.quarantined()] == [("chelsea.png", PERMANENT)]
+
+
+def test_cli_turns_a_local_condition_into_one_line_and_a_rerun_completes(tmp_path: Path) -> None:
+    """An output the process may not write (``/sys`` refuses even root) ends in one ``Error:`` line, exit 1; the rows
+    scored so far stay in the catalog and the re-run to a writable output publishes them."""
+    from k5data.curation.corpus import skimage_dir
+
+    corpus = tmp_path / "corpus"
+    corpus.mkdir()
+    shutil.copyfile(skimage_dir() / "astronaut.png", corpus / "astronaut.png")
+    (corpus / "astronaut.txt").write_text(CAPTIONS["astronaut"] + "\n")
+    args = ["--catalog", str(tmp_path / "catalog.duckdb"), "--no-progress"]
+    failed = CliRunner().invoke(curate, [str(corpus), "/sys/k5-curation-out", *args])
+    errors = [line for line in failed.output.splitlines() if line.startswith("Error:")]
+    assert failed.exit_code == 1 and len(errors) == 1, failed.output
+    assert errors[0].startswith("Error: PermissionError:") and errors[0].endswith("fix it and re-run")
+    done = CliRunner().invoke(curate, [str(corpus), str(tmp_path / "out"), *args])
+    assert done.exit_code == 0 and "scored: 0 media" in done.output, done.output  # scored by the failed run
+    assert len(read_dataset(str(tmp_path / "out"), load_config())) == 1

@@ -98,7 +98,8 @@ def open_output(out: str | ObjectStore, cfg: CurationConfig, create: bool = True
     region from ``cfg``)."""
     if not isinstance(out, str):
         return out
-    return open_store(out, cfg.endpoint_url, region=cfg.section("s3")["region"], create=create)
+    return open_store(out, cfg.endpoint_url, region=cfg.section("s3")["region"], create=create,
+                      retry=cfg.retry_policy)
 
 
 def write_outputs(rows: list[dict[str, Any]], quarantine: list[dict[str, Any]], out: str | ObjectStore,
