@@ -19,7 +19,7 @@ SBS_DEMO := $(K5_HOME)/sbs/video_lite_mr_10s_vs_video_lite_t2i_lr
 # pytest's own options for `make test` / `make test-fast`, e.g. PYTEST_ARGS="-x tests/test_sbs_plan.py".
 PYTEST_ARGS ?=
 
-.PHONY: help venv demo test test-fast browser postgres lint ui clean
+.PHONY: help venv demo test test-fast browser postgres lint ui clean up prod-local
 
 help:
 	@echo "make demo      - create $(VENV) if needed, run the demo pipeline once (curation shards, main_job, sbs_job)"
@@ -32,6 +32,9 @@ help:
 	@echo "make venv      - create/refresh $(VENV) (re-runs only when pyproject.toml changes)"
 	@echo "make ui        - Dagster UI on http://127.0.0.1:$(DAGSTER_PORT) + MLflow UI on http://127.0.0.1:$(MLFLOW_PORT) + annotation app on :$(ANNOTATION_PORT)"
 	@echo "make clean     - remove $(K5_HOME) and caches (keeps $(VENV))"
+	@echo "make up        - the production data plane in Docker Compose: Postgres, MinIO, MLflow (infra/, docs/deploy.md)"
+	@echo "make prod-local - the production Definitions without Docker: local Postgres + S3 (moto) + MLflow server +"
+	@echo "                 Ray cluster; runs the curation through them, then serves the Dagster UI (Ctrl-C stops)"
 
 venv: $(STAMP)
 
@@ -101,3 +104,23 @@ ui: venv
 clean:
 	rm -rf "$(K5_HOME)" .pytest_cache .ruff_cache
 	find . -name __pycache__ -type d -not -path "./$(VENV)/*" -prune -exec rm -rf {} +
+
+# Docker Compose stack of infra/docker-compose.yml. Its credentials come only from infra/.env (git-ignored), written
+# here once with random values when missing.
+up:
+	@if ! command -v docker >/dev/null 2>&1 || ! docker compose version >/dev/null 2>&1; then \
+		echo "make up: Docker with the compose plugin is needed ('docker compose version' failed or docker is" \
+			"missing). Without Docker, 'make prod-local' runs the same Definitions on local servers." >&2; exit 1; fi
+	@if [ ! -f infra/.env ]; then \
+		(umask 077; $(PYTHON) -c 'import secrets; print(f"POSTGRES_PASSWORD={secrets.token_hex(16)}"); \
+			print(f"K5_S3_ACCESS_KEY=k5-{secrets.token_hex(6)}"); print(f"K5_S3_SECRET_KEY={secrets.token_hex(20)}")' \
+			> infra/.env); echo "wrote infra/.env (random credentials; keep it, it is git-ignored)"; fi
+	docker compose -f infra/docker-compose.yml --env-file infra/.env up -d --build --wait
+	@echo "Postgres 127.0.0.1:5432 (databases dagster, mlflow), MinIO S3 http://127.0.0.1:9000 (bucket k5-objects)," \
+		"MLflow http://127.0.0.1:5000. Point Dagster at them: docs/deploy.md#docker-compose"
+
+# The production Definitions on this machine without Docker (orchestration/prod_local.py). PROD_LOCAL_ARGS, e.g.
+# "--images-only" (no videos: faster) or "--root DIR" (keep the state).
+PROD_LOCAL_ARGS ?=
+prod-local: venv postgres
+	$(PY) -m orchestration.prod_local --serve $(PROD_LOCAL_ARGS)

@@ -9,6 +9,7 @@ a Secret ``k5-object-store`` on Kubernetes; ``orchestration.prod_local`` sets th
 - ``AWS_ACCESS_KEY_ID``, ``AWS_SECRET_ACCESS_KEY``, ``AWS_DEFAULT_REGION``: object-store credentials (Secret only);
 - ``MLFLOW_TRACKING_URI``: the MLflow server (Postgres backend);
 - ``K5_RAY_ADDRESS``: Ray cluster for per-shard curation (unset: in the run's process);
+- ``K5_CURATION_SOURCE``: folder or ``s3://`` prefix to curate (unset: the sample corpus under ``K5_HOME``);
 - ``K5_PIPES``, ``K5_TRAIN_*``, ``K5_K8S_*``, ``K5_HOME_PVC``: training stages (``TrainingJobResource.from_env``);
 - ``K5_EXECUTOR``: ``k8s`` runs each step in its own pod (``k8s_job_executor``), GPU steps sized by op tags.
 
@@ -67,7 +68,8 @@ def production_resources(environ: Mapping[str, str] | None = None) -> dict[str, 
     return {
         "k5_home": K5HomeResource(),
         "object_store": ObjectStoreResource(base_uri=store, endpoint_url=endpoint),
-        "curation": CurationResource(endpoint_url=endpoint, ray_address=env.get("K5_RAY_ADDRESS") or None),
+        "curation": CurationResource(endpoint_url=endpoint, ray_address=env.get("K5_RAY_ADDRESS") or None,
+                                     source=env.get("K5_CURATION_SOURCE") or None),
         "mlflow": MLflowResource(tracking_uri=tracking, artifact_location=f"{store}/{MLFLOW_PREFIX}",
                                  ui_url=env.get("K5_MLFLOW_UI_URL", tracking)),
         "training_job": TrainingJobResource.from_env(env),
