@@ -152,3 +152,33 @@ def test_every_infra_manifest_validates_and_templates_are_current() -> None:
         path = REPO / f"infra/k8s/training-{kind}.yaml"
         assert yaml.safe_load(path.read_text()) == yaml.safe_load(render_template(kind)), \
             f"regenerate: python -m orchestration.training_jobs {kind} > {path.relative_to(REPO)}"
+
+
+def test_helm_values_agree_with_the_instance_yaml() -> None:
+    """infra/helm/dagster-values.yaml renders (through Dagster's chart) the instance infra/dagster.yaml describes."""
+    helm = yaml.safe_load((REPO / "infra/helm/dagster-values.yaml").read_text())
+    instance = yaml.safe_load((REPO / "infra/dagster.yaml").read_text())
+    assert helm["postgresql"]["postgresqlScheme"] == instance["storage"]["postgres"]["postgres_db"]["scheme"]
+    assert helm["postgresql"]["enabled"] is False and helm["generatePostgresqlPasswordSecret"] is False
+    queued = helm["dagsterDaemon"]["runCoordinator"]["config"]["queuedRunCoordinator"]
+    runs = instance["concurrency"]["runs"]
+    assert queued["maxConcurrentRuns"] == runs["max_concurrent_runs"]
+    assert [(t["key"], t["value"], t["limit"]) for t in queued["tagConcurrencyLimits"]] == \
+        [(t["key"], t["value"], t["limit"]) for t in runs["tag_concurrency_limits"]]
+    pools = instance["concurrency"]["pools"]
+    assert helm["concurrency"]["pools"] == {"granularity": pools["granularity"], "defaultLimit": pools["default_limit"]}
+    monitoring = helm["dagsterDaemon"]["runMonitoring"]
+    for camel, snake in (("enabled", "enabled"), ("startTimeoutSeconds", "start_timeout_seconds"),
+                         ("maxResumeRunAttempts", "max_resume_run_attempts"),
+                         ("pollIntervalSeconds", "poll_interval_seconds")):
+        assert monitoring[camel] == instance["run_monitoring"][snake], camel
+    launcher = helm["runLauncher"]
+    assert launcher["type"] == instance["run_launcher"]["class"] == "K8sRunLauncher"
+    assert launcher["config"]["k8sRunLauncher"]["runK8sConfig"]["containerConfig"]["resources"] == \
+        instance["run_launcher"]["config"]["run_k8s_config"]["container_config"]["resources"]
+    code = helm["dagster-user-deployments"]["deployments"][0]
+    assert code["dagsterApiGrpcArgs"] == ["--module-name", "orchestration.definitions"]
+    # Every pod Dagster starts mounts the shared K5 home and gets the one settings ConfigMap + object-store Secret.
+    for where in (code, launcher["config"]["k8sRunLauncher"]):
+        assert {"name": "k5-settings"} in where["envConfigMaps"] and {"name": "k5-object-store"} in where["envSecrets"]
+        assert where["volumeMounts"] == [{"name": "k5-home", "mountPath": "/k5"}]

@@ -49,12 +49,11 @@ def instance_yaml_for_test(dagster_home: Path) -> dict:
     """infra/dagster.yaml with the default run launcher (runs in local processes; it cannot resume a run worker)
     and its two local folders moved under ``dagster_home``; storage, run queue and concurrency stay as in
     production."""
-    cfg = yaml.safe_load(PROD_YAML.read_text())
-    assert cfg["run_launcher"]["class"] == "K8sRunLauncher"
-    cfg["run_launcher"] = {"module": "dagster._core.launcher", "class": "DefaultRunLauncher"}
-    cfg["run_monitoring"]["max_resume_run_attempts"] = 0  # resuming a run worker is the Kubernetes launcher's
-    cfg["compute_logs"]["config"]["base_dir"] = str(dagster_home / "compute_logs")
-    cfg["local_artifact_storage"]["config"]["base_dir"] = str(dagster_home / "storage")
+    from orchestration.prod_local import local_instance_config  # the same file `make prod-local` writes
+
+    assert yaml.safe_load(PROD_YAML.read_text())["run_launcher"]["class"] == "K8sRunLauncher"
+    cfg = local_instance_config(dagster_home)
+    assert cfg["run_launcher"]["class"] == "DefaultRunLauncher"
     return cfg
 
 
