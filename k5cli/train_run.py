@@ -27,6 +27,7 @@ from k5model.checkpoint import assemble_pipeline_folder, save_single_file, save_
 from k5model.config import get_preset
 from k5model.crossdit import CrossDiT
 from k5model.training.checkpointing import (
+    AsyncCheckpointer,
     CheckpointException,
     CheckpointWriteError,
     latest_checkpoint,
@@ -91,12 +92,29 @@ class StepPause:
 
 
 class PeriodicCheckpoint:
-    def __init__(self, trainer: Trainer, directory: Path, every: int, keep: int):
+    """Saves every ``every`` steps, synchronously or through an ``AsyncCheckpointer``, and adds ``ckpt_stall_s`` (the
+    seconds this rank's training was held by the save) to that step's metrics."""
+
+    def __init__(self, trainer: Trainer, directory: Path, every: int, keep: int, async_save: bool = False):
         self.trainer, self.directory, self.every, self.keep = trainer, directory, every, keep
+        self.checkpointer = AsyncCheckpointer(trainer, directory, keep) if async_save else None
+
+    def save(self) -> float:
+        """Save the current step now; the stall in seconds."""
+        if self.checkpointer is not None:
+            return self.checkpointer.save()
+        t0 = time.perf_counter()
+        save_checkpoint(self.trainer, self.directory, keep=self.keep)
+        return time.perf_counter() - t0
 
     def on_step(self, step: int, metrics: dict[str, float]) -> None:
         if self.every > 0 and step % self.every == 0:
-            save_checkpoint(self.trainer, self.directory, keep=self.keep)
+            metrics["ckpt_stall_s"] = self.save()
+
+    def close(self) -> None:
+        """Wait for a save in flight (raising its error) and release the checkpoint thread."""
+        if self.checkpointer is not None:
+            self.checkpointer.close()
 
 
 def init_distributed() -> tuple[int, int]:
@@ -218,7 +236,7 @@ def export(trainer: Trainer, job: TrainJob, stage: StageConfig, rank: int) -> No
 
 
 def attach_callbacks(trainer: Trainer, job: TrainJob, stage: StageConfig, rank: int, steps: int,
-                     resumed_step: int, extra: list[Any]) -> None:
+                     resumed_step: int, extra: list[Any]) -> PeriodicCheckpoint:
     out, samples = Path(job.checkpoint.out), job.samples
     meter = ThroughputMeter(trainer)  # every rank: its counts are reduced across ranks
     trainer.callbacks.append(meter)
@@ -230,13 +248,16 @@ def attach_callbacks(trainer: Trainer, job: TrainJob, stage: StageConfig, rank: 
             trainer, samples.sample_pipeline, out / "samples", every=samples.sample_every, prompts=prompts,
             final_step=steps, num_steps=samples.sample_steps, seed=stage.seed, rank=rank,
             cache_dir=samples.sample_cache))
+    ckpt = job.checkpoint
+    # before the loggers, so a step's line carries its checkpoint stall
+    periodic = PeriodicCheckpoint(trainer, out / "checkpoints", ckpt.ckpt_every, ckpt.keep, ckpt.async_checkpoint)
+    trainer.callbacks.append(periodic)
     if rank == 0:
         trainer.callbacks += [JsonLinePrinter(), JsonLineFile(out / "metrics.jsonl", resumed_step), *extra]
-    ckpt = job.checkpoint
-    trainer.callbacks.append(PeriodicCheckpoint(trainer, out / "checkpoints", ckpt.ckpt_every, ckpt.keep))
     if os.environ.get(STEP_SLEEP_ENV):
         trainer.callbacks.append(StepPause(float(os.environ[STEP_SLEEP_ENV])))
     trainer.callbacks.append(meter.end)  # the next step's clock starts after checkpoints and samples
+    return periodic
 
 
 def run_training(job: TrainJob, callbacks: list[Any] | None = None) -> dict[str, Any]:
@@ -251,22 +272,25 @@ def run_training(job: TrainJob, callbacks: list[Any] | None = None) -> dict[str,
     data = build_data(job, stage, model.config, data_rank, data_world, device)
     trainer = Trainer(model, stage, data, data.null_condition(), rank=data_rank, device=device,
                       batch_replicas=world // data_world)
-    ckpt_dir, resumed_from = Path(job.checkpoint.out) / "checkpoints", None
+    resumed_from = None
     if resume_from is not None:
         try:
             resumed_from = load_checkpoint(trainer, resume_from, verify=False)  # resume_point has just verified it
         except (RuntimeError, ValueError, KeyError, CheckpointException) as exc:  # verified, but not this model's
             raise K5Error(f"checkpoint {resume_from} does not fit this job ({_first(exc)}); resume with the settings "
                           "it was trained with, or train into a new --out") from None
-    attach_callbacks(trainer, job, stage, rank, steps, trainer.step, callbacks or [])
+    periodic = attach_callbacks(trainer, job, stage, rank, steps, trainer.step, callbacks or [])
     if rank == 0:
         print(json.dumps({"event": "start", "stage": stage.name, "world_size": world, "resumed_from": resumed_from,
                           "skipped_checkpoints": skipped,
                           "mesh": None if mesh is None else dict(zip(mesh.mesh_dim_names, mesh.shape))}), flush=True)
     try:
-        trainer.train(steps)
-        if job.checkpoint.ckpt_every > 0 and trainer.step % job.checkpoint.ckpt_every:
-            save_checkpoint(trainer, ckpt_dir, keep=job.checkpoint.keep)
+        try:
+            trainer.train(steps)
+            if job.checkpoint.ckpt_every > 0 and trainer.step % job.checkpoint.ckpt_every:
+                periodic.save()
+        finally:
+            periodic.close()  # the last save is complete (or its error raised) before export and exit
         if job.checkpoint.export:
             export(trainer, job, stage, rank)
     except CheckpointWriteError as exc:

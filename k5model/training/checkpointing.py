@@ -64,17 +64,18 @@ def _world() -> int:
     return dist.get_world_size() if _dist() else 1
 
 
-def _barrier() -> None:
+def _barrier(group: Any = None) -> None:
     if _dist():
-        dist.barrier()
+        dist.barrier(group=group)
 
 
-def _gather(obj: Any) -> list[Any]:
-    """Every rank's ``obj``, in rank order (just ``[obj]`` without a process group)."""
+def _gather(obj: Any, group: Any = None) -> list[Any]:
+    """Every rank's ``obj``, in rank order (just ``[obj]`` without a process group). ``group``: a group of all
+    ranks (the checkpoint thread's own), default the world."""
     if not _dist():
         return [obj]
     out: list[Any] = [None] * _world()
-    dist.all_gather_object(out, obj)
+    dist.all_gather_object(out, obj, group=group)
     return out
 
 
@@ -89,12 +90,12 @@ def _payload_files(folder: Path) -> list[str]:
     return sorted(p.name for p in folder.iterdir() if p.is_file() and not p.name.startswith(CHECKSUMS))
 
 
-def _write_checksums(folder: Path) -> None:
+def _write_checksums(folder: Path, group: Any = None) -> None:
     """Collective: each rank hashes its share of the folder's files, rank 0 writes ``checksums.json`` (durably)."""
     names = _payload_files(folder)  # the same listing on every rank after the barrier (DCP needs a shared folder)
     share = {n: file_entry(folder / n) for n in names[_rank()::_world()]}
     entries: dict[str, Any] = {}
-    for part in _gather(share):
+    for part in _gather(share, group):
         entries.update(part)
     if _rank() != 0:
         return
@@ -200,31 +201,43 @@ def _sharded_state(trainer: Trainer) -> dict[str, Any]:
     return {"model": model_sd, "optim": optim_sd, "ema": trainer.ema.state_dict()}
 
 
-def save_checkpoint(trainer: Trainer, directory: str | Path, keep: int = 2) -> Path:
-    """Collective: every rank calls it. Returns the final ``step_<N>`` path."""
-    directory = Path(directory)
-    final = directory / f"step_{trainer.step}"
-    tmp = directory / f"step_{trainer.step}.tmp"
+def _prepare_step_folder(directory: Path, step: int, group: Any = None) -> tuple[Path, Path]:
+    """Collective: (final, tmp) folders of a save; a leftover ``.tmp`` of the same step is removed first."""
+    final, tmp = directory / f"step_{step}", directory / f"step_{step}.tmp"
     if _rank() == 0:
         directory.mkdir(parents=True, exist_ok=True)
         shutil.rmtree(tmp, ignore_errors=True)  # a leftover of a run killed while saving this same step
-    _barrier()
+    _barrier(group)
+    return final, tmp
+
+
+def _rank_state(trainer: Trainer) -> bytes:
+    """This rank's data-source state, RNG states and step, serialised now (they change with the next step)."""
+    data_state = trainer.data.state_dict() if hasattr(trainer.data, "state_dict") else None
+    buffer = io.BytesIO()  # torch.save's own file writer reports a full disk as a RuntimeError without errno
+    torch.save({"step": trainer.step, "data": data_state, "rng": rng_state()}, buffer)
+    return buffer.getvalue()
+
+
+def _write_and_publish(state: dict[str, Any], rank_state: bytes, final: Path, tmp: Path, keep: int,
+                       group: Any = None, storage_writer: Any = None) -> Path:
+    """Collective over ``group``: shards + rank files + checksums into ``tmp``, then rank 0 renames it to ``final``
+    (the only moment a resumable folder appears) and prunes all but the newest ``keep``."""
+    directory = final.parent
     try:
-        dcp.save(_sharded_state(trainer), checkpoint_id=str(tmp))
-        data_state = trainer.data.state_dict() if hasattr(trainer.data, "state_dict") else None
-        buffer = io.BytesIO()  # torch.save's own file writer reports a full disk as a RuntimeError without errno
-        torch.save({"step": trainer.step, "data": data_state, "rng": rng_state()}, buffer)
+        dcp.save(state, checkpoint_id=str(tmp), process_group=group,
+                 storage_writer=storage_writer(tmp) if storage_writer is not None else None)
         with open(tmp / f"rank{_rank()}.pt", "wb") as fh:
-            fh.write(buffer.getbuffer())
-        _barrier()
-        _write_checksums(tmp)
+            fh.write(rank_state)
+        _barrier(group)
+        _write_checksums(tmp, group)
     except (OSError, CheckpointException) as exc:
         if _rank() == 0:
             shutil.rmtree(tmp, ignore_errors=True)  # give the space back; the previous checkpoints stay as they were
         raise _write_error(exc, final) from None
-    _barrier()
+    _barrier(group)
     if _rank() == 0:
-        old = directory / f"step_{trainer.step}.old"
+        old = directory / f"{final.name}.old"
         if final.exists():  # re-saving a step (e.g. after resume): move the old copy aside, never half-delete it
             shutil.rmtree(old, ignore_errors=True)
             final.rename(old)
@@ -233,8 +246,74 @@ def save_checkpoint(trainer: Trainer, directory: str | Path, keep: int = 2) -> P
         steps = sorted((int(m.group(1)), p) for p in directory.iterdir() if (m := _STEP_DIR.match(p.name)))
         for _, old in steps[:-keep] if keep > 0 else []:
             shutil.rmtree(old, ignore_errors=True)
-    _barrier()
+    _barrier(group)
     return final
+
+
+def save_checkpoint(trainer: Trainer, directory: str | Path, keep: int = 2) -> Path:
+    """Collective: every rank calls it. Returns the final ``step_<N>`` path once it is written and published."""
+    final, tmp = _prepare_step_folder(Path(directory), trainer.step)
+    return _write_and_publish(_sharded_state(trainer), _rank_state(trainer), final, tmp, keep)
+
+
+class AsyncCheckpointer:
+    """Non-blocking checkpoints. ``save()`` stages the sharded state (model, optimizer, EMA) into host memory —
+    pinned buffers kept across saves on GPU, plain copies on CPU — and serialises the per-rank state, then returns;
+    a background thread writes the DCP shards, the rank files and ``checksums.json`` into ``step_<N>.tmp`` and renames
+    it to ``step_<N>``, exactly as ``save_checkpoint`` does. So a checkpoint only becomes resumable after its write
+    and checksums are complete, and a process killed mid-write leaves a ``.tmp`` that resume ignores.
+
+    One save is in flight at most: the next ``save()`` (and ``wait()``/``close()``) first waits for the previous one
+    and raises its error (``CheckpointWriteError``). The thread's collectives run on a process group of their own
+    (gloo), so they never interleave with the training step's. Collective: every rank constructs it and calls
+    ``save``/``wait``/``close`` at the same steps. ``storage_writer``: ``tmp folder -> StorageWriter`` instead of
+    DCP's file-system writer (e.g. another storage backend)."""
+
+    def __init__(self, trainer: Trainer, directory: str | Path, keep: int = 2, storage_writer: Any = None):
+        from concurrent.futures import ThreadPoolExecutor
+
+        from torch.distributed.checkpoint.staging import DefaultStager, StagingOptions
+
+        self.trainer, self.directory, self.keep, self.storage_writer = trainer, Path(directory), keep, storage_writer
+        self.group = dist.new_group(backend="gloo") if _dist() else None
+        cuda = trainer.device.type == "cuda"
+        self.stager = DefaultStager(StagingOptions(use_pinned_memory=cuda, use_shared_memory=False,
+                                                   use_async_staging=False, use_non_blocking_copy=cuda))
+        self.executor = ThreadPoolExecutor(max_workers=1, thread_name_prefix="k5-checkpoint")
+        self.pending: Any = None  # Future of the save in flight
+        self.last_path: Path | None = None
+
+    def save(self) -> float:
+        """Start saving the trainer's current step; returns the seconds training was held (the stall): waiting for
+        the previous save, plus staging to host memory."""
+        import time
+
+        t0 = time.perf_counter()
+        self.wait()
+        final, tmp = _prepare_step_folder(self.directory, self.trainer.step, self.group)
+        staged = self.stager.stage(_sharded_state(self.trainer))  # a copy: the next optimizer step cannot touch it
+        self.pending = self.executor.submit(_write_and_publish, staged, _rank_state(self.trainer), final, tmp,
+                                            self.keep, self.group, self.storage_writer)
+        return time.perf_counter() - t0
+
+    def in_flight(self) -> bool:
+        return self.pending is not None and not self.pending.done()
+
+    def wait(self) -> Path | None:
+        """Block until the save in flight (if any) is published; its path, or its CheckpointWriteError raised."""
+        pending, self.pending = self.pending, None
+        if pending is not None:
+            self.last_path = pending.result()
+            return self.last_path
+        return None
+
+    def close(self) -> Path | None:
+        """``wait()``, then release the thread and the staging buffers."""
+        try:
+            return self.wait()
+        finally:
+            self.executor.shutdown(wait=True)
+            self.stager.close()
 
 
 def os_error_in(exc: BaseException) -> OSError | None:

@@ -140,6 +140,10 @@ class CheckpointSpec:
     """Save a sharded checkpoint every N steps (0 = only at the end)."""
     keep: int = 2
     """Checkpoints kept (older ones are deleted)."""
+    async_checkpoint: bool = False
+    """Save without blocking training: the sharded state is staged to host memory (the stall, logged as
+    ckpt_stall_s), then written, checksummed and published by a background thread; a save only becomes resumable
+    once complete."""
     export: bool = True
     """Write the EMA weights to ema/transformer (+ the official single file) at the end."""
     base_pipeline: str | None = None
