@@ -24,6 +24,8 @@ from k5data.curation.config import load_config
 from k5data.curation.output import read_dataset, write_outputs
 from orchestration.resources import CurationResource, K5HomeResource
 
+pytestmark = pytest.mark.slow  # Dagster runs on an 18-item batch with simulated annotators: tens of seconds
+
 ASSETS = [sft_judgments, sft_versions, sft_mix, sft_v1_within_v2, sft_membership_follows_thresholds,
           sft_mix_probabilities]
 

@@ -13,7 +13,8 @@ annotator cannot open Stage 2, whatever the page sends), experts only ever have 
 answer button carries the (item, stage, criterion) token the annotator saw, so a stale page is refreshed instead of
 answering the wrong question. The page carries opaque tokens only (no item ids, no server paths).
 
-Keyboard: 1-3 answer the current question, U undoes the last answer.
+Keyboard (when served on its own; beside SBS the SBS task keeps the keys): 1-3 answer the current question, U undoes
+the last answer.
 """
 
 from __future__ import annotations
@@ -45,6 +46,7 @@ _KEYS_JS = """
     var t = e.target; var tag = (t && t.tagName) || '';
     if (tag === 'INPUT' || tag === 'TEXTAREA' || (t && t.isContentEditable) || e.ctrlKey || e.metaKey || e.altKey ||
         e.repeat) return;
+    if (document.getElementById('k5-header')) return;  // mounted beside SBS: its keys own 1-9 and U there
     var btn = null;
     if (e.key >= '1' && e.key <= '3') btn = document.getElementById('k5sft-opt-' + (Number(e.key) - 1));
     else if (e.key === 'u' || e.key === 'U') btn = document.getElementById('k5sft-undo');
