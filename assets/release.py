@@ -36,6 +36,8 @@ class ReleaseConfig(dg.Config):
     latency_steps: int | None = Field(4, description="Euler steps of the model card's latency measurement (one "
                                       "generation through K5Pipeline); None: not measured")
     latency_device: str = Field("cpu", description="torch device of the latency measurement")
+    sft_soup: bool = Field(False, description="release the family's SFT soup (sft_soup, report §6.4) instead of a "
+                           "stage; gated by 'soup_vs_pretrain' unless `comparison` is set")
 
 
 def stage_and_comparison(family: str, config: ReleaseConfig) -> tuple[str, str]:
@@ -77,6 +79,22 @@ def release_lineage(context: Context, home: K5HomeResource, family: str, stage: 
                           data=data, comparison=comparison, dagster_run_id=context.run_id), folder
 
 
+def soup_lineage(context: Context, home: K5HomeResource, family: str,
+                 config: ReleaseConfig) -> tuple[ReleaseLineage, Path, str]:
+    """The SFT soup's lineage (its start stage's chain + ``sft_soup``), pipeline folder and gating comparison."""
+    meta = latest_metadata(context, "sft_soup")
+    if meta.get("family") != family:
+        raise dg.Failure(f"the latest sft_soup is of family {meta.get('family')!r}, not {family!r}")
+    comparison = config.comparison or "soup_vs_pretrain"
+    start = str(meta["start_stage"])
+    base, _ = release_lineage(context, home, family, start, comparison)
+    runs = {**base.training_run_ids, "sft_soup": str(meta["mlflow_run_id"])}
+    return (ReleaseLineage(family=family, stage="sft_soup", stages=(*lineage(start), "sft_soup"),
+                           training_run_ids=runs, dataset_snapshot=base.dataset_snapshot,
+                           shard_index_uri=base.shard_index_uri, data=base.data, comparison=comparison,
+                           dagster_run_id=context.run_id), Path(str(meta["pipeline_dir"])), comparison)
+
+
 def sbs_summary(context: Context, home: K5HomeResource, comparison: str) -> tuple[dict, Path]:
     """The SBS summary the comparison's latest ``sbs_report`` wrote."""
     meta = latest_metadata(context, "sbs_report", partition=comparison)
@@ -92,7 +110,7 @@ def sbs_summary(context: Context, home: K5HomeResource, comparison: str) -> tupl
     partitions_def=FAMILIES,
     group_name="release",
     deps=[*(dg.AssetDep(f"train_{stages[-1]}") for stages in CHAINS.values()),
-          dg.AssetDep("sbs_report", partition_mapping=dg.AllPartitionMapping())],
+          dg.AssetDep("sbs_report", partition_mapping=dg.AllPartitionMapping()), "sft_soup"],
     kinds={"mlflow"},
     owners=["team:k5-lifecycle"],
     description="Registers a trained stage's complete pipeline folder as a new version of `k5-<family>` in the MLflow "
@@ -106,8 +124,12 @@ def release(context: dg.AssetExecutionContext, config: ReleaseConfig, k5_home: K
     from orchestration.registry import CANDIDATE, model_name, register_release
 
     family = context.partition_key
-    stage, comparison = stage_and_comparison(family, config)
-    lineage_, folder = release_lineage(context, k5_home, family, stage, comparison)
+    if config.sft_soup:
+        lineage_, folder, comparison = soup_lineage(context, k5_home, family, config)
+        stage = lineage_.stage
+    else:
+        stage, comparison = stage_and_comparison(family, config)
+        lineage_, folder = release_lineage(context, k5_home, family, stage, comparison)
     summary, summary_path = sbs_summary(context, k5_home, comparison)
     published = publish_folder(folder, object_store.store(), family)
     name, facts = model_name(family), manifest_summary(published)

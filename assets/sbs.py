@@ -28,6 +28,8 @@ EXTRA_COMPARISONS_FILE = K5Paths.from_env().home / "sbs" / "comparisons.json"
 REGISTRY = registry(EXTRA_COMPARISONS_FILE)
 sbs_partitions = dg.StaticPartitionsDefinition(offered(REGISTRY.values()))
 SBS_STAGE_DEPS = [f"train_{stage}" for stage in stages_referenced(REGISTRY.values())]
+if any(m.asset_key == "sft_soup" for c in REGISTRY.values() for m in c.models):
+    SBS_STAGE_DEPS.append("sft_soup")  # soup_vs_pretrain, soup_vs_best_single_domain (report §6.4)
 # What `make demo` runs: sbs_job for DEMO_COMPARISON with this run config (simulated judgments, labelled as such).
 DEMO_SBS_RUN_CONFIG = {"ops": {"sbs_report": {"config": {"simulate": True}}}}
 
@@ -76,8 +78,12 @@ def resolve_models(context: dg.AssetExecutionContext, home: K5HomeResource, comp
         meta = stage_metadata(context, stage)
         return Path(str(meta["pipeline_dir"])) if "pipeline_dir" in meta else stage_pipeline_dir(home.paths, stage)
 
+    def sft_pipeline(ref: str) -> Path:
+        meta = latest_metadata(context, "sft_soup")
+        return Path(str(meta[{"soup": "pipeline_dir", "pretrain": "start_pipeline"}.get(ref, f"{ref}_pipeline")]))
+
     try:
-        return tuple(resolve_model(m, stage_pipeline) for m in comparison.models)
+        return tuple(resolve_model(m, stage_pipeline, sft_pipeline) for m in comparison.models)
     except FileNotFoundError as exc:
         raise dg.Failure(str(exc)) from exc
 

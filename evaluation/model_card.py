@@ -45,7 +45,8 @@ class ReleaseLineage:
 
     @property
     def lineage_name(self) -> str:
-        return f"stage:{self.stage}"
+        # the SFT soup is the SBS registry's ``sft:soup`` model (evaluation.sbs.comparisons)
+        return "sft:soup" if self.stage == "sft_soup" else f"stage:{self.stage}"
 
 
 def _fmt(x: Any) -> str:

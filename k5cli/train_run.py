@@ -136,7 +136,8 @@ def resolve_stage(job: TrainJob) -> StageConfig:
 
     s = job.stage
     overrides: dict[str, Any] = {k: v for k, v in {
-        "model_preset": s.preset, "frames": s.frames, "batch": s.batch, "seed": s.seed, "attention": s.attention,
+        "model_preset": s.preset, "frames": s.frames, "batch": s.batch, "lr": s.lr, "seed": s.seed,
+        "attention": s.attention,
         "resolutions": {s.latent_size: 1.0} if s.latent_size else None,
         "tasks": parse_mix(s.tasks) if s.tasks else None, "bf16": s.bf16 or None,
         "activation_checkpointing": job.parallel.activation_checkpointing or None}.items() if v is not None}

@@ -11,12 +11,13 @@ import assets.models
 import assets.release
 import assets.sbs
 import assets.sft_data
+import assets.sft_models
 import assets.training
 from orchestration.resources import default_resources
 
 # New asset modules go here: assets and asset checks are collected from each module.
 ASSET_MODULES = [assets.models, assets.generation, assets.curation, assets.latents, assets.sbs, assets.training,
-                 assets.release, assets.sft_data]
+                 assets.release, assets.sft_data, assets.sft_models]
 
 all_assets = dg.load_assets_from_modules(ASSET_MODULES)
 all_asset_checks = dg.load_asset_checks_from_modules(ASSET_MODULES)
@@ -25,10 +26,11 @@ all_asset_checks = dg.load_asset_checks_from_modules(ASSET_MODULES)
 CURATION_SHARDS = dg.AssetSelection.assets("raw_sources", "scored_scenes")
 SBS = dg.AssetSelection.assets("sbs_batch", "sbs_report")
 RELEASE = dg.AssetSelection.assets("release")
+SFT = dg.AssetSelection.assets("sft_partitions", "sft_models", "sft_soup")  # after main_job (needs trained stages)
 
 main_job = dg.define_asset_job(
     "main_job",
-    selection=dg.AssetSelection.all() - CURATION_SHARDS - SBS - RELEASE,
+    selection=dg.AssetSelection.all() - CURATION_SHARDS - SBS - RELEASE - SFT,
     description="Every unpartitioned asset: tiny model bundle, demo generation, the curated dataset (after its "
     "shards), its latent shards, the Table 4 training stages (demo scale), and their checks.",
 )
@@ -51,9 +53,23 @@ release_job = dg.define_asset_job(
     "moves alias champion when the SBS comparison passes the gate.",
 )
 
+sft_partitions_job = dg.define_asset_job(
+    "sft_partitions_job",
+    selection=dg.AssetSelection.assets("sft_partitions"),
+    description="Split the SFT mix into fine-tune partitions: caption variants, subdomains, shards (report §4.6).")
+sft_models_job = dg.define_asset_job(
+    "sft_models_job",
+    selection=dg.AssetSelection.assets("sft_models"),
+    partitions_def=assets.sft_models.SFT_PARTITIONS,
+    description="Fine-tune one SFT (sub)domain partition (report §6.4); one run per partition.")
+sft_soup_job = dg.define_asset_job(
+    "sft_soup_job",
+    selection=dg.AssetSelection.assets("sft_soup"),
+    description="Merge the fine-tuned partitions into the SFT soup and export its pipeline folder (report §6.4).")
+
 defs = dg.Definitions(
     assets=all_assets,
     asset_checks=all_asset_checks,
     resources=default_resources(),  # training stages run as Pipes jobs: a subprocess, or a GPU pod (K5_PIPES=k8s)
-    jobs=[main_job, curation_shards_job, sbs_job, release_job],
+    jobs=[main_job, curation_shards_job, sbs_job, release_job, sft_partitions_job, sft_models_job, sft_soup_job],
 )

@@ -23,6 +23,8 @@ from k5model.training.stages import CHAINS, TABLE4
 
 STAGE = "stage"
 FOLDER = "folder"
+SFT = "sft"  # a model recorded by the sft_soup asset (report §6.4): the soup, its start stage, its best member
+SFT_REFS = ("soup", "pretrain", "best_single_domain")
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -41,8 +43,12 @@ class LineageModel:
         elif self.kind == FOLDER:
             if not Path(self.ref).is_absolute():
                 raise ValueError(f"folder:{self.ref} must be an absolute path to a pipeline folder")
+        elif self.kind == SFT:
+            if self.ref not in SFT_REFS:
+                raise ValueError(f"sft:{self.ref} is not one of {', '.join(SFT_REFS)}")
         else:
-            raise ValueError(f"unknown lineage model kind {self.kind!r}: use 'stage:<stage>' or 'folder:<path>'")
+            raise ValueError(f"unknown lineage model kind {self.kind!r}: use 'stage:<stage>', 'folder:<path>' or "
+                             f"'sft:<{'|'.join(SFT_REFS)}>'")
 
     @classmethod
     def parse(cls, text: str) -> LineageModel:
@@ -55,14 +61,14 @@ class LineageModel:
     @property
     def name(self) -> str:
         """Short name used in comparison keys, plots and MLflow: the stage, or the folder's base name."""
-        if self.kind == STAGE:
+        if self.kind in (STAGE, SFT):
             return self.ref
         return re.sub(r"[^A-Za-z0-9_]+", "_", Path(self.ref).name).strip("_") or "folder"
 
     @property
     def asset_key(self) -> str | None:
-        """Dagster asset that produces the model (stages only)."""
-        return f"train_{self.ref}" if self.kind == STAGE else None
+        """Dagster asset that produces the model (stages, and ``sft_soup`` for the SFT models)."""
+        return f"train_{self.ref}" if self.kind == STAGE else "sft_soup" if self.kind == SFT else None
 
     def __str__(self) -> str:
         return f"{self.kind}:{self.ref}"
@@ -96,8 +102,9 @@ class Comparison:
         return self.model_a, self.model_b
 
     def can_run(self) -> bool:
-        """False only for a ``folder:`` model whose folder is not a pipeline (stages are produced by their assets)."""
-        return all(m.kind == STAGE or (Path(m.ref) / "model_index.json").is_file() for m in self.models)
+        """False only for a ``folder:`` model whose folder is not a pipeline (stages and SFT models are produced by
+        their assets)."""
+        return all(m.kind in (STAGE, SFT) or (Path(m.ref) / "model_index.json").is_file() for m in self.models)
 
 
 def _prompt_set_of_chain(chain: str) -> str:
@@ -121,6 +128,12 @@ def _registry() -> list[Comparison]:
             parent = TABLE4[stage].parent
             if parent is not None:
                 out.append(stage_comparison(stage, parent, f"{chain}: {stage} against its parent {parent}"))
+    # SFT (report §6.4): the soup against the stage it was fine-tuned from, and against its best single member
+    soup = LineageModel(kind=SFT, ref="soup")
+    out += [Comparison(model_a=soup, model_b=LineageModel(kind=SFT, ref=ref), prompt_set="moviegen",
+                       description=f"SFT soup (sft_soup) against {what}")
+            for ref, what in (("pretrain", "the pre-trained stage it started from"),
+                              ("best_single_domain", "its member with the lowest validation loss"))]
     return out
 
 
@@ -188,13 +201,18 @@ def stages_referenced(comparisons: Iterable[Comparison] | None = None) -> list[s
     return [s for s in TABLE4 if s in used]
 
 
-def resolve_model(model: LineageModel, stage_pipeline: Callable[[str], Path]) -> Path:
+def resolve_model(model: LineageModel, stage_pipeline: Callable[[str], Path],
+                  sft_pipeline: Callable[[str], Path] | None = None) -> Path:
     """The pipeline folder of a lineage model. ``stage_pipeline(stage)`` says where a stage published its pipeline
-    (the orchestration layer reads it from the stage asset's materialization). Raises FileNotFoundError naming what to
-    materialize or fix when the folder is not a complete pipeline."""
-    path = Path(model.ref) if model.kind == FOLDER else Path(stage_pipeline(model.ref))
+    (the orchestration layer reads it from the stage asset's materialization), ``sft_pipeline(ref)`` where the
+    ``sft_soup`` asset recorded an SFT model. Raises FileNotFoundError naming what to materialize or fix when the
+    folder is not a complete pipeline."""
+    if model.kind == SFT and sft_pipeline is None:
+        raise FileNotFoundError(f"{model}: no sft_soup materialization to read it from; materialize sft_soup first")
+    path = (Path(model.ref) if model.kind == FOLDER else Path(sft_pipeline(model.ref)) if model.kind == SFT  # type: ignore[misc]
+            else Path(stage_pipeline(model.ref)))
     if not (path / "model_index.json").is_file():
-        fix = f"materialize {model.asset_key} first" if model.kind == STAGE else "point it at a pipeline folder"
+        fix = f"materialize {model.asset_key} first" if model.asset_key else "point it at a pipeline folder"
         raise FileNotFoundError(f"{model}: no pipeline at {path} (no model_index.json); {fix}")
     return path
 

@@ -1,6 +1,10 @@
 """Captions: sidecar files or a VLM (Qwen2.5-VL), then the report's post-processing (§4.2, §4.4):
-strip introductory phrases ("The image shows", "The video starts with"...) and drop sentences with non-Latin
-script (Cyrillic, CJK...), which the captioners produce as OCR noise."""
+strip introductory phrases ("The image shows", "На изображении показан"...) and keep each language's sentences.
+
+The models are trained on English AND Russian captions (§4.6), so a sentence is kept when its letters are all of one
+kept script (Latin for English, Cyrillic for Russian; ``KEPT_SCRIPTS``); sentences in other scripts (CJK, Arabic...)
+or mixing scripts inside one word-run are what the captioners produce as OCR noise, and are dropped. The
+introductory phrase is stripped from the first sentence of each language."""
 
 from __future__ import annotations
 
@@ -23,22 +27,49 @@ _INTRO = re.compile(
 _SENTENCES = re.compile(r"(?<=[.!?])\s+|(?<=[。！？])\s*")  # CJK full stops need no space after them
 
 
-def _latin_only(sentence: str) -> bool:
-    for ch in sentence:
-        if ch.isalpha() and not unicodedata.name(ch, "").startswith("LATIN"):
-            return False
-    return True
+# Russian counterpart of _INTRO: "На изображении (показан|изображен|видно)...", "На видео...", "Это изображение..."
+_INTRO_RU = re.compile(
+    r"^\s*(?:на\s+(?:этом\s+|данном\s+)?(?:изображении|картинке|фото(?:графии)?|снимке|видео(?:ролике)?|кадре)"
+    r"(?:\s+(?:показан[аоы]?|изображен[аоы]?|изображён[аоы]?|видн[аоы]?|представлен[аоы]?|запечатлен[аоы]?))?"
+    r"|(?:это|данное)\s+(?:изображение|видео|фото)\s+(?:показывает|изображает|демонстрирует)"
+    r"|видео\s+начинается\s+с)\s*[,:]?\s*",
+    re.IGNORECASE)
+KEPT_SCRIPTS = {"en": "LATIN", "ru": "CYRILLIC"}  # language -> Unicode script name prefix of its letters
 
 
-def postprocess_caption(text: str) -> str:
-    """Drop non-Latin sentences, strip an introductory phrase, re-capitalise; '' when nothing is left."""
+def sentence_language(sentence: str, languages: tuple[str, ...] = ("en", "ru")) -> str | None:
+    """The language among ``languages`` whose script writes every letter of ``sentence`` (None: no letters, or a
+    script that is not kept, or two scripts mixed)."""
+    scripts = {unicodedata.name(ch, "").split(" ", 1)[0] for ch in sentence if ch.isalpha()}
+    if len(scripts) != 1:
+        return None
+    script = scripts.pop()
+    return next((lang for lang in languages if KEPT_SCRIPTS.get(lang) == script), None)
+
+
+def split_languages(text: str, languages: tuple[str, ...] = ("en", "ru")) -> dict[str, str]:
+    """``text``'s sentences grouped by kept language, each group cleaned (intro phrase stripped, re-capitalised);
+    languages with nothing left are absent."""
     sentences = [s.strip() for s in _SENTENCES.split(" ".join(text.split())) if s.strip()]
-    kept = [s for s in sentences if _latin_only(s)]
-    if not kept:
-        return ""
-    first = _INTRO.sub("", kept[0], count=1)
-    kept[0] = first[:1].upper() + first[1:] if first else ""
-    return " ".join(s for s in kept if s).strip()
+    groups: dict[str, list[str]] = {}
+    for s in sentences:
+        lang = sentence_language(s, languages)
+        if lang is not None:
+            groups.setdefault(lang, []).append(s)
+    out = {}
+    for lang, kept in groups.items():
+        first = (_INTRO_RU if lang == "ru" else _INTRO).sub("", kept[0], count=1)
+        kept[0] = first[:1].upper() + first[1:] if first else ""
+        joined = " ".join(s for s in kept if s).strip()
+        if joined:
+            out[lang] = joined
+    return out
+
+
+def postprocess_caption(text: str, languages: tuple[str, ...] = ("en", "ru")) -> str:
+    """Keep the sentences of each language in ``languages`` (in order of first appearance; an English and a Russian
+    description stay side by side), strip each one's introductory phrase, re-capitalise; '' when nothing is left."""
+    return " ".join(split_languages(text, languages).values())
 
 
 def sidecar_key(media_key: str) -> str:

@@ -31,6 +31,7 @@ from k5data.latents.shards import Store, read_index
 from k5data.loading.loader import PackedLatentLoader, PackedSamples
 from k5model.flow_matching import TextCondition
 from k5model.training.batch import PackedBatch, pack
+from k5model.training.caption_variants import pick_captions
 from k5model.training.config import StageConfig
 
 TEMPLATE = {"t2v": "video", "i2v": "i2v", "t2i": "image", "edit": "edit"}  # Qwen prompt template of each task
@@ -189,7 +190,10 @@ class ShardLatentSource(Iterator[PackedBatch]):
         x0 = [torch.from_numpy(np.asarray(lat, dtype=np.float32)).to(self.device) for lat in pb.latents]
         edit_sources = [torch.from_numpy(np.asarray(src, dtype=np.float32)) if t == "edit" else None
                         for t, src in zip(tasks, sources)]
-        embeds, pooled = self.text.encode(pb.captions, tasks)
+        # SFT shards carry caption variants: one per sample and step, from a generator of its own
+        captions = pick_captions(pb.captions, torch.Generator().manual_seed(_seed(self.stage.seed, self.rank,
+                                                                                  self.index - 1, 3)))
+        embeds, pooled = self.text.encode(captions, tasks)
         return pack(x0, embeds, pooled, tasks, visual_cond=self.visual_cond, sources=edit_sources, ids=pb.ids)
 
     def null_condition(self) -> TextCondition:

@@ -48,6 +48,8 @@ class StageSpec:
     """Latent frames of a video sample (31 = 5 s at 24 fps)."""
     batch: int | None = None
     """Samples per rank and step."""
+    lr: float | None = None
+    """Peak learning rate instead of the stage's (SFT: 1e-5 for images, report §6.4)."""
     tasks: str | None = None
     """Task mix override, e.g. t2v=0.8,i2v=0.2."""
     bf16: bool = False
@@ -71,6 +73,8 @@ class StageSpec:
             value = getattr(self, name)
             if value is not None and value < 1:
                 raise ValueError(f"{name} must be >= 1, got {value}")
+        if self.lr is not None and not self.lr > 0:
+            raise ValueError(f"lr must be > 0, got {self.lr}")
 
 
 @dataclass(kw_only=True)
