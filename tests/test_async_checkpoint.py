@@ -123,3 +123,21 @@ def test_failed_async_write_raises_at_wait_and_leaves_nothing(one_thread, tmp_pa
     assert err.value.errno == errno.ENOSPC
     assert list(tmp_path.iterdir()) == []  # the .tmp folder was removed; nothing resumable appeared
     assert resumable_checkpoint(tmp_path).path is None
+
+
+@pytest.mark.slow
+def test_bench_smoke_reports_sync_and_async_stalls() -> None:
+    import json
+    import os
+    import subprocess
+    import sys
+
+    root = Path(__file__).resolve().parents[1]
+    proc = subprocess.run([sys.executable, "-m", "bench.async_checkpoint", "--smoke"], cwd=root, capture_output=True,
+                          text=True, timeout=240, env={**os.environ, "OMP_NUM_THREADS": "1", "OUT": ""})
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    res = json.loads(proc.stdout[proc.stdout.index("{"):])
+    assert len(res["sync_stall_s"]) == len(res["async_stall_s"]) == 2 and res["checkpoint_gib"] > 0
+    # staging into reused host buffers holds training for a fraction of a synchronous write + checksums
+    assert res["stall_ratio_steady"] < 0.5, res
+    assert all(w >= s for w, s in zip(res["async_write_s"], res["async_stall_s"]))

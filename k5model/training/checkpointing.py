@@ -256,9 +256,38 @@ def save_checkpoint(trainer: Trainer, directory: str | Path, keep: int = 2) -> P
     return _write_and_publish(_sharded_state(trainer), _rank_state(trainer), final, tmp, keep)
 
 
+class HostStager:
+    """Host copies of a (sharded) state dict, in buffers allocated at the first ``stage`` and reused by every later one
+    (pinned on GPU, so the device-to-host copies run as asynchronous DMA, synchronised once): torchtitan's staging.
+    A state of another structure (a first save before the optimizer has state) allocates anew."""
+
+    def __init__(self, pin_memory: bool):
+        self.pin_memory = pin_memory
+        self.buffers: dict[str, Any] | None = None
+
+    def stage(self, state: dict[str, Any]) -> dict[str, Any]:
+        from torch.distributed._state_dict_utils import _copy_state_dict, _create_cpu_state_dict
+
+        for attempt in range(2):
+            if self.buffers is None or attempt:
+                self.buffers = _create_cpu_state_dict(state, pin_memory=self.pin_memory)
+            try:
+                staged = _copy_state_dict(state, self.buffers, non_blocking=self.pin_memory)
+                break
+            except (KeyError, ValueError, TypeError, RuntimeError):
+                if attempt:
+                    raise
+        if self.pin_memory:
+            torch.cuda.synchronize()  # the copies are complete before training touches the weights again
+        return staged
+
+    def close(self) -> None:
+        self.buffers = None
+
+
 class AsyncCheckpointer:
-    """Non-blocking checkpoints. ``save()`` stages the sharded state (model, optimizer, EMA) into host memory —
-    pinned buffers kept across saves on GPU, plain copies on CPU — and serialises the per-rank state, then returns;
+    """Non-blocking checkpoints. ``save()`` stages the sharded state (model, optimizer, EMA) into host buffers reused
+    across saves (``HostStager``; pinned on GPU) and serialises the per-rank state, then returns;
     a background thread writes the DCP shards, the rank files and ``checksums.json`` into ``step_<N>.tmp`` and renames
     it to ``step_<N>``, exactly as ``save_checkpoint`` does. So a checkpoint only becomes resumable after its write
     and checksums are complete, and a process killed mid-write leaves a ``.tmp`` that resume ignores.
@@ -272,13 +301,9 @@ class AsyncCheckpointer:
     def __init__(self, trainer: Trainer, directory: str | Path, keep: int = 2, storage_writer: Any = None):
         from concurrent.futures import ThreadPoolExecutor
 
-        from torch.distributed.checkpoint.staging import DefaultStager, StagingOptions
-
         self.trainer, self.directory, self.keep, self.storage_writer = trainer, Path(directory), keep, storage_writer
         self.group = dist.new_group(backend="gloo") if _dist() else None
-        cuda = trainer.device.type == "cuda"
-        self.stager = DefaultStager(StagingOptions(use_pinned_memory=cuda, use_shared_memory=False,
-                                                   use_async_staging=False, use_non_blocking_copy=cuda))
+        self.stager = HostStager(pin_memory=trainer.device.type == "cuda")
         self.executor = ThreadPoolExecutor(max_workers=1, thread_name_prefix="k5-checkpoint")
         self.pending: Any = None  # Future of the save in flight
         self.last_path: Path | None = None
