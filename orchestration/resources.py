@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import os
 import shlex
-from collections.abc import Iterator, Mapping
+from collections.abc import Callable, Iterator, Mapping
 from contextlib import contextmanager
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
@@ -327,8 +327,7 @@ class TrainingJobResource(dg.ConfigurableResource):
                                 pod_settings=self._pod_settings(), env={**env, "K5_HOME": self._home()},
                                 nccl_env=self.nccl_env, backoff_limit=self.backoff_limit)
 
-    def _run_pytorchjob(self, context: dg.AssetExecutionContext, job: TrainJob,
-                        env: Mapping[str, str]) -> dg.PipesClientCompletedInvocation:
+    def _custom_objects_api(self) -> Any:
         import kubernetes
 
         if self.load_incluster_config or (self.load_incluster_config is None
@@ -336,7 +335,23 @@ class TrainingJobResource(dg.ConfigurableResource):
             kubernetes.config.load_incluster_config()
         else:
             kubernetes.config.load_kube_config(self.kubeconfig_file)
-        api = kubernetes.client.CustomObjectsApi()
+        return kubernetes.client.CustomObjectsApi()
+
+    def run_pytorchjob(self, context: dg.AssetExecutionContext, job: TrainJob, env: Mapping[str, str], *,
+                       submit: Callable[[dict[str, Any]], None] | None = None,
+                       wait: Callable[[str], str] | None = None) -> dg.PipesClientCompletedInvocation:
+        """Run ``job`` as a PyTorchJob of ``nodes`` pods and block until it ends (``dg.Failure`` unless it succeeded),
+        reading the Pipes messages its rank 0 writes to ``<K5 home>/pipes/<job name>.jsonl`` meanwhile.
+
+        ``submit(manifest)`` / ``wait(name) -> "Succeeded" | "Failed"`` default to the Kubernetes API (create the
+        custom object; poll its status); another launcher of the same manifest can be passed instead."""
+        if submit is None or wait is None:
+            api = self._custom_objects_api()
+            group, version, plural = PYTORCHJOB_API
+            submit = submit or (lambda manifest: api.create_namespaced_custom_object(
+                group, version, self.namespace, plural, manifest))
+            wait = wait or (lambda name: wait_for_pytorchjob(api, self.namespace, name,
+                                                             timeout_s=self.pod_wait_timeout_s))
         name = pytorchjob_name(job.stage.stage, context.run_id, context.retry_number)
         # The pods write Pipes messages into a file on the shared K5 home; this process reads it while they run.
         messages = Path(self._home()) / "pipes" / f"{name}.jsonl"
@@ -347,9 +362,8 @@ class TrainingJobResource(dg.ConfigurableResource):
             master = manifest["spec"]["pytorchReplicaSpecs"]["Master"]["template"]["spec"]["containers"][0]
             context.log.info(f"training job (PyTorchJob {self.namespace}/{name}, {self.nodes} nodes): "
                              f"{shlex.join(master['command'])}")
-            group, version, plural = PYTORCHJOB_API
-            api.create_namespaced_custom_object(group, version, self.namespace, plural, manifest)
-            state = wait_for_pytorchjob(api, self.namespace, name, timeout_s=self.pod_wait_timeout_s)
+            submit(manifest)
+            state = wait(name)
             if state != "Succeeded":
                 raise dg.Failure(f"PyTorchJob {self.namespace}/{name} ended {state}: "
                                  f"kubectl -n {self.namespace} describe pytorchjob {name}; logs of its pods")
@@ -363,7 +377,7 @@ class TrainingJobResource(dg.ConfigurableResource):
             context.log.info(f"training job (subprocess): {shlex.join(cmd)}")
             return dg.PipesSubprocessClient().run(context=context, command=cmd, env=dict(env))
         if self.backend == "k8s" and self.nodes > 1:
-            return self._run_pytorchjob(context, job, env)
+            return self.run_pytorchjob(context, job, env)
         if self.backend == "k8s":
             from dagster_k8s import PipesK8sClient
 

@@ -6,16 +6,25 @@ from __future__ import annotations
 
 import copy
 import json
+import os
+import re
 import shlex
+import signal
+import subprocess
+import sys
+import time
 from pathlib import Path
 from typing import Any
 
+import dagster as dg
 import jsonschema
 import kubernetes_validate
+import psutil
 import pytest
 import yaml
 
 from k5model.training.job import TrainJob
+from orchestration.local_postgres import _free_port as free_port
 from orchestration.resources import TrainingJobResource
 from orchestration.training_jobs import NCCL_ENV, pytorchjob_name, render_template, training_command
 
@@ -182,3 +191,96 @@ def test_helm_values_agree_with_the_instance_yaml() -> None:
     for where in (code, launcher["config"]["k8sRunLauncher"]):
         assert {"name": "k5-settings"} in where["envConfigMaps"] and {"name": "k5-object-store"} in where["envSecrets"]
         assert where["volumeMounts"] == [{"name": "k5-home", "mountPath": "/k5"}]
+
+
+def _kill_pod(proc: subprocess.Popen) -> None:
+    """SIGKILL a pod's processes: torchrun and its workers (which torchrun starts in sessions of their own)."""
+    try:
+        victims = psutil.Process(proc.pid).children(recursive=True)
+    except psutil.NoSuchProcess:
+        return
+    for victim in [psutil.Process(proc.pid), *victims]:
+        try:
+            victim.send_signal(signal.SIGKILL)
+        except psutil.NoSuchProcess:
+            pass
+
+
+class LocalPyTorchJob:
+    """Runs a rendered PyTorchJob's containers as local processes the way the training-operator starts its pods (its
+    env: MASTER_ADDR/MASTER_PORT/WORLD_SIZE/RANK; Kubernetes' ``$(VAR)`` expansion in the command; OnFailure: every
+    pod restarted after a failure, at most ``runPolicy.backoffLimit`` times). ``kill_worker_when``: SIGKILL the Worker
+    pod's processes once that path exists (a node lost mid-stage)."""
+
+    def __init__(self, kill_worker_when: Path, logs: Path) -> None:
+        self.kill_worker_when, self.logs = kill_worker_when, logs
+        logs.mkdir(parents=True, exist_ok=True)
+        self.manifest: dict = {}
+        self.attempts = 0
+
+    def submit(self, manifest: dict) -> None:
+        validate_k8s(manifest)
+        self.manifest = manifest
+
+    def _start(self) -> list:
+        replicas = self.manifest["spec"]["pytorchReplicaSpecs"]
+        pods = [("Master", replicas["Master"])] + [("Worker", replicas["Worker"])] * replicas["Worker"]["replicas"]
+        port, procs = str(free_port()), []
+        for rank, (_, replica) in enumerate(pods):
+            container = replica["template"]["spec"]["containers"][0]
+            env = {**os.environ, **{e["name"]: e["value"] for e in container["env"]}, "MASTER_ADDR": "127.0.0.1",
+                   "MASTER_PORT": port, "WORLD_SIZE": str(len(pods)), "RANK": str(rank), "OMP_NUM_THREADS": "1"}
+            command = [re.sub(r"\$\((\w+)\)", lambda m, env=env: env[m.group(1)], arg) for arg in container["command"]]
+            command[0] = sys.executable if command[0] == "python" else command[0]
+            log = self.logs / f"attempt{self.attempts}-rank{rank}.log"
+            with open(log, "w") as handle:  # the pod's log
+                procs.append(subprocess.Popen(command, cwd=REPO, env=env, start_new_session=True, stdout=handle,
+                                              stderr=subprocess.STDOUT))
+        return procs
+
+    def wait(self, name: str) -> str:
+        for _ in range(self.manifest["spec"]["runPolicy"]["backoffLimit"] + 1):
+            self.attempts += 1
+            procs = self._start()
+            deadline = time.monotonic() + 600
+            try:
+                while time.monotonic() < deadline:
+                    codes = [p.poll() for p in procs]
+                    if all(c == 0 for c in codes):
+                        return "Succeeded"
+                    if any(c not in (None, 0) for c in codes):
+                        break  # a pod failed: the others cannot finish without it; restart all (OnFailure)
+                    if self.attempts == 1 and self.kill_worker_when.exists() and procs[1].poll() is None:
+                        _kill_pod(procs[1])  # the node is lost: every process of the Worker pod dies
+                    time.sleep(0.2)
+            finally:
+                for proc in procs:
+                    _kill_pod(proc)
+                    proc.wait(timeout=30)
+        return "Failed"
+
+
+@pytest.mark.slow
+def test_rendered_pytorchjob_trains_on_two_nodes_and_a_restart_resumes(tmp_path: Path) -> None:
+    """The rendered containers (torchrun c10d over 2 'nodes' on 127.0.0.1, the TrainJob JSON, Pipes through a file on
+    the shared home) train a tiny stage through a Dagster asset; the Worker is killed after the first checkpoint and
+    the restarted pods resume from it."""
+    home = tmp_path / "k5"
+    out = home / "models/training/.tiny_demo.partial"
+    job = TrainJob.from_flat(stage="tiny_demo", out=str(out), steps=6, ckpt_every=2, resume=True, nproc=2,
+                             export=False)
+    trainer = _resource(k5_home_mount=str(home), gpus_per_pod=1, nodes=2)
+    launcher = LocalPyTorchJob(kill_worker_when=out / "checkpoints" / "step_2", logs=tmp_path / "pod_logs")
+
+    @dg.asset
+    def two_node_stage(context):  # noqa: ANN001 (a string annotation here would not satisfy Dagster)
+        return trainer.run_pytorchjob(context, job, {"K5_TRAIN_STEP_SLEEP_S": "1.0"}, submit=launcher.submit,
+                                      wait=launcher.wait).get_materialize_result()
+
+    result = dg.materialize([two_node_stage], instance=dg.DagsterInstance.ephemeral(), raise_on_error=False)
+    logs = {p.name: p.read_text()[-1500:] for p in sorted((tmp_path / "pod_logs").glob("*.log"))}
+    assert result.success, logs
+    assert launcher.attempts == 2, "the Worker kill should have failed the first attempt"
+    meta = {k: v.value for k, v in result.asset_materializations_for_node("two_node_stage")[0].metadata.items()}
+    assert meta["world_size"] == 2 and meta["step"] == 6
+    assert 2 <= meta["resumed_from"] < 6, meta  # the restart resumed from a checkpoint of the killed attempt
