@@ -239,3 +239,19 @@ def test_record_many_is_all_or_nothing_and_keeps_existing_rows(store: JudgmentsS
     with pytest.raises(NotAssigned):
         store.record_many([("ann1", "v1", "visual_3", "equally"), ("ann2", "v2", "visual_1", "equally")])
     assert store.count_judgments() == 2  # the refused batch wrote nothing
+
+
+def test_answer_stores_only_the_current_question_and_reports_what_was_saved(store: JudgmentsStore) -> None:
+    """The app's one-operation press: stored only when (item, criterion) is what the screen should show."""
+    first = store.next_task("ann1")
+    done = store.answer("ann1", first.item_id, first.criterion, "model1_better")
+    assert done.saved and done.task.criterion != first.criterion and store.count_judgments("ann1") == 1
+    again = store.answer("ann1", first.item_id, first.criterion, "model1_better")  # a second press, stale screen
+    assert not again.saved and again.previous == "model1_better" and again.task == done.task
+    ahead = criteria_for("video")[1][0]  # a later question of the same pair: not what the screen showed
+    skipped_ahead = store.answer("ann1", first.item_id, ahead, "model1_better")
+    assert not skipped_ahead.saved and skipped_ahead.previous is None and store.count_judgments("ann1") == 1
+    other = store.answer("ann1", "im", "visual_1", "model1_better")  # ann2's pair: never written for ann1
+    assert not other.saved and other.previous is None and store.count_judgments("ann1") == 1
+    with pytest.raises(InvalidJudgment):  # a choice the current question does not offer
+        store.answer("ann1", done.task.item_id, done.task.criterion, "both_incorrect")

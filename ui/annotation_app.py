@@ -181,8 +181,8 @@ def build_app(store: JudgmentsStore, plan: Plan | None, media_root: str | Path,
         store.load_plan(plan)
     choices = list(CHOICE_KEYS)  # buttons in key order: a key is also always at the same place
 
-    def view(user: str, status: str, old_ref: str | None, reason: object = None) -> list:
-        task = store.next_task(user)
+    def view(user: str, status: str, old_ref: str | None, reason: object = None, task: object = None) -> list:
+        task = store.next_task(user) if task is None else task or None  # False: known to be finished
         ref = items.token(user, task.item_id, task.item_id) if task is not None else ""
         if task is None:
             done, total = store.progress(user)
@@ -229,25 +229,24 @@ def build_app(store: JudgmentsStore, plan: Plan | None, media_root: str | Path,
     def choose(choice: str, token: str, request: gr.Request) -> list:
         user = user_of(request)
         ref, item_id, criterion = seen(user, token)
-        current = store.next_task(user)
-        on_screen = current is not None and (current.item_id, current.criterion) == (item_id, criterion)
-        if item_id is not None and criterion in CRITERION_LABELS and not on_screen:
-            saved = store.saved_choice(user, item_id, criterion)
-            if saved == choice:  # a second press of the same answer (double click, key repeat)
-                return view(user, f"✓ already saved: {CRITERION_LABELS[criterion]} = {CHOICE_LABELS[saved]}", ref)
-            if saved is not None:
-                return view(user, f"⚠ not changed: {CRITERION_LABELS[criterion]} was already saved as "
-                            f"{CHOICE_LABELS[saved]} (press U to undo it)", ref)
-        if not on_screen:
-            # The screen was stale (other tab, restarted server): refresh instead of judging the wrong criterion.
+        if item_id is None or criterion not in CRITERION_LABELS:
             return view(user, "⚠ not saved: the page was out of date and has been refreshed", ref)
         if choice not in options_for(criterion):
             return view(user, f"⚠ not saved: {CHOICE_LABELS[choice]} is not an answer to this question", ref)
-        try:
-            store.record(user, item_id, criterion, choice)
+        try:  # one file operation: stored only if this is the annotator's current question, plus the next one
+            done = store.answer(user, item_id, criterion, choice)
         except (NotAssigned, InvalidJudgment, AlreadyJudged) as exc:
             return view(user, f"⚠ not saved: {exc}", ref)
-        return view(user, f"✓ saved: {CRITERION_LABELS[criterion]} = {CHOICE_LABELS[choice]}", ref)
+        label, after = CRITERION_LABELS[criterion], done.task or False
+        if done.saved:
+            return view(user, f"✓ saved: {label} = {CHOICE_LABELS[choice]}", ref, task=after)
+        if done.previous == choice:  # a second press of the same answer (double click, stale screen)
+            return view(user, f"✓ already saved: {label} = {CHOICE_LABELS[choice]}", ref, task=after)
+        if done.previous is not None:
+            return view(user, f"⚠ not changed: {label} was already saved as {CHOICE_LABELS[done.previous]} "
+                        "(press U to undo it)", ref, task=after)
+        # The screen was stale (other tab, restarted server): refresh instead of judging the wrong criterion.
+        return view(user, "⚠ not saved: the page was out of date and has been refreshed", ref, task=after)
 
     def undo(token: str, request: gr.Request) -> list:
         user = user_of(request)

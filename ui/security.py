@@ -64,8 +64,9 @@ class LoginPolicy:
     """How long a locked name or address is refused without checking its password."""
     failure_min_s: float = 1.0
     """Every failed or refused login answers after at least this long (slows guessing, hides timing)."""
-    checks_per_s: float = 4.0
-    """Sustained password checks per second over all clients (each is one scrypt: ~50 ms of a core)."""
+    checks_per_s: float = 2.0
+    """Sustained password checks per second over all clients (each is one scrypt: ~50 ms of a core), so a flood
+    from many addresses takes at most ~10% of a core."""
     checks_burst: int = 30
     """Password checks allowed at once above the sustained rate (a whole team logging in together)."""
     max_wait_s: float = 5.0

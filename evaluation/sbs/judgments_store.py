@@ -126,6 +126,15 @@ class Task:
     total: int  # items assigned to this annotator
 
 
+@dataclass(frozen=True)
+class Answer:
+    """What ``JudgmentsStore.answer`` did."""
+
+    saved: bool  # the judgment was stored by this call
+    previous: str | None  # when not saved: the on-screen choice stored earlier for that (item, criterion), if any
+    task: Task | None  # the annotator's next task after the call
+
+
 class JudgmentsStore:
     """One comparison's judgments file. Thread-safe; the file is open only during an operation (module docstring)."""
 
@@ -317,13 +326,36 @@ class JudgmentsStore:
         """Resume point: the first item in queue order that is neither skipped nor fully judged, and its first
         unjudged criterion (visual criteria first, then prompt following). None when the queue is finished."""
         with self._connection() as con:
-            queue = con.execute(
-                "SELECT a.item_id, a.a_on_left, i.prompt, i.media_a, i.media_b, i.kind FROM assignments a "
-                "JOIN items i USING (item_id) WHERE a.annotator = ? ORDER BY a.position", [annotator]).fetchall()
-            judged = con.execute("SELECT item_id, criterion FROM judgments WHERE annotator = ?",
-                                 [annotator]).fetchall()
-            skipped = {r[0] for r in con.execute("SELECT item_id FROM skips WHERE annotator = ?",
-                                                 [annotator]).fetchall()}
+            return self._next_task(con, annotator)
+
+    def answer(self, annotator: str, item_id: str, criterion: str, choice_screen: str) -> Answer:
+        """The app's press of an answer, in one file operation: store the judgment only if (item, criterion) is the
+        annotator's current task (what the screen showed), and return the next task. Otherwise nothing is written
+        and ``Answer.previous`` holds the choice stored earlier for that (item, criterion), if any. Raises like
+        ``record`` for an invalid or unassigned judgment."""
+        with self._connection() as con:
+            current = self._next_task(con, annotator)
+            if current is None or (current.item_id, current.criterion) != (item_id, criterion):
+                row = con.execute("SELECT choice_screen FROM judgments WHERE annotator = ? AND item_id = ? "
+                                  "AND criterion = ?", [annotator, item_id, criterion]).fetchone()
+                return Answer(saved=False, previous=row[0] if row else None, task=current)
+            con.execute("BEGIN")
+            try:
+                self._insert(con, annotator, item_id, criterion, choice_screen)
+                con.execute("COMMIT")
+            except Exception:
+                con.execute("ROLLBACK")
+                raise
+            return Answer(saved=True, previous=None, task=self._next_task(con, annotator))
+
+    @staticmethod
+    def _next_task(con: duckdb.DuckDBPyConnection, annotator: str) -> Task | None:
+        queue = con.execute(
+            "SELECT a.item_id, a.a_on_left, i.prompt, i.media_a, i.media_b, i.kind FROM assignments a "
+            "JOIN items i USING (item_id) WHERE a.annotator = ? ORDER BY a.position", [annotator]).fetchall()
+        judged = con.execute("SELECT item_id, criterion FROM judgments WHERE annotator = ?", [annotator]).fetchall()
+        skipped = {r[0] for r in con.execute("SELECT item_id FROM skips WHERE annotator = ?",
+                                             [annotator]).fetchall()}
         done_criteria: dict[str, set[str]] = {}
         for item_id, criterion in judged:
             done_criteria.setdefault(item_id, set()).add(criterion)
@@ -343,12 +375,6 @@ class JudgmentsStore:
         if pending is None:
             return None
         return Task(**{**pending.__dict__, "done": done})
-
-    def saved_choice(self, annotator: str, item_id: str, criterion: str) -> str | None:
-        """The on-screen choice the annotator saved for (item, criterion), or None."""
-        rows = self._query("SELECT choice_screen FROM judgments WHERE annotator = ? AND item_id = ? AND criterion = ?",
-                           [annotator, item_id, criterion])
-        return rows[0][0] if rows else None
 
     def progress(self, annotator: str) -> tuple[int, int]:
         task = self.next_task(annotator)
