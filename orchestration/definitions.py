@@ -13,6 +13,7 @@ import assets.sbs
 import assets.sft_data
 import assets.sft_models
 import assets.training
+from orchestration.production import production_executor
 from orchestration.resources import default_resources
 
 # New asset modules go here: assets and asset checks are collected from each module.
@@ -72,4 +73,5 @@ defs = dg.Definitions(
     asset_checks=all_asset_checks,
     resources=default_resources(),  # training stages run as Pipes jobs: a subprocess, or a GPU pod (K5_PIPES=k8s)
     jobs=[main_job, curation_shards_job, sbs_job, release_job, sft_partitions_job, sft_models_job, sft_soup_job],
+    executor=production_executor(),  # None (steps in the run's process) unless K5_EXECUTOR=k8s: a pod per step
 )
