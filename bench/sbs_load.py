@@ -2,9 +2,9 @@
 endpoints the browser's buttons call) while a login flood is switched on and off; reports p50/p95 submit latency with
 and without the flood, then counts the judgments in DuckDB.
 
-    python -m bench.sbs_load                  # 20 annotators, 3 x (quiet 20 s, flood 20 s), 1 s between presses
+    python -m bench.sbs_load                  # 20 annotators, 3 x (quiet 20 s, flood 20 s), ~3 s between presses
     python -m bench.sbs_load --smoke          # 4 annotators, 1 x (quiet 8 s, flood 8 s) (runs in tests)
-    python -m bench.sbs_load -n 20 --rounds 3 --window-s 20 --think-ms 1000 --flood-threads 8 --out load.json
+    python -m bench.sbs_load -n 20 --rounds 3 --window-s 20 --think-ms 3000 --flood-threads 8 --out load.json
 
 The bench starts the app itself (``python -m ui.annotation_app serve`` on 127.0.0.1, a throw-away DB and
 credentials file). Annotators log in first, then press answers for the whole run; the time is cut into windows,
@@ -216,7 +216,8 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--window-s", type=float, default=20.0, help="length of each quiet or flood window")
     ap.add_argument("--warmup-s", type=float, default=5.0, help="unmeasured presses before the first window")
     ap.add_argument("--settle-s", type=float, default=5.0, help="start of each window left out of the figures")
-    ap.add_argument("--think-ms", type=float, default=1000.0, help="mean pause between presses (0: no pause)")
+    ap.add_argument("--think-ms", type=float, default=3000.0,
+                    help="mean pause between presses (0: none); an annotator answers a question every few seconds")
     ap.add_argument("--undo-rate", type=float, default=0.03)
     ap.add_argument("--flood-threads", type=int, default=8)
     ap.add_argument("--flood-clients", type=int, default=1000, help="forged client addresses (1: one client)")

@@ -9,6 +9,8 @@ from __future__ import annotations
 import asyncio
 import os
 import stat
+import sys
+import threading
 import time
 from pathlib import Path
 
@@ -191,6 +193,20 @@ def test_guard_keeps_the_event_loop_free_during_a_login_flood() -> None:
     gap_guard, gap_loop = asyncio.run(scenario())
     guard.close()
     assert gap_guard < gap_loop / 3, (gap_guard, gap_loop)
+
+
+@pytest.mark.skipif(not sys.platform.startswith("linux"), reason="per-thread niceness is a Linux feature")
+def test_guard_runs_checks_at_low_priority_unless_told_not_to() -> None:
+    def niceness() -> int:
+        return os.getpriority(os.PRIO_PROCESS, threading.get_native_id())
+
+    base = os.getpriority(os.PRIO_PROCESS, 0)
+    low, same = _guard({}), _guard({"hash_nice": 0})
+    assert low._pool.submit(niceness).result() == min(19, base + 19)
+    assert same._pool.submit(niceness).result() == base
+    assert os.getpriority(os.PRIO_PROCESS, 0) == base  # the process (annotators' threads) is untouched
+    low.close()
+    same.close()
 
 
 def test_guard_paces_password_checks_and_refuses_when_the_wait_is_too_long() -> None:

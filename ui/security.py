@@ -22,6 +22,7 @@ import asyncio
 import contextvars
 import os
 import sys
+import threading
 import time
 from collections import deque
 from collections.abc import Callable
@@ -73,6 +74,9 @@ class LoginPolicy:
     """A login that would wait longer than this for a check slot is refused as busy (HTTP 429)."""
     hash_workers: int = 1
     """Threads running scrypt checks (off the event loop; bounds the CPU a flood can take)."""
+    hash_nice: int = 19
+    """Niceness of those threads (Linux sets it per thread): on a busy machine password checks get the CPU only
+    after the threads serving annotators; 0 leaves them at the server's priority."""
     max_tracked: int = 100_000
     """Names/addresses kept in memory; the oldest entries are dropped beyond this."""
 
@@ -157,7 +161,8 @@ class LoginGuard:
         self.policy = policy or LoginPolicy()
         self.throttle = LoginThrottle(self.policy)
         self.clock = clock
-        self._pool = ThreadPoolExecutor(max_workers=self.policy.hash_workers, thread_name_prefix="k5-login")
+        self._pool = ThreadPoolExecutor(max_workers=self.policy.hash_workers, thread_name_prefix="k5-login",
+                                        initializer=_lower_thread_priority, initargs=(self.policy.hash_nice,))
         self._dummy = hash_password(os.urandom(16).hex())  # verified for unknown names: the same scrypt work
         self._next_slot = 0.0  # pacing of password checks (a virtual-time token bucket)
         self.checks = 0  # password checks run (tests and the bench read it)
@@ -218,6 +223,16 @@ class LoginGuard:
 
     def close(self) -> None:
         self._pool.shutdown(wait=False, cancel_futures=True)
+
+
+def _lower_thread_priority(nice: int) -> None:
+    """Raise this thread's niceness by ``nice`` (per thread on Linux; elsewhere it would be the whole process)."""
+    if nice > 0 and sys.platform.startswith("linux"):
+        try:
+            os.setpriority(os.PRIO_PROCESS, threading.get_native_id(), min(19, os.getpriority(os.PRIO_PROCESS, 0)
+                                                                            + nice))
+        except OSError:
+            pass  # not allowed here: the checks just run at the server's priority
 
 
 class ClientAddressMiddleware:
