@@ -79,15 +79,17 @@ def main() -> None:
             torch.cuda.reset_peak_memory_stats()
         try:
             with torch.no_grad():
-                res[f"{name}_s"] = timed(fn, reps, warmup=1 if cuda else 0)
-                out = fn()
+                out = fn()  # the warm-up's output is the one compared
+                if whole is None:
+                    del out
+                res[f"{name}_s"] = timed(fn, reps, warmup=0)
         except torch.OutOfMemoryError as err:
             res[f"{name}_error"] = f"out of memory: {str(err)[:120]}"
             return
         res[f"{name}_peak_gb"] = peak_gb()
         if whole is not None:
             res[f"{name}_max_dev_vs_whole"] = (out.float() - whole).abs().max().item()
-        del out
+            del out
         gc.collect()
         if cuda:
             torch.cuda.empty_cache()

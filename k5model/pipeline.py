@@ -126,6 +126,11 @@ def _image_to_pixels(image: Any, height: int, width: int) -> torch.Tensor:
     return torch.from_numpy(arr / 127.5 - 1.0).permute(2, 0, 1)[None]
 
 
+def _sync(device: torch.device) -> None:
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+
+
 class K5Pipeline:
     """Kandinsky 5 generation with our CrossDiT, encoders and sampler."""
 
@@ -248,6 +253,7 @@ class K5Pipeline:
         first = None
         if self.task == "i2v":
             first = self.vae.encode(_image_to_pixels(image, height, width).to(self.device)).float()
+        _sync(self.device)  # GPU work is asynchronous: each phase's time ends when its kernels have
         timings["encode_s"] = time.perf_counter() - t0
 
         t1 = time.perf_counter()
@@ -256,6 +262,7 @@ class K5Pipeline:
             num_steps=num_steps, shift=shift, scale_factor=video_scale_factor(height, width) if self.is_video
             else (1.0, 1.0, 1.0), seed=seed, first_frame_latent=first, progress=progress,
         )
+        _sync(self.device)
         timings["sample_s"] = time.perf_counter() - t1
 
         t2 = time.perf_counter()

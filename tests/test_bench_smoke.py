@@ -43,6 +43,15 @@ def test_generation_speed_smoke_matches_diffusers_loop():
     assert res["nfe"] == 6 and res["latent_rel_diff"] < 1e-5
 
 
+def test_e2e_generation_smoke_times_every_phase_of_both_pipelines():
+    res = last_json(run_bench("bench.e2e_generation", "--smoke", "--no-compile"))
+    assert res["nfe"] == 4 and res["frames"] == 9
+    for side, keys in (("ours", ("encode_s", "sample_s", "decode_s", "total_s")),
+                       ("diffusers", ("encode_s", "vae_decode_s", "denoise_and_postprocess_s", "total_s"))):
+        assert all(res[side][k] > 0 for k in keys), res[side]
+    assert res["speedup_total"] > 0 and res["official_h100_fa3_s"] == 139.0
+
+
 def test_dense_forward_probe_smoke():
     res = last_json(run_bench("bench.dense_forward_probe", "--smoke"))
     assert res["qk_prep_compiled_composite"]["ms"] > 0 and res["gelu"]["ms"] > 0
