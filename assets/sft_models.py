@@ -49,6 +49,8 @@ class SftModelsConfig(dg.Config):
     patience: int = Field(1, description="validations without improvement before stopping")
     artifact_tolerance: float = Field(1.5, description="stop when the samples' artifact score exceeds this "
                                       "multiple of the starting model's")
+    samples: bool = Field(True, description="generate validation samples at the end of each round (the artifact "
+                          "proxy's input); off: the stop rule uses the validation loss and the human verdicts only")
     sample_steps: int = Field(2, description="sampler steps of the validation samples")
 
 
@@ -58,13 +60,15 @@ class SftSoupConfig(dg.Config):
                                "subdomains are always sqrt_size inside their domain)")
 
 
-@dg.asset(group_name="sft", kinds={"pytorch"}, owners=["team:k5-lifecycle"], deps=["sft_mix", "latent_shards",
-          "tiny_model_bundle"], description="The SFT mix split into fine-tune partitions with caption variants "
-          "(5 lengths x EN/RU) in their own latent shards; registers the `sft_partitions` keys.")
+@dg.asset(group_name="sft", kinds={"pytorch"}, owners=["team:k5-lifecycle"],
+          deps=["sft_mix", "latent_shards", "image_latent_shards", "tiny_model_bundle"],
+          description="The SFT mix split into fine-tune partitions with caption variants (5 lengths x EN/RU) in their "
+          "own latent shards; registers the `sft_partitions` keys.")
 def sft_partitions(context: dg.AssetExecutionContext, config: SftPartitionsConfig, k5_home: K5HomeResource,
                    object_store: ObjectStoreResource) -> dg.MaterializeResult:
     import pandas as pd
 
+    from assets.training import latent_set
     from k5data.sft.build import build_partitions
     from k5data.sft.dataset import SftPartitionConfig
     from k5data.sft.variants import RewriterConfig, write_tiny_lm
@@ -77,7 +81,8 @@ def sft_partitions(context: dg.AssetExecutionContext, config: SftPartitionsConfi
     rows = pd.read_parquet(str(latest_metadata(context, "sft_mix")["path"])).to_dict("records")
     cfg = SftPartitionConfig(family=config.family, kinds=tuple(config.kinds), min_items=config.min_items,
                              max_partitions=config.max_partitions, val_fraction=config.val_fraction)
-    plan = build_partitions(rows, object_store.store(), str(latest_metadata(context, "latent_shards")["prefix"]),
+    shards = str(latest_metadata(context, latent_set(START_STAGES[config.family]))["prefix"])
+    plan = build_partitions(rows, object_store.store(), shards,
                             f"sft/{config.family}", cfg, RewriterConfig(model_path=str(lm),
                                                                          max_new_tokens=config.max_new_tokens),
                             home / "sft" / "partitions" / f"{config.family}.json", log=context.log.info)
@@ -91,14 +96,15 @@ def sft_partitions(context: dg.AssetExecutionContext, config: SftPartitionsConfi
 
 
 @dg.asset(group_name="sft", partitions_def=SFT_PARTITIONS, kinds={"pytorch", "mlflow"}, owners=["team:k5-lifecycle"],
-          deps=["sft_partitions", *(f"train_{s}" for s in START_STAGES.values())], pool="gpu",
+          deps=["sft_partitions", "tiny_model_bundle", "tiny_image_bundle",
+                *(f"train_{s}" for s in START_STAGES.values())], pool="gpu",
           description="One fine-tune per SFT (sub)domain partition, from a pre-trained stage's EMA weights through "
           "the stages' Pipes job; stops when the validation flow-matching loss (fixed seeds and timesteps) stops "
           "improving or the samples show artifacts; one MLflow run per partition.")
 def sft_models(context: dg.AssetExecutionContext, config: SftModelsConfig, k5_home: K5HomeResource,
                mlflow: MLflowResource, object_store: ObjectStoreResource,
                training_job: TrainingJobResource) -> dg.MaterializeResult:
-    from assets.training import write_validation_prompts
+    from assets.training import base_bundle, write_validation_prompts
     from orchestration.sft_runs import SftRunSettings, run_partition
 
     key = context.partition_key
@@ -110,11 +116,11 @@ def sft_models(context: dg.AssetExecutionContext, config: SftModelsConfig, k5_ho
     start = str(latest_metadata(context, f"train_{stage}").get("transformer_dir")
                 or stage_dir(k5_home.paths, stage) / "ema" / "transformer")
     settings = SftRunSettings(
-        start_stage=stage, start_transformer=start, base_pipeline=str(upstream_path(context, "tiny_model_bundle")),
+        start_stage=stage, start_transformer=start, base_pipeline=str(upstream_path(context, base_bundle(stage))),
         store_uri=object_store.store().uri(""), demo=config.demo, batch=config.batch, lr=config.lr,
         steps_per_round=config.steps_per_round, max_rounds=config.max_rounds, patience=config.patience,
         artifact_tolerance=config.artifact_tolerance, sample_steps=config.sample_steps,
-        prompts_file=write_validation_prompts(k5_home, stage, 2))
+        prompts_file=write_validation_prompts(k5_home, stage, 2) if config.samples else None)
     meta = run_partition(context, layout, settings, k5_home.paths, mlflow, training_job, object_store.store())
     return dg.MaterializeResult(metadata=meta)
 
@@ -130,7 +136,7 @@ def sft_soup(context: dg.AssetExecutionContext, config: SftSoupConfig, k5_home: 
 
     members = soup_members(context, SFT_PARTITIONS.name, config.family)
     out = k5_home.paths.models / "sft" / f"{config.family}.soup"
-    base = str(upstream_path(context, "tiny_model_bundle"))
+    base = str(members[0]["base_pipeline"]) if members else ""
     result = make_soup(members, hierarchical=config.family == "image_lite", domain_scheme=config.domain_scheme,
                        out=out, base_pipeline=base, store=object_store.store())
     run_id, url = log_soup(mlflow, config.family, result, context.run_id)

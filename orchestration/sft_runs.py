@@ -47,7 +47,7 @@ class SftRunSettings:
     patience: int
     artifact_tolerance: float
     sample_steps: int
-    prompts_file: str | None
+    prompts_file: str | None  # validation prompts of the round-end samples; None: no samples
 
 
 def sft_dir(paths: K5Paths, key: str) -> Path:
@@ -73,7 +73,8 @@ def run_partition(context: dg.AssetExecutionContext, layout: dict[str, Any], s: 
     shard_meta = {"prefix": layout["prefix"], "classes": layout["classes"]}
     inputs = StageInputs(stage=s.start_stage, chain=SFT_CHAIN, steps=s.steps_per_round, demo=s.demo, ckpt_every=0,
                          init=s.start_transformer, base_pipeline=s.base_pipeline, shard_meta=shard_meta,
-                         store_uri=s.store_uri, sample_every=0, sample_steps=s.sample_steps,
+                         store_uri=s.store_uri, sample_every=0 if s.prompts_file else None,
+                         sample_steps=s.sample_steps,
                          prompts_file=s.prompts_file)
     job, why = build_job(inputs, work)
     job = job.replace(lr=s.lr, batch=s.batch)
@@ -122,6 +123,7 @@ def run_partition(context: dg.AssetExecutionContext, layout: dict[str, Any], s: 
             "pipeline_dir": str(out / "pipeline"), "val_prefix": layout["val_prefix"], "mlflow_run_id": run_id,
             "mlflow_run": dg.MetadataValue.url(url), "start_stage": s.start_stage, "start_val_loss": start_loss,
             "start_pipeline": str(Path(s.start_transformer).parent.parent / "pipeline"),
+            "base_pipeline": s.base_pipeline,
             "best_step": best["step"], "best_val_loss": best["val_loss"], "stop_reason": reason,
             "rounds": len(stop.history), "history": dg.MetadataValue.json(stop.history),
             "steps": len(metrics), "final_loss": metrics[-1]["loss"] if metrics else float("nan")}
