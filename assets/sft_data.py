@@ -26,7 +26,8 @@ from orchestration.resources import CurationResource, K5HomeResource
 
 # What `make demo` runs: main_job with simulated annotators (accounts "simulated:*", labelled as such everywhere).
 DEMO_SFT_RUN_CONFIG = {"ops": {"sft_judgments": {"config": {
-    "simulate": True, "regular_annotators": [f"{SIMULATED_PREFIX}screener_{k:02d}" for k in range(1, 3)],
+    "simulate": True, "simulated_screening_shift": 2.0, "simulated_expert_leniency": 0.5,  # a small corpus
+    "regular_annotators": [f"{SIMULATED_PREFIX}screener_{k:02d}" for k in range(1, 3)],
     "experts": [f"{SIMULATED_PREFIX}expert_{k:02d}" for k in range(1, 5)]}}}}
 
 
@@ -41,6 +42,8 @@ class SftJudgmentsConfig(dg.Config):
     max_items: int = Field(200, description="items taken from the curated dataset, best aesthetic score first")
     simulate: bool = Field(False, description="demo/tests: fill the queues of the 'simulated:*' accounts")
     seed: int = Field(0, description="seed of the simulated annotators")
+    simulated_screening_shift: float = Field(1.0, description="simulated screeners' leniency (higher: more pass)")
+    simulated_expert_leniency: float = Field(0.1, description="simulated experts' leniency (higher: more 'good')")
 
 
 class SftConsensusConfig(dg.Config):
@@ -65,10 +68,13 @@ def sft_judgments(context: dg.AssetExecutionContext, config: SftJudgmentsConfig,
                   curation: CurationResource) -> dg.MaterializeResult:
     """The SFT annotation batch (curated passed rows, Stage 1 queue) and its judgments store."""
     curated = read_dataset(str(latest_metadata(context, curated_dataset.key)["path"]), curation.config())
-    batch = SftBatchConfig(**config.model_dump(exclude={"simulate", "seed"}))
+    batch = SftBatchConfig(**config.model_dump(exclude={"simulate", "seed", "simulated_screening_shift",
+                                                        "simulated_expert_leniency"}))
+    sim = SimulatedRaters(seed=config.seed, screening_pass_rate_shift=config.simulated_screening_shift,
+                          expert_leniency=config.simulated_expert_leniency)
     store = SftStore(sft_dir(k5_home) / "judgments.duckdb")
     summary = prepare_batch(store, curated, sft_dir(k5_home) / "media", batch,
-                            SimulatedRaters(seed=config.seed) if config.simulate else None, curation.endpoint_url)
+                            sim if config.simulate else None, curation.endpoint_url)
     context.log.info(f"SFT batch in {store.path}: {summary}")
     return dg.MaterializeResult(metadata={**summary, "store_path": store.path})
 
