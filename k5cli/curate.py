@@ -50,7 +50,8 @@ def curate(src: str, out: str, config_path: str | None, catalog_path: str | None
         return
     reg, ds = summary.register, summary.dataset
     click.echo(f"registered: {reg['new_media']} new media, {reg['new_copies']} new copies, "
-               f"{reg['unchanged']} unchanged, {reg['quarantined']} quarantined, {reg['retired']} retired (gone)")
+               f"{reg['unchanged']} unchanged, {reg['quarantined']} quarantined, {reg['retired']} retired (gone), "
+               f"{reg['recaptioned']} with a changed caption file")
     click.echo(f"scored: {summary.scored_media} media -> {summary.scored_rows} rows "
                f"({summary.scoring_errors} errors) in {summary.seconds:.1f} s")
     click.echo(f"dataset: {ds['rows']} rows ({ds['images']} images, {ds['scenes']} scenes), {ds['passed']} passed, "

@@ -140,3 +140,20 @@ def test_corrupt_middle_is_detected_and_the_intact_captioned_copy_kept(tmp_path:
     photos = photos.set_index(photos["source_uri"].str.rsplit("/", n=1).str[-1])
     assert photos.loc["astronaut.png", "passed"] and pd.isna(photos.loc["astronaut.png", "dup_of"])
     assert photos.loc["astronaut_copy.png", "dup_of"] == f"{photos.loc['astronaut.png', 'media_id']}#0"
+
+
+def test_a_changed_caption_file_rescores_its_media_only(tmp_path: Path) -> None:
+    corpus, out = tmp_path / "corpus", tmp_path / "out"
+    corpus.mkdir()
+    _image(corpus, "astronaut.png", "astronaut")
+    _image(corpus, "chelsea.png", "chelsea")
+    cfg = load_config()
+    run_curation(str(corpus), str(out), cfg, progress=False)
+    unchanged = run_curation(str(corpus), str(out), cfg, progress=False)
+    assert unchanged.scored_media == 0 and unchanged.register["recaptioned"] == 0
+    (corpus / "astronaut.txt").write_text("An astronaut in an orange suit stands before a flag, helmet in hand.\n")
+    changed = run_curation(str(corpus), str(out), cfg, progress=False)
+    assert changed.register["recaptioned"] == 1 and changed.scored_media == 1  # chelsea is not scored again
+    df = read_dataset(str(out), cfg)
+    caption = df.loc[df["source_uri"].str.endswith("/astronaut.png"), "caption"].item()
+    assert "helmet in hand" in caption and len(df) == 2

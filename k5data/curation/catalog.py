@@ -35,6 +35,9 @@ CREATE TABLE IF NOT EXISTS curation.items (
 CREATE TABLE IF NOT EXISTS curation.scored (
     media_id VARCHAR PRIMARY KEY, scored_at TIMESTAMP DEFAULT current_timestamp);
 ALTER TABLE curation.quarantine ADD COLUMN IF NOT EXISTS error_class VARCHAR;
+CREATE TABLE IF NOT EXISTS curation.sidecars (source_uri VARCHAR PRIMARY KEY, source VARCHAR, key VARCHAR,
+    version VARCHAR);
+ALTER TABLE curation.scored ADD COLUMN IF NOT EXISTS sidecar_version VARCHAR;
 """
 PERMANENT, TRANSIENT = "permanent", "transient"  # quarantine error classes: a verdict on the file / a condition
 
@@ -139,6 +142,45 @@ class Catalog:
             con.execute("COMMIT")
         return int(moved)
 
+    # --- sidecar captions: a changed caption file means its media is scored again -------------------------------
+    def record_sidecars(self, source: str, sidecars: dict[str, tuple[str, str]]) -> None:
+        """Replace the listed sidecars of ``source``: key -> (uri, version)."""
+        with self.connect() as con:
+            con.execute("BEGIN")
+            con.execute("DELETE FROM curation.sidecars WHERE source = ?", [source])
+            if sidecars:  # why: DuckDB's executemany refuses an empty list
+                con.executemany("INSERT OR REPLACE INTO curation.sidecars VALUES (?, ?, ?, ?)",
+                                [[uri, source, key, version] for key, (uri, version) in sidecars.items()])
+            con.execute("COMMIT")
+
+    def sidecar_version(self, source: str, key: str) -> str:
+        """The listed version of sidecar ``key`` of ``source`` ('' when there is none)."""
+        with self.connect() as con:
+            row = con.execute("SELECT version FROM curation.sidecars WHERE source = ? AND key = ?",
+                              [source, key]).fetchone()
+        return row[0] if row else ""
+
+    def scored_sidecars(self, source: str, shard: int | None = None) -> list[tuple[str, str, str]]:
+        """(media_id, key of its first location, sidecar version it was scored with) of the scored media of
+        ``source`` (of ``shard`` when given); media scored before versions were recorded are left out."""
+        sql = ("SELECT s.media_id, l.key, s.sidecar_version FROM curation.scored s "
+               "JOIN (SELECT *, row_number() OVER (PARTITION BY media_id ORDER BY source_uri) AS rn "
+               "FROM curation.locations) l ON l.media_id = s.media_id AND l.rn = 1 "
+               "WHERE l.source = ? AND s.sidecar_version IS NOT NULL")
+        params: list[Any] = [source]
+        if shard is not None:
+            sql += " AND l.shard = ?"
+            params.append(shard)
+        with self.connect() as con:
+            return [tuple(r) for r in con.execute(sql, params).fetchall()]
+
+    def unscore(self, media_ids: list[str]) -> None:
+        """Mark media unscored (their rows are replaced when they are scored again)."""
+        if not media_ids:
+            return
+        with self.connect() as con:
+            con.executemany("DELETE FROM curation.scored WHERE media_id = ?", [[m] for m in media_ids])
+
     # --- scoring ------------------------------------------------------------------------------------------------
     def unscored(self, source: str | None = None, shard: int | None = None) -> list[dict[str, Any]]:
         """Media (with one location each) not yet scored, optionally limited to a source / shard."""
@@ -158,14 +200,17 @@ class Catalog:
             cols = [d[0] for d in cur.description]
             return [dict(zip(cols, row)) for row in cur.fetchall()]
 
-    def save_items(self, media_id: str, items: list[dict[str, Any]]) -> None:
+    def save_items(self, media_id: str, items: list[dict[str, Any]], sidecar_version: str = "") -> None:
+        """Store the rows of one media file and mark it scored (with the sidecar version it read), in one
+        transaction: nothing is marked scored without its rows."""
         with self.connect() as con:
             con.execute("BEGIN")
             con.execute("DELETE FROM curation.items WHERE media_id = ?", [media_id])
             for item in items:
                 con.execute("INSERT INTO curation.items VALUES (?, ?, ?)",
                             [media_id, int(item["scene_index"]), json.dumps(item, default=_json_default)])
-            con.execute("INSERT OR REPLACE INTO curation.scored (media_id) VALUES (?)", [media_id])
+            con.execute("INSERT OR REPLACE INTO curation.scored (media_id, sidecar_version) VALUES (?, ?)",
+                        [media_id, sidecar_version])
             con.execute("COMMIT")
 
     def items(self, source: str | None = None) -> list[dict[str, Any]]:

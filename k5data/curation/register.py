@@ -8,6 +8,7 @@ from dataclasses import dataclass, field
 from pathlib import Path, PurePosixPath
 from typing import Any
 
+from k5data.curation.captions import sidecar_key
 from k5data.curation.catalog import PERMANENT, Catalog
 from k5data.curation.config import CurationConfig
 from k5data.curation.probe import ProbeError, probe_file
@@ -24,6 +25,7 @@ class RegisterStats:
     unchanged: int = 0       # already registered / quarantined with the same version: skipped
     sidecars: int = 0
     retired: int = 0         # known locations no longer listed (deleted files): their rows leave the dataset
+    recaptioned: int = 0     # scored media whose sidecar caption changed, appeared or vanished: scored again
     reasons: dict[str, int] = field(default_factory=dict)
 
 
@@ -51,10 +53,12 @@ def register_sources(source: Source, catalog: Catalog, cfg: CurationConfig, shar
     stats = RegisterStats()
     known = catalog.known_versions(source.name)
     listed: set[str] = set()
+    sidecars: dict[str, tuple[str, str]] = {}
     with tempfile.TemporaryDirectory(prefix="k5-register-") as tmp:
         for obj in source.iter_objects():  # the store lists everything first: a failed listing retires nothing
             if is_sidecar(obj.key, cfg):
                 stats.sidecars += 1
+                sidecars[obj.key] = (obj.uri, obj.version)
                 continue
             obj_shard = shard_of(obj.key, cfg["shards"])
             if shard is not None and obj_shard != shard:
@@ -70,6 +74,11 @@ def register_sources(source: Source, catalog: Catalog, cfg: CurationConfig, shar
                 source, catalog, obj, obj_shard, media_cfg, Path(tmp), stats),
                 operation="registering", target=obj.uri, policy=cfg.retry_policy)
     stats.retired = len(catalog.retire_missing(source.name, listed, shard))
+    catalog.record_sidecars(source.name, sidecars)
+    stale = [media_id for media_id, key, version in catalog.scored_sidecars(source.name, shard)
+             if sidecars.get(sidecar_key(key), ("", ""))[1] != version]
+    catalog.unscore(stale)
+    stats.recaptioned = len(stale)
     return stats
 
 

@@ -114,6 +114,7 @@ def score_media(media: dict[str, Any], source: Source, catalog: Catalog, cfg: Cu
     obj = SourceObject(media["source_uri"], media["key"], int(media["size"]), "")
     sidecar = None
     key = sidecar_key(media["key"])
+    sidecar_version = catalog.sidecar_version(source.name, key)  # as listed by registration, before this read
     if source.exists(key):
         sidecar = parse_sidecar(source.read_bytes(key).decode("utf-8", errors="replace"))
     with tempfile.TemporaryDirectory(prefix="k5-score-") as tmp:
@@ -121,5 +122,5 @@ def score_media(media: dict[str, Any], source: Source, catalog: Catalog, cfg: Cu
         rows = [score_item(meta, item, cfg, scorers, sidecar) for meta, item in _items_for(media, path, cfg)]
     for row in rows:
         row["media_id"] = media["media_id"]
-    catalog.save_items(media["media_id"], rows)
+    catalog.save_items(media["media_id"], rows, sidecar_version)
     return rows
