@@ -91,6 +91,7 @@ def sft_partitions(context: dg.AssetExecutionContext, config: SftPartitionsConfi
     return dg.MaterializeResult(metadata={
         "family": config.family, "partitions": dg.MetadataValue.json(keys), "items": plan["items"],
         "plan_path": dg.MetadataValue.path(str(home / "sft" / "partitions" / f"{config.family}.json")),
+        "items_path": dg.MetadataValue.path(str(home / "sft" / "partitions" / f"{config.family}.items.parquet")),
         "subdomains": dg.MetadataValue.json(plan["subdomains"]), "skipped": dg.MetadataValue.json(plan["skipped"]),
         "variant_sources": dg.MetadataValue.json(plan["variant_sources"]), "rewriter": plan["rewriter"]})
 

@@ -10,6 +10,7 @@ import pytest
 import torch
 
 from k5data.curation.captions import postprocess_caption, split_languages
+from k5data.sft.build import items_table
 from k5data.sft.dataset import SftPartitionConfig, plan_partitions
 from k5data.sft.subdomains import split_domain
 from k5data.sft.variants import (
@@ -54,6 +55,7 @@ def test_extractive_cut() -> None:
     assert extractive(text, 3) == "A red fox."
 
 
+@pytest.mark.slow  # ~40 s on a loaded 2-core box (tokenizer training + 10 generations)
 def test_tiny_lm_rewrites_through_the_production_path(tmp_path) -> None:
     from k5model.tiny import _qwen_tokenizer
 
@@ -111,5 +113,7 @@ def test_partitions_by_domain_or_subdomain() -> None:
                                     emb)
     assert report["subdomains"]["animals"]["k"] == 2
     assert {p.key for p in parts} >= {"image_lite.animals.s0", "image_lite.animals.s1"}
+    table = items_table(parts)  # domain and subdomain as columns
+    assert set(table[table["domain"] == "animals"]["subdomain"]) == {"s0", "s1"} and len(table) == 8
     with pytest.raises(ValueError, match="no embedding"):
         plan_partitions(rows, SftPartitionConfig(family="image_lite", kinds=("image",)), {})

@@ -8,9 +8,17 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
+import pandas as pd
+
 from k5data.latents.plan import sample_id
 from k5data.latents.shards import Store
-from k5data.sft.dataset import SftPartitionConfig, item_embeddings, plan_partitions, write_partition_shards
+from k5data.sft.dataset import (
+    SftPartition,
+    SftPartitionConfig,
+    item_embeddings,
+    plan_partitions,
+    write_partition_shards,
+)
 from k5data.sft.variants import CaptionRewriter, CaptionVariants, RewriterConfig
 
 
@@ -42,4 +50,14 @@ def build_partitions(rows: list[dict[str, Any]], store: Store, src_prefix: str, 
             "rewriter": lm.name, "items": len(variants)}
     plan_path.parent.mkdir(parents=True, exist_ok=True)
     plan_path.write_text(json.dumps(plan, indent=2, default=str))
+    items_table(parts).to_parquet(plan_path.with_suffix(".items.parquet"), index=False)
     return plan
+
+
+def items_table(parts: list[SftPartition]) -> pd.DataFrame:
+    """Domain and subdomain as columns: one row per item with its partition, split and repeats."""
+    return pd.DataFrame([{"sample_id": sid, "domain": p.domain, "subdomain": p.subdomain, "partition": p.key,
+                          "split": split, "repeats": p.repeats.get(sid, 1) if split == "train" else 1}
+                         for p in parts for split, ids in (("train", p.train_ids), ("val", p.val_ids))
+                         for sid in ids], columns=["sample_id", "domain", "subdomain", "partition", "split",
+                                                   "repeats"])
