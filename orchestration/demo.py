@@ -20,6 +20,9 @@ LOGS = {"loggers": {"console": {"config": {"log_level": "INFO"}}}, "execution": 
 FAMILY = "video_lite"
 STRICT_MARGIN = 0.5  # overall-score advantage a candidate must show before it becomes champion (strict gate)
 SIMULATED_PREFERENCE = 0.85  # the demo's simulated raters prefer the later stage (model A) on this share of votes
+# SFT at demo scale: one training step per round, at most two rounds per partition (a tiny model learns fast)
+SFT_MODELS_CONFIG = {"ops": {"sft_models": {"config": {"steps_per_round": 1, "max_rounds": 2, "lr": 1e-3}}}}
+SFT_COMPARISON = "soup_vs_pretrain"
 
 
 def _report(name: str, result: Any, gate_may_keep: bool = False) -> bool:
@@ -44,6 +47,43 @@ def _scalars(meta: dict[str, Any]) -> str:
                      if isinstance(v, int | float | str) and "\n" not in str(v) and len(str(v)) < 80)
 
 
+def _sft_chain(run: Any, sbs_config: dict) -> tuple[Any, Any, Any, Any] | None:
+    """SFT at demo scale (report §6.4): partitions of the simulated annotators' mix -> one tiny fine-tune per domain
+    -> the soup -> SBS of the soup against its start stage (simulated judgments) -> the soup as a release candidate."""
+    parts = run("sft_partitions_job")
+    if not _report("sft_partitions_job", parts):
+        return None
+    for key in parts.metadata("sft_partitions")["partitions"]:
+        if not _report(f"sft_models_job {key}", run("sft_models_job", key, SFT_MODELS_CONFIG)):
+            return None
+    soup = run("sft_soup_job")
+    if not _report("sft_soup_job", soup):
+        return None
+    sbs = run("sbs_job", SFT_COMPARISON, {"ops": {"sbs_report": {"config": {**sbs_config,
+                                                                          "p_a": SIMULATED_PREFERENCE}}}})
+    if not _report(f"sbs_job {SFT_COMPARISON}", sbs):
+        return None
+    release = run("release_job", FAMILY, {"ops": {"release": {"config": {"sft_soup": True, "margin": 0.0}}}})
+    if not _report(f"release_job {FAMILY} (SFT soup)", release, gate_may_keep=True):
+        return None
+    return parts, soup, sbs, release
+
+
+def _print_sft(parts: Any, soup: Any, sbs: Any, release: Any) -> None:
+    meta, plan = soup.metadata("sft_soup"), parts.metadata("sft_partitions")
+    print(f"\nSFT: {plan.get('items')} items -> partitions {plan.get('partitions')} (caption variants by "
+          f"{plan.get('rewriter')}: {plan.get('variant_sources')})")
+    print(f"  soup weights {meta.get('weights')}; validation loss on the union of the partitions' validation items: "
+          f"soup {meta.get('soup_val_loss'):.5f} vs members' mean {meta.get('members_mean_val_loss'):.5f} "
+          f"(members {meta.get('member_val_loss')}); pipeline {meta.get('pipeline_dir')}")
+    report = sbs.metadata("sbs_report")
+    print(f"  SBS {SFT_COMPARISON}: {report.get('judgments')} SIMULATED judgments; overall "
+          f"{report.get('overall_visual_quality')}")
+    gate = [f"{c.metadata['decision'].value} - {c.metadata['reason'].value}" for c in release.check_evaluations
+            if c.check_name == "champion_gate"]
+    print(f"  soup release: version {release.metadata('release').get('version')} (candidate); gate: {gate}")
+
+
 def main() -> int:
     offline_env()
     paths = K5Paths.from_env().ensure()
@@ -54,6 +94,7 @@ def main() -> int:
 
     from assets.curation import SHARDS
     from assets.sbs import DEMO_COMPARISON, DEMO_SBS_RUN_CONFIG
+    from assets.sft_data import DEMO_SFT_RUN_CONFIG
     from orchestration.launch import code_location, run_job
     from orchestration.registry import release_status
 
@@ -67,7 +108,7 @@ def main() -> int:
         for key in SHARDS.get_partition_keys():  # partitioned: one run per source shard
             if not _report(f"curation shard {key}", run("curation_shards_job", key)):
                 return 1
-        main_run = run("main_job")
+        main_run = run("main_job", config=DEMO_SFT_RUN_CONFIG)  # SFT questionnaires: simulated annotators
         if not _report("main_job", main_run):
             return 1
         sbs_config = DEMO_SBS_RUN_CONFIG["ops"]["sbs_report"]["config"]
@@ -82,11 +123,18 @@ def main() -> int:
             if not _report(f"release_job {FAMILY} (margin {margin})", release, gate_may_keep=True):
                 return 1
             gates.append((margin, release.metadata("release"), release.check_evaluations))
+        sft_runs = _sft_chain(run, sbs_config)
+        if sft_runs is None:
+            return 1
         elapsed = time.perf_counter() - t0
 
     print(f"\nThe lineage ran in {elapsed:.1f} s; runs are in the Dagster UI (job history and Overview timeline).")
     print("Curated dataset:", _scalars(dict(main_run.metadata("curated_dataset"))))
     print("Latent shards:", _scalars(dict(main_run.metadata("latent_shards"))))
+    sft = {k: main_run.metadata(k).get("rows") for k in ("sft_v1", "sft_v2", "sft_mix")}
+    print(f"SFT datasets from SIMULATED annotators: v1 {sft['sft_v1']} rows, v2 {sft['sft_v2']} rows, mix "
+          f"{sft['sft_mix']} rows (p_v1={main_run.metadata('sft_mix').get('p_v1')}); annotate for real with "
+          f"`python -m ui.sft_task serve-demo {paths.home / 'sft'}`")
     last = main_run.metadata("train_video_lite_mr_10s")
     print(f"Last Video Lite stage: pipeline {last.get('pipeline_dir')}, {last.get('samples_consumed')} samples / "
           f"{last.get('tokens_consumed')} tokens consumed, MLflow run {last.get('mlflow_run')}")
@@ -102,6 +150,7 @@ def main() -> int:
         print(f"\nRelease with margin {margin}: version {meta.get('version')} -> {meta.get('source_uri')}")
         for line in decisions:
             print(f"  {line}")
+    _print_sft(*sft_runs)
     print("\nRegistry now:")
     for line in release_status(paths.mlflow_tracking_uri, FAMILY):
         print(f"  {line}")
