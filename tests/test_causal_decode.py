@@ -86,3 +86,9 @@ def test_rejects_bad_latents_and_chunk(vae):
         CausalChunkDecoder(vae, chunk_latent_frames=0)
     with pytest.raises(ValueError, match="unscaled latents"):
         CausalChunkDecoder(vae).decode(torch.randn(1, 4, 3, 8, 8))
+
+
+def test_from_pretrained_decodes_chunked_on_request_and_by_default_only_on_cuda(tiny_t2v_dir):
+    assert VideoVAE.from_pretrained(tiny_t2v_dir).chunked_decoder is None  # CPU: diffusers' decode
+    chunked = VideoVAE.from_pretrained(tiny_t2v_dir, chunked_decoding=True)
+    assert isinstance(chunked.chunked_decoder, CausalChunkDecoder)
