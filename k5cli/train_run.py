@@ -197,7 +197,7 @@ def build_data(job: TrainJob, stage: StageConfig, cfg: Any, rank: int, world: in
                          f"do not match the model's in_text_dim/in_text_dim2 {cfg.in_text_dim}/{cfg.in_text_dim2}")
     return ShardLatentSource(open_store(job.data.store), job.data.shards, stage, text, t_max=job.data.t_max,
                              rank=rank, world_size=world, visual_cond=cfg.visual_cond, device=device,
-                             res_classes=job.data.classes())
+                             res_classes=job.data.classes(), prefetch=job.data.prefetch)
 
 
 def _first(exc: BaseException) -> str:

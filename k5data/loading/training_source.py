@@ -28,7 +28,7 @@ import numpy as np
 import torch
 
 from k5data.latents.shards import Store, read_index
-from k5data.loading.loader import PackedLatentLoader, PackedSamples
+from k5data.loading.loader import ArchivePrefetcher, PackedLatentLoader, PackedSamples
 from k5model.flow_matching import TextCondition
 from k5model.training.batch import PackedBatch, pack
 from k5model.training.caption_variants import pick_captions
@@ -90,6 +90,8 @@ class _Stream:
     def __init__(self, src: ShardLatentSource, modality: str):
         self.src, self.modality = src, modality
         self.epoch, self.batches = 0, 0  # batches taken in the current epoch
+        # one worker per stream, kept across epochs (each epoch's loader restarts it on its own archive list)
+        self.prefetcher = ArchivePrefetcher(src.store, src.prefetch) if src.prefetch > 0 else None
         self.loader = self._loader()
 
     def _loader(self) -> PackedLatentLoader:
@@ -99,7 +101,7 @@ class _Stream:
                                   seed=_seed(src.stage.seed, src.rank, self.epoch, salt), queue_factor=src.queue_factor,
                                   rank=src.rank, world_size=src.world_size, modalities=(self.modality,),
                                   shuffle_seed=_seed(src.stage.seed, self.epoch, salt, 7),
-                                  res_classes=src.res_classes)
+                                  res_classes=src.res_classes, prefetcher=self.prefetcher)
 
     def next(self) -> PackedSamples:
         while True:
@@ -131,16 +133,20 @@ class ShardLatentSource(Iterator[PackedBatch]):
 
     ``t_max``: latent frames per batch (default ``stage.batch * stage.frames``). ``image_step_fraction``: share of
     image-only steps, drawn per step (default the stage's p(t2i); 0 or 1 when the shards or the stage hold one
-    modality only). Images and videos stream from two loaders that cycle through their epochs independently."""
+    modality only). Images and videos stream from two loaders that cycle through their epochs independently.
+    ``prefetch``: samples each stream reads ahead in a worker process (``ArchivePrefetcher``: object-store reads and
+    tar unpacking overlap the training step; the state still records only what the batches took); 0 = inline."""
 
     def __init__(self, store: Store, prefix: str, stage: StageConfig, text: TextEncoders, *,
                  t_max: int | None = None, rank: int = 0, world_size: int = 1,
                  image_step_fraction: float | None = None, edit_prob: float = 0.8, visual_cond: bool = True,
-                 queue_factor: float = 2.0, device: torch.device | str = "cpu", res_classes: Sequence[str] = ()):
+                 queue_factor: float = 2.0, device: torch.device | str = "cpu", res_classes: Sequence[str] = (),
+                 prefetch: int = 0):
         self.store, self.prefix, self.stage, self.text = store, prefix.strip("/"), stage, text
         self.rank, self.world_size, self.edit_prob, self.visual_cond = rank, world_size, edit_prob, visual_cond
         self.queue_factor, self.device = queue_factor, torch.device(device)
         self.res_classes = tuple(res_classes)
+        self.prefetch = int(prefetch)
         self.t_max = int(t_max or stage.batch * stage.frames)
         if self.t_max < 1:
             raise ValueError(f"t_max must be >= 1, got {self.t_max}")
@@ -195,6 +201,12 @@ class ShardLatentSource(Iterator[PackedBatch]):
                                                                                   self.index - 1, 3)))
         embeds, pooled = self.text.encode(captions, tasks)
         return pack(x0, embeds, pooled, tasks, visual_cond=self.visual_cond, sources=edit_sources, ids=pb.ids)
+
+    def close(self) -> None:
+        """Stop the prefetch workers (they also exit with this process)."""
+        for stream in self.streams.values():
+            if stream.prefetcher is not None:
+                stream.prefetcher.close()
 
     def null_condition(self) -> TextCondition:
         return self.text.null_condition("t2i" if self.modalities == ("image",) else "t2v")

@@ -93,6 +93,9 @@ class DataSpec:
     """Latent frames packed per step and rank (with --shards; default batch x frames)."""
     text_len: int = 6
     """Text tokens of a synthetic sample's condition (256 = Qwen's maximum)."""
+    prefetch: int = 32
+    """Latent samples each shard stream reads ahead in a worker process, so object-store reads and tar unpacking
+    overlap the training step (0 = read in the training process)."""
 
     def __post_init__(self) -> None:
         if self.shards is not None and (self.store is None or self.text_encoders is None):
@@ -103,6 +106,8 @@ class DataSpec:
             raise ValueError(f"res_classes {bad} unknown; use {', '.join(RES_CLASSES)}")
         if self.t_max is not None and self.t_max < 1:
             raise ValueError(f"t_max must be >= 1, got {self.t_max}")
+        if self.prefetch < 0:
+            raise ValueError(f"prefetch must be >= 0 samples, got {self.prefetch}")
 
     def classes(self) -> tuple[str, ...]:
         return tuple(c.strip() for c in self.res_classes.split(",") if c.strip()) if self.res_classes else ()
