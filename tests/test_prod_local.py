@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import json
 import os
+import shutil
 import subprocess
 import sys
 import textwrap
@@ -105,3 +106,12 @@ def test_prod_local_runs_the_curation_through_postgres_s3_mlflow_and_ray(tmp_pat
     assert sorted((r["step"], r["shard"]) for r in records) == sorted(
         (step, shard) for step in ("register", "score") for shard in range(4))
     assert proc.pid not in {r["pid"] for r in records}
+
+
+def test_make_up_without_docker_says_what_to_do() -> None:
+    if shutil.which("docker") and subprocess.run(["docker", "compose", "version"], capture_output=True).returncode == 0:
+        pytest.skip("Docker Compose is installed here: `make up` would start the stack")
+    proc = subprocess.run(["make", "-s", "up"], cwd=REPO, capture_output=True, text=True, timeout=60)
+    assert proc.returncode != 0
+    assert "Docker with the compose plugin is needed" in proc.stderr and "make prod-local" in proc.stderr
+    assert not (REPO / "infra" / ".env").exists()  # the check comes before anything is written
