@@ -32,7 +32,8 @@ from orchestration.settings import K5Paths
 # Table 4 resolutions (pixels, short side) -> the latent shards' resolution classes (k5data.latents)
 CLASS_OF_SHORT_SIDE = {256: "low", 512: "medium", 1024: "high"}
 # Fields that may differ between attempts of one stage without invalidating its checkpoints.
-RESUMABLE_CHANGES = {"resume", "steps", "sample_every", "sample_steps", "sample_cache", "nproc", "replicate"}
+RESUMABLE_CHANGES = {"resume", "steps", "sample_every", "sample_steps", "sample_cache", "nproc", "replicate",
+                     "prefetch", "async_checkpoint"}  # how, not what, it trains
 DAGSTER_UI_URL = "http://127.0.0.1:3000"
 
 
