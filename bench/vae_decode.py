@@ -24,7 +24,7 @@ import gc
 import torch
 
 from bench.common import CONV_KERNELS, device_info, kernel_breakdown, peak_gb, timed, write_result
-from bench.vae_encode import build_vae
+from bench.vae_encode import vae_setup
 from k5model.encoders.causal_encode import CausalChunkDecoder, set_decoder_memory_format
 
 
@@ -53,12 +53,9 @@ def main() -> None:
     ap.add_argument("--whole-clip", action="store_true", help="deviations from the untiled whole-clip decode")
     ap.add_argument("--profile", action="store_true", help="kernel-time breakdown of our variants")
     args = ap.parse_args()
-    cuda = torch.cuda.is_available() and not args.smoke
-    device = torch.device("cuda" if cuda else "cpu")
-    dtype = torch.float16 if cuda else torch.float32
+    cuda, device, dtype, vae = vae_setup(args.smoke)
     t, h, w = (31, 64, 96) if cuda else (5, 4, 6)
     reps = args.reps if cuda else 1
-    vae = build_vae(not cuda).to(device, dtype).eval()
     gen = torch.Generator().manual_seed(1)
     z = torch.randn(1, vae.config.latent_channels, t, h, w, generator=gen).to(device, dtype)
     res: dict = {**device_info(cuda), "latent": [t, h, w], "frames": (t - 1) * 4 + 1, "dtype": str(dtype),

@@ -38,6 +38,15 @@ def build_vae(smoke: bool):
     return AutoencoderKLHunyuanVideo()  # the HunyuanVideo / Kandinsky 5 video VAE layout
 
 
+def vae_setup(smoke: bool) -> tuple[bool, torch.device, torch.dtype, torch.nn.Module]:
+    """(cuda, device, dtype, VAE) of the VAE benchmarks: the production layout in fp16 on a GPU, the toy one in fp32
+    on CPU (``smoke`` forces CPU)."""
+    cuda = torch.cuda.is_available() and not smoke
+    device = torch.device("cuda" if cuda else "cpu")
+    dtype = torch.float16 if cuda else torch.float32
+    return cuda, device, dtype, build_vae(not cuda).to(device, dtype).eval()
+
+
 def deviation(res: dict, name: str, lat: torch.Tensor, ref: torch.Tensor) -> None:
     """max |Δ| of the latent means and the same relative to the reference's max |latent|."""
     res[f"{name}_max_dev"] = (lat.float() - ref).abs().max().item()
@@ -56,12 +65,9 @@ def main() -> None:
     ap.add_argument("--diffusers-frames", default="32,64",
                     help="diffusers with longer temporal tiles (N frames, stride N-4): candidates for the best anchor")
     args = ap.parse_args()
-    cuda = torch.cuda.is_available() and not args.smoke
-    device = torch.device("cuda" if cuda else "cpu")
-    dtype = torch.float16 if cuda else torch.float32
+    cuda, device, dtype, vae = vae_setup(args.smoke)
     frames, h, w = (121, 512, 768) if cuda else (17, 64, 96)
     reps = args.reps if cuda else 1
-    vae = build_vae(not cuda).to(device, dtype).eval()
     gen = torch.Generator().manual_seed(1)
     pixels = (torch.rand(1, 3, frames, h, w, generator=gen) * 2 - 1).to(device, dtype)
     res: dict = {**device_info(cuda), "frames": frames, "size": [h, w], "dtype": str(dtype)}
