@@ -79,3 +79,19 @@ def write_curated_dataset(root: Path, tag: str = "") -> Path:
         rows.append(row)
     write_outputs(rows, [], str(root / "curated"), load_config())
     return root / "curated"
+
+
+def tiny_demo_trainer() -> Any:
+    """A single-process ``Trainer`` of the tiny_demo stage on synthetic batches (weights seeded: every call builds the
+    same trainer)."""
+    import torch
+
+    from k5model.crossdit import CrossDiT
+    from k5model.training.config import get_stage
+    from k5model.training.trainer import SyntheticLatentSource, Trainer
+
+    stage = get_stage("tiny_demo")
+    torch.manual_seed(0)
+    model = CrossDiT(stage.model_preset)
+    data = SyntheticLatentSource(stage, text_dim=model.config.in_text_dim, pooled_dim=model.config.in_text_dim2)
+    return Trainer(model, stage, data, data.null_condition())

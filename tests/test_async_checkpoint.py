@@ -13,9 +13,9 @@ from pathlib import Path
 
 import pytest
 import torch
+from helpers import tiny_demo_trainer
 from torch.distributed.checkpoint import FileSystemWriter
 
-from k5model.crossdit import CrossDiT
 from k5model.training.checkpointing import (
     AsyncCheckpointer,
     CheckpointWriteError,
@@ -24,18 +24,9 @@ from k5model.training.checkpointing import (
     save_checkpoint,
     verify_checkpoint,
 )
-from k5model.training.config import get_stage
-from k5model.training.trainer import SyntheticLatentSource, Trainer
+from k5model.training.trainer import Trainer
 
 pytestmark = pytest.mark.filterwarnings("ignore:torch.distributed is disabled")
-
-
-def _trainer() -> Trainer:
-    stage = get_stage("tiny_demo")
-    torch.manual_seed(0)
-    model = CrossDiT(stage.model_preset)
-    data = SyntheticLatentSource(stage, text_dim=model.config.in_text_dim, pooled_dim=model.config.in_text_dim2)
-    return Trainer(model, stage, data, data.null_condition())
 
 
 class GatedWriter(FileSystemWriter):
@@ -62,7 +53,7 @@ def _snapshot(trainer: Trainer) -> dict[str, torch.Tensor]:
 
 
 def test_in_flight_save_is_not_resumable_and_completes_with_the_staged_step(one_thread, tmp_path: Path) -> None:
-    trainer = _trainer()
+    trainer = tiny_demo_trainer()
     ckpt = tmp_path / "ckpt"
     trainer.train(2)
     save_checkpoint(trainer, ckpt)  # a complete step_2 to fall back to
@@ -84,7 +75,7 @@ def test_in_flight_save_is_not_resumable_and_completes_with_the_staged_step(one_
     assert resumable_checkpoint(ckpt).path == ckpt / "step_3"
 
     # the checkpoint holds step 3 exactly (the staged copy, not the weights of step 5) and resumes exactly
-    fresh = _trainer()
+    fresh = tiny_demo_trainer()
     assert load_checkpoint(fresh, ckpt / "step_3") == 3
     restored = _snapshot(fresh)
     assert restored.keys() == at_step_3.keys()
@@ -93,7 +84,7 @@ def test_in_flight_save_is_not_resumable_and_completes_with_the_staged_step(one_
 
 
 def test_async_and_sync_saves_are_the_same_checkpoint(one_thread, tmp_path: Path) -> None:
-    a, b = _trainer(), _trainer()
+    a, b = tiny_demo_trainer(), tiny_demo_trainer()
     a.train(2)
     b.train(2)
     save_checkpoint(a, tmp_path / "sync")
@@ -102,7 +93,7 @@ def test_async_and_sync_saves_are_the_same_checkpoint(one_thread, tmp_path: Path
     saver.close()
     sync_files = sorted(p.name for p in (tmp_path / "sync/step_2").iterdir())
     assert sync_files == sorted(p.name for p in (tmp_path / "async/step_2").iterdir())
-    fa, fb = _trainer(), _trainer()
+    fa, fb = tiny_demo_trainer(), tiny_demo_trainer()
     load_checkpoint(fa, tmp_path / "sync/step_2")
     load_checkpoint(fb, tmp_path / "async/step_2")
     sa, sb = _snapshot(fa), _snapshot(fb)
@@ -110,7 +101,7 @@ def test_async_and_sync_saves_are_the_same_checkpoint(one_thread, tmp_path: Path
 
 
 def test_failed_async_write_raises_at_wait_and_leaves_nothing(one_thread, tmp_path: Path) -> None:
-    trainer = _trainer()
+    trainer = tiny_demo_trainer()
     trainer.train(1)
     gate = threading.Event()
     gate.set()
