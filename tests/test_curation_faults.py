@@ -91,6 +91,12 @@ def test_store_retries_then_fails_with_one_line(aws_env: None) -> None:
         with pytest.raises(TransientStoreError):
             no_retries.put_bytes("b/2", b"2")
 
+        window = proxy.outage(seconds=0.5)  # every request dropped for half a second: retries outlast it
+        patient = S3Store("faulty", "p", endpoint_url=proxy.url,
+                          retry=RetryPolicy(attempts=40, base_s=0.05, max_s=0.1, botocore_attempts=1))
+        assert patient.get_bytes("k/3") == b"\x03" and window.hits >= 1
+        proxy.clear()
+
         proxy.outage("list")
         with pytest.raises(TransientStoreError) as err:
             store.child("k").list()
