@@ -94,6 +94,14 @@ class SftTask:
     total: int  # items of this stage assigned to the annotator
 
 
+def _require_role(annotator: str, role: str | None, stage: int) -> None:
+    """Raise RoleRefused unless ``role`` may work on ``stage`` (Stage 2: experts only)."""
+    if role is None:
+        raise RoleRefused(f"{annotator!r} has no SFT role; an administrator assigns 'regular' or 'expert'")
+    if stage == STAGE_EXPERT and role != EXPERT:
+        raise RoleRefused(f"Stage 2 is for experts; {annotator!r} is a {role} annotator")
+
+
 def _spread(name: str, item_id: str) -> str:
     # deterministic tie-break that differs per item, so equal loads do not always pick the same annotators
     return hashlib.sha1(f"{item_id}|{name}".encode()).hexdigest()
@@ -280,11 +288,7 @@ class SftStore(JudgmentsStore):
         n_questions: dict[str, int] = {}
         accepted = []
         for annotator, item_id, stage, criterion, ans in rows:
-            role = roles.get(annotator)
-            if role is None:
-                raise RoleRefused(f"{annotator!r} has no SFT role; an administrator assigns 'regular' or 'expert'")
-            if stage == STAGE_EXPERT and role != EXPERT:
-                raise RoleRefused(f"Stage 2 is for experts; {annotator!r} is a {role} annotator")
+            _require_role(annotator, roles.get(annotator), stage)
             item = assigned.get((annotator, item_id, stage))
             if item is None:
                 raise NotAssigned(f"{item_id!r} is not assigned to {annotator!r} in stage {stage}")
@@ -305,10 +309,7 @@ class SftStore(JudgmentsStore):
 
     def _check_role(self, con: duckdb.DuckDBPyConnection, annotator: str, stage: int) -> None:
         row = con.execute("SELECT role FROM sft_roles WHERE annotator = ?", [annotator]).fetchone()
-        if row is None:
-            raise RoleRefused(f"{annotator!r} has no SFT role; an administrator assigns 'regular' or 'expert'")
-        if stage == STAGE_EXPERT and row[0] != EXPERT:
-            raise RoleRefused(f"Stage 2 is for experts; {annotator!r} is a {row[0]} annotator")
+        _require_role(annotator, None if row is None else row[0], stage)
 
     def _decide_screening(self, con: duckdb.DuckDBPyConnection, item_id: str, n_questions: int) -> None:
         """Once every screener finished the item: record pass/fail; a pass assigns experts."""
