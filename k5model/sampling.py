@@ -11,8 +11,9 @@ positions and the result equals two sequential forwards (tested).
 
 from __future__ import annotations
 
-from collections.abc import Sequence
-from typing import Any
+from collections.abc import Callable, Sequence
+from contextlib import ExitStack
+from typing import TYPE_CHECKING, Any
 
 import torch
 from tqdm.auto import tqdm
@@ -27,6 +28,9 @@ from k5model.flow_matching import (
     visual_condition,
 )
 
+if TYPE_CHECKING:
+    from k5model.magcache import MagCache
+
 # I2V post-step (official "fix mesh artifacts"): how far the first frames' statistics may move toward the reference.
 FIRST_FRAMES = 4
 REFERENCE_FRAMES = 5
@@ -39,6 +43,15 @@ def sampling_grid(num_steps: int, shift: float = 1.0) -> torch.Tensor:
     if num_steps < 1:
         raise ValueError(f"num_steps must be >= 1, got {num_steps}")
     return shift_timesteps(torch.linspace(1.0, 0.0, num_steps + 1, dtype=torch.float32), shift)
+
+
+def explicit_grid(timesteps: Sequence[float], num_steps: int) -> torch.Tensor:
+    """A saved grid (e.g. TSCD segment boundaries) as fp32, checked: num_steps + 1 values from 1 down to 0."""
+    grid = torch.as_tensor([float(t) for t in timesteps], dtype=torch.float32)
+    if grid.shape != (num_steps + 1,) or grid[0] != 1.0 or grid[-1] != 0.0 or not bool((grid[1:] < grid[:-1]).all()):
+        raise ValueError(f"timesteps must be {num_steps + 1} strictly decreasing values from 1.0 to 0.0 "
+                         f"(num_steps={num_steps}), got {[round(float(t), 4) for t in timesteps]}")
+    return grid
 
 
 def cfg_batch(cond: TextCondition, uncond: TextCondition) -> TextCondition:
@@ -67,18 +80,24 @@ def guided_velocity(
     scale_factor: Sequence[float] = (1.0, 2.0, 2.0),
     sparse_params: dict | None = None,
     dtype: torch.dtype | None = None,
+    branch_hook: Callable[[str], None] | None = None,
 ) -> torch.Tensor:
     """v = v_u + w·(v_c - v_u). ``text`` is either a single condition (no guidance) or, with ``batched_cfg``, the
     2B-batch of :func:`cfg_batch`; with ``batched_cfg=False`` the branches run sequentially (``text`` = cond,
-    ``uncond`` given) — kept for the equivalence test and for memory-bound runs."""
+    ``uncond`` given) — kept for the equivalence test, for memory-bound runs and for MagCache, whose
+    ``branch_hook`` is told which branch ("cond" / "uncond") the next forward computes."""
     kw = dict(scale_factor=scale_factor, sparse_params=sparse_params, dtype=dtype)
+    hook = branch_hook or (lambda branch: None)
     if guidance_scale == 1.0 or (not batched_cfg and uncond is None):
+        hook("cond")
         return predict_velocity(model, hidden_states, text, t, **kw)
     if batched_cfg:
         v = predict_velocity(model, torch.cat([hidden_states, hidden_states]), text, t, **kw)
         v_c, v_u = v.chunk(2)
     else:
+        hook("cond")
         v_c = predict_velocity(model, hidden_states, text, t, **kw)
+        hook("uncond")
         v_u = predict_velocity(model, hidden_states, uncond, t, **kw)
     return v_u + guidance_scale * (v_c - v_u)
 
@@ -129,6 +148,8 @@ def sample(
     sparse_params: dict | None = None,
     progress: bool = True,
     dtype: torch.dtype | None = None,
+    timesteps: Sequence[float] | None = None,
+    magcache: MagCache | None = None,
 ) -> torch.Tensor:
     """Generate latents (B, T, H, W, 16) in fp32 with the official Euler grid.
 
@@ -136,12 +157,19 @@ def sample(
     single branch. ``first_frame_latent`` (B, 1, H, W, 16) turns on I2V: it fills the condition channels (mask 1 on
     frame 0) and is written into frame 0 of the state every step; ``normalize_i2v`` applies the official post-step.
     The state and the Euler update stay fp32; ``dtype`` (default: the model's) is only what the model sees.
+    ``timesteps`` (1 → 0, num_steps + 1 values) replaces the shifted grid: a TSCD model's saved segment boundaries.
+    ``magcache`` (a :class:`k5model.magcache.MagCache` for ``num_steps``) caches the visual stack; the CFG branches
+    then run as two sequential forwards so each keeps its own cache state.
     """
     if len(latent_shape) != 5:
         raise ValueError(f"latent_shape must be (B, T, H, W, C), got {tuple(latent_shape)}")
     device = model.device
     cond = as_text_condition(cond)
     use_cfg = uncond is not None and guidance_scale != 1.0
+    if magcache is not None:
+        batched_cfg = False
+        if magcache.num_steps != num_steps:
+            raise ValueError(f"magcache was built for {magcache.num_steps} steps, sampling runs {num_steps}")
     text = cfg_batch(cond, as_text_condition(uncond)) if use_cfg and batched_cfg else cond
     text = TextCondition(*(None if x is None else x.to(device) for x in text))
     other = as_text_condition(uncond) if use_cfg and not batched_cfg else None
@@ -162,15 +190,22 @@ def sample(
     if first is not None and not visual_cond:
         raise ValueError("image-to-video needs a model with visual_cond channels")
 
-    grid = sampling_grid(num_steps, shift)
-    for i in tqdm(range(num_steps), disable=not progress, desc="sampling", leave=False):
-        t, t_next = grid[i], grid[i + 1]
-        model_in = visual_condition(x, first) if visual_cond else x
-        v = guided_velocity(model, model_in, t, text, guidance_scale if use_cfg else 1.0, batched_cfg=batched_cfg,
-                            uncond=other, scale_factor=scale_factor, sparse_params=sparse_params, dtype=dtype)
-        x = x + (t_next - t).to(device) * v
-        if first is not None:
-            x[:, :1] = first  # the given frame is not generated
+    grid = sampling_grid(num_steps, shift) if timesteps is None else explicit_grid(timesteps, num_steps)
+    with ExitStack() as stack:
+        if magcache is not None:
+            from k5model.magcache import magcache_applied
+
+            stack.enter_context(magcache_applied(model, magcache))
+        for i in tqdm(range(num_steps), disable=not progress, desc="sampling", leave=False):
+            t, t_next = grid[i], grid[i + 1]
+            model_in = visual_condition(x, first) if visual_cond else x
+            hook = None if magcache is None else (lambda branch, step=i: magcache.begin(step, branch))
+            v = guided_velocity(model, model_in, t, text, guidance_scale if use_cfg else 1.0, batched_cfg=batched_cfg,
+                                uncond=other, scale_factor=scale_factor, sparse_params=sparse_params, dtype=dtype,
+                                branch_hook=hook)
+            x = x + (t_next - t).to(device) * v
+            if first is not None:
+                x[:, :1] = first  # the given frame is not generated
     if first is not None and normalize_i2v:
         x = normalize_first_frames(x)
     return x
