@@ -139,6 +139,7 @@ def text(tiny_t2v_dir: Path) -> TextEncoders:
     return TextEncoders.from_pretrained(tiny_t2v_dir)
 
 
+@pytest.mark.slow
 def test_training_source_prefetched_equals_inline_and_resumes(one_thread, local_store: LocalStore,
                                                               text: TextEncoders) -> None:
     stage = StageConfig(name="overlap", steps=4, batch=2, lr=1e-3, tasks={"t2i": 0.3, "t2v": 0.7}, frames=4, seed=3)
