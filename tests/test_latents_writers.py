@@ -435,3 +435,28 @@ def test_broken_model_folders_end_in_one_error_line(image_dataset: Path, tiny_t2
         assert result.exit_code == 1 and len(lines) == 1 and lines[0].startswith("Error:"), (folder, result.output)
         assert expected in lines[0] and str(folder) in lines[0] and "pass" in lines[0]
         assert not isinstance(result.exception, Exception) or isinstance(result.exception, SystemExit)
+
+
+def test_latent_asset_refuses_while_another_writer_holds_the_prefix(image_dataset: Path, tiny_t2v_dir: Path,
+                                                                     tmp_path: Path) -> None:
+    import dagster as dg
+
+    from assets.curation import curated_dataset
+    from assets.latents import latent_assets
+    from orchestration.resources import CurationResource, K5HomeResource, ObjectStoreResource
+
+    resources = {"curation": CurationResource(), "object_store": ObjectStoreResource(base_uri=str(tmp_path / "obj")),
+                 "k5_home": K5HomeResource(home=str(tmp_path / "home"))}
+    with dg.instance_for_test() as instance:
+        for key, path in ((curated_dataset.key, image_dataset), ("tiny_model_bundle", tiny_t2v_dir)):
+            instance.report_runless_asset_event(dg.AssetMaterialization(key, metadata={"path": str(path)}))
+        with acquire_lease(LocalStore(tmp_path / "obj"), "latents", holder="Dagster run other-run", ttl_s=60):
+            refused = dg.materialize([latent_assets[0]], resources=resources, instance=instance,
+                                     raise_on_error=False)
+        assert not refused.success
+        [failure] = [e for e in refused.all_events if e.event_type == dg.DagsterEventType.STEP_FAILURE]
+        assert "being written by Dagster run other-run" in failure.event_specific_data.error.message
+        assert read_index(LocalStore(tmp_path / "obj"), "latents").num_rows == 0  # nothing written meanwhile
+        done = dg.materialize([latent_assets[0]], resources=resources, instance=instance)  # free: it runs
+        meta = done.asset_materializations_for_node("latent_shards")[0].metadata
+        assert meta["samples"].value == 6 and "/indexes/index-" in meta["index_uri"].value
