@@ -33,6 +33,9 @@ def build_partitions(rows: list[dict[str, Any]], store: Store, src_prefix: str, 
     ids = {sample_id(r["media_id"], r["scene_index"]) for r in rows}
     embeddings = item_embeddings(store, src_prefix, ids) if cfg.hierarchical else None
     parts, report = plan_partitions(rows, cfg, embeddings)
+    if not parts:
+        raise ValueError(f"no SFT partition of {cfg.family} has {cfg.min_items}+ items ({report['skipped']}); lower "
+                         "min_items or annotate more items")
     lm = CaptionRewriter(rewriter)
     variants: dict[str, CaptionVariants] = {}
     for r in rows:
