@@ -71,7 +71,7 @@ def _quiet_libraries() -> None:
 @click.option("--height", type=int, default=None, help="Pixel height (multiple of 16; 128 for NABLA models).")
 @click.option("--width", type=int, default=None, help="Pixel width (multiple of 16; 128 for NABLA models).")
 @click.option("--frames", type=int, default=None, help="Video frames, 4k+1 (default 121).")
-@click.option("--steps", type=int, default=50, show_default=True, help="Euler steps.")
+@click.option("--steps", type=int, default=None, help="Euler steps (default: the folder's sampling_config.json or 50).")
 @click.option("--guidance", type=float, default=None, help="CFG scale (default 5.0 video, 3.5 image; 1 = no CFG).")
 @click.option("--shift", type=float, default=None, help="Time shift (default 10 video, 3 image).")
 @click.option("--seed", type=int, default=0, show_default=True)
@@ -81,7 +81,7 @@ def _quiet_libraries() -> None:
 @click.option("--no-progress", is_flag=True, help="Hide the progress bar.")
 def generate(
     model_dir: Path, prompt: str, out: Path, negative_prompt: str | None, height: int | None, width: int | None,
-    frames: int | None, steps: int, guidance: float | None, shift: float | None, seed: int, image: Path | None,
+    frames: int | None, steps: int | None, guidance: float | None, shift: float | None, seed: int, image: Path | None,
     device: str, fps: int, no_progress: bool,
 ) -> None:
     """Generate a video or image with the Kandinsky 5 pipeline folder MODEL_DIR."""

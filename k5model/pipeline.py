@@ -18,6 +18,7 @@ from typing import Any
 import numpy as np
 import torch
 
+from k5model.distill.settings import SamplingSettings, read_sampling_settings
 from k5model.flow_matching import TextCondition
 from k5model.media import save_media, to_uint8
 from k5model.sampling import sample
@@ -134,8 +135,10 @@ def _sync(device: torch.device) -> None:
 class K5Pipeline:
     """Kandinsky 5 generation with our CrossDiT, encoders and sampler."""
 
-    def __init__(self, transformer, text_encoder, clip_encoder, vae, *, task: str, device: torch.device):
+    def __init__(self, transformer, text_encoder, clip_encoder, vae, *, task: str, device: torch.device,
+                 sampling: SamplingSettings | None = None):
         self.transformer = transformer.eval().requires_grad_(False)
+        self.sampling = sampling  # the folder's own sampling settings (distilled models, MagCache), if any
         self.text_encoder = text_encoder
         self.clip_encoder = clip_encoder
         self.vae = vae
@@ -169,7 +172,8 @@ class K5Pipeline:
         if text_encoder.hidden_size != transformer.config.in_text_dim:
             raise ValueError(f"mismatched checkpoint: transformer in_text_dim={transformer.config.in_text_dim} but the "
                              f"text encoder hidden size is {text_encoder.hidden_size}")
-        return cls(transformer, text_encoder, clip_encoder, vae, task=info["task"], device=device)
+        return cls(transformer, text_encoder, clip_encoder, vae, task=info["task"], device=device,
+                   sampling=read_sampling_settings(root))
 
     @property
     def is_video(self) -> bool:
@@ -217,16 +221,24 @@ class K5Pipeline:
         height: int | None = None,
         width: int | None = None,
         num_frames: int | None = None,
-        num_steps: int = 50,
+        num_steps: int | None = None,
         guidance_scale: float | None = None,
         shift: float | None = None,
         seed: int = 0,
         image: Any = None,
         progress: bool = True,
+        magcache: bool | None = None,
     ) -> GenerationResult:
         """Generate one video (frames 4k+1) or image. Defaults by task: video 512×768, 121 frames, guidance 5.0,
-        shift 10; image 1024×1024, guidance 3.5, shift 3. ``guidance_scale=1`` skips the negative branch."""
+        shift 10; image 1024×1024, guidance 3.5, shift 3; 50 steps. ``guidance_scale=1`` skips the negative branch.
+        A folder with ``sampling_config.json`` overrides the step count, guidance and shift defaults; its segment
+        boundaries are the grid when ``num_steps`` is its own, and its MagCache calibration is used unless
+        ``magcache=False`` (``magcache=True`` without a calibration is an error)."""
         d_guid, d_shift, d_h, d_w, d_frames = DEFAULTS[self.task]
+        own = self.sampling
+        if own is not None:
+            d_guid, d_shift = own.guidance_scale, own.shift
+        num_steps = (own.num_steps if own is not None else 50) if num_steps is None else num_steps
         height = d_h if height is None else height
         width = d_w if width is None else width
         num_frames = d_frames if (num_frames is None and self.is_video) else num_frames
@@ -256,14 +268,22 @@ class K5Pipeline:
         _sync(self.device)  # GPU work is asynchronous: each phase's time ends when its kernels have
         timings["encode_s"] = time.perf_counter() - t0
 
+        timesteps = own.timesteps if own is not None and num_steps == own.num_steps else None
+        if magcache and (own is None or own.magcache is None):
+            raise ValueError("magcache=True but this pipeline folder has no MagCache calibration "
+                             "(materialize magcache_calibration for it)")
+        cache = own.build_magcache(num_steps) if own is not None and magcache is not False else None
         t1 = time.perf_counter()
         latents = sample(
             self.transformer, latent_shape=shape, cond=cond, uncond=uncond, guidance_scale=guidance_scale,
             num_steps=num_steps, shift=shift, scale_factor=video_scale_factor(height, width) if self.is_video
             else (1.0, 1.0, 1.0), seed=seed, first_frame_latent=first, progress=progress,
+            timesteps=timesteps, magcache=cache,
         )
         _sync(self.device)
         timings["sample_s"] = time.perf_counter() - t1
+        if cache is not None:
+            timings["magcache_skipped"] = float(cache.skipped)
 
         t2 = time.perf_counter()
         pixels = self.vae.decode(latents).float().cpu()
