@@ -133,12 +133,11 @@ def wait_status(page, text: str) -> None:
 
 
 def press_answer(page, key: str) -> None:
-    """Press an answer key like a person: the page drops a second press of one key within 350 ms (a double press)."""
-    last_key, last_at = getattr(page, "k5_last_key", (None, 0.0))
-    if key == last_key:
-        time.sleep(max(0.0, last_at + 0.4 - time.monotonic()))
+    """Press an answer key like a person: the page drops a second press of one key within 350 ms (a double press),
+    so a repeated key waits until 400 ms have passed on the browser's own clock (a busy machine delays key events)."""
+    page.wait_for_function("id => { const l = k5.lastAnswer(); return l.id !== id || Date.now() - l.at > 400; }",
+                           arg=f"k5-key-{key}")
     page.keyboard.press(key)
-    page.k5_last_key = (key, time.monotonic())
 
 
 def judge(page, key: str, criterion: str, choice: str) -> None:

@@ -97,6 +97,7 @@ _HEAD_JS = """
   // A double click (or a double key press) must not answer the next criterion with the same choice: a second
   // press of the same answer within 350 ms is dropped before Gradio sees it (capture phase, above its listeners).
   var lastAnswer = {id: '', at: 0};
+  window.k5.lastAnswer = function () { return lastAnswer; };  // the accepted press: (button id, Date.now())
   document.addEventListener('click', function (e) {
     var b = e.target.closest('[id^="k5-key-"]'); if (!b) return;
     var now = Date.now();
