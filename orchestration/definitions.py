@@ -5,6 +5,7 @@ from __future__ import annotations
 import dagster as dg
 
 import assets.curation
+import assets.distill
 import assets.generation
 import assets.latents
 import assets.models
@@ -18,7 +19,7 @@ from orchestration.resources import default_resources
 
 # New asset modules go here: assets and asset checks are collected from each module.
 ASSET_MODULES = [assets.models, assets.generation, assets.curation, assets.latents, assets.sbs, assets.training,
-                 assets.release, assets.sft_data, assets.sft_models]
+                 assets.release, assets.sft_data, assets.sft_models, assets.distill]
 
 all_assets = dg.load_assets_from_modules(ASSET_MODULES)
 all_asset_checks = dg.load_asset_checks_from_modules(ASSET_MODULES)
@@ -28,10 +29,11 @@ CURATION_SHARDS = dg.AssetSelection.assets("raw_sources", "scored_scenes")
 SBS = dg.AssetSelection.assets("sbs_batch", "sbs_report")
 RELEASE = dg.AssetSelection.assets("release")
 SFT = dg.AssetSelection.assets("sft_partitions", "sft_models", "sft_soup")  # after main_job (needs trained stages)
+DISTILL = dg.AssetSelection.groups("distillation")  # after main_job (starts from the last Video Lite stage)
 
 main_job = dg.define_asset_job(
     "main_job",
-    selection=dg.AssetSelection.all() - CURATION_SHARDS - SBS - RELEASE - SFT,
+    selection=dg.AssetSelection.all() - CURATION_SHARDS - SBS - RELEASE - SFT - DISTILL,
     description="Every unpartitioned asset: tiny model bundle, demo generation, the curated dataset (after its "
     "shards), its latent shards, the Table 4 training stages (demo scale), and their checks.",
 )
@@ -68,10 +70,17 @@ sft_soup_job = dg.define_asset_job(
     selection=dg.AssetSelection.assets("sft_soup"),
     description="Merge the fine-tuned partitions into the SFT soup and export its pipeline folder (report §6.4).")
 
+distill_job = dg.define_asset_job(
+    "distill_job",
+    selection=DISTILL,
+    description="Distilled models from the last Video Lite stage: CFG-distilled (50 NFE), TSCD 16 NFE, Flash, and "
+    "the MagCache calibration (report §6.5, §7.2).")
+
 defs = dg.Definitions(
     assets=all_assets,
     asset_checks=all_asset_checks,
     resources=default_resources(),  # training stages run as Pipes jobs: a subprocess, or a GPU pod (K5_PIPES=k8s)
-    jobs=[main_job, curation_shards_job, sbs_job, release_job, sft_partitions_job, sft_models_job, sft_soup_job],
+    jobs=[main_job, curation_shards_job, sbs_job, release_job, sft_partitions_job, sft_models_job, sft_soup_job,
+          distill_job],
     executor=production_executor(),  # None (steps in the run's process) unless K5_EXECUTOR=k8s: a pod per step
 )

@@ -142,3 +142,40 @@ def test_demo_scale_acceptance():
                                              magcache=False))
     assert figures["cfg_distilled_50"] < figures["undistilled_50_nocfg"]
     assert figures["tscd_16"] < figures["cfg_distilled_16"]
+
+
+@pytest.mark.slow
+def test_distill_assets_export_loadable_folders_with_their_settings(tmp_path, tiny_t2v_dir):
+    """The four assets from a recorded last Video Lite stage export folders K5Pipeline samples with their own
+    settings (Flash: 16 steps on its boundaries, guidance 1; the calibration: cached sampling) and log MLflow runs."""
+    import dagster as dg
+    from mlflow.tracking import MlflowClient
+
+    import assets.distill as distill
+    from k5model.pipeline import K5Pipeline
+    from orchestration.resources import K5HomeResource, MLflowResource
+
+    instance = dg.DagsterInstance.ephemeral()
+    instance.report_runless_asset_event(dg.AssetMaterialization(distill.BASE_STAGE, metadata={
+        "pipeline_dir": str(tiny_t2v_dir)}))
+    uri = f"sqlite:///{tmp_path / 'mlflow.db'}"
+    resources = {"k5_home": K5HomeResource(home=str(tmp_path / "home")),
+                 "mlflow": MLflowResource(tracking_uri=uri, artifact_location=str(tmp_path / "mlartifacts"))}
+    run_config = {"ops": {name: {"config": {"train_steps": 2, "reference_steps": 8, "latent_frames": 1}}
+                          for name in ("cfg_distilled", "tscd_16nfe", "flash", "magcache_calibration")}}
+    result = dg.materialize([distill.cfg_distilled, distill.tscd_16nfe, distill.flash, distill.magcache_calibration],
+                            instance=instance, resources=resources, run_config=run_config)
+    assert result.success
+    meta = {k: instance.get_latest_materialization_event(dg.AssetKey(k)).asset_materialization.metadata
+            for k in ("cfg_distilled", "tscd_16nfe", "flash", "magcache_calibration")}
+    assert meta["cfg_distilled"]["nfe"].value == 50 and meta["flash"]["nfe"].value == 16
+    flash = K5Pipeline.from_pretrained(meta["flash"]["pipeline_dir"].value)
+    assert flash.sampling.kind == "flash" and flash.sampling.guidance_scale == 1.0 and flash.sampling.magcache is None
+    assert len(flash.sampling.timesteps) == 17
+    assert flash.generate("a cat", height=64, width=64, num_frames=5, progress=False).frames.shape == (5, 64, 64, 3)
+    cached = K5Pipeline.from_pretrained(meta["magcache_calibration"]["pipeline_dir"].value)
+    out = cached.generate("a cat", height=64, width=64, num_frames=5, progress=False)
+    assert out.timings["magcache_skipped"] > 0
+    runs = MlflowClient(uri).search_runs([MlflowClient(uri).get_experiment_by_name(
+        MLflowResource().experiment_name).experiment_id])
+    assert {r.data.tags["k5_kind"] for r in runs} == {"cfg_distilled", "tscd", "flash", "magcache_calibration"}
