@@ -8,7 +8,7 @@ import torch
 from torch.nn.modules.module import register_module_forward_hook
 
 from k5model import CrossDiT, get_preset
-from k5model.flow_matching import TextCondition
+from k5model.distill.evaluate import random_text
 from k5model.magcache import CachedVisualStack, MagCache, MagCacheConfig, resample_ratios
 from k5model.sampling import sample
 from k5model.synthetic import randomize
@@ -20,14 +20,8 @@ pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 @pytest.fixture(scope="module")
-def model() -> CrossDiT:
+def tiny_dit() -> CrossDiT:
     return randomize(CrossDiT(get_preset("tiny")), std=0.1, seed=0).eval()
-
-
-def text(seed: int, length: int = 5) -> TextCondition:
-    g = torch.Generator().manual_seed(seed)
-    return TextCondition(torch.randn(1, length, 32, generator=g), torch.ones(1, length, dtype=torch.bool),
-                         torch.randn(1, 32, generator=g))
 
 
 def traced_sample(model: CrossDiT, cache: MagCache, **kw) -> tuple[torch.Tensor, list[dict]]:
@@ -48,10 +42,10 @@ def traced_sample(model: CrossDiT, cache: MagCache, **kw) -> tuple[torch.Tensor,
     return x, calls
 
 
-def test_skipped_step_adds_cached_residual_exactly_once_and_branches_stay_apart(model):
+def test_skipped_step_adds_cached_residual_exactly_once_and_branches_stay_apart(tiny_dit):
     flat = {"cond": [1.0] * STEPS, "uncond": [1.0] * STEPS}  # error stays 0: every allowed step skips
     cache = MagCache(STEPS, ratios=flat, config=MagCacheConfig(threshold=0.5, max_skip_steps=1, retention_ratio=0.0))
-    _, calls = traced_sample(model, cache, cond=text(1), uncond=text(2), guidance_scale=5.0)
+    _, calls = traced_sample(tiny_dit, cache, cond=random_text(1), uncond=random_text(2), guidance_scale=5.0)
     assert [c["branch"] for c in calls[:4]] == ["cond", "uncond", "cond", "uncond"]
     skipped = [c for c in calls if c["skipped"]]
     assert skipped and len(skipped) < len(calls)
@@ -69,33 +63,33 @@ def test_skipped_step_adds_cached_residual_exactly_once_and_branches_stay_apart(
     assert cache.stats()["skipped_stack_calls"] == STEPS
 
 
-def test_skip_rule_decides_both_ways(model):
-    cond, uncond = text(1), text(2)
-    reference = sample(model, latent_shape=SHAPE, seed=3, num_steps=STEPS, cond=cond, uncond=uncond,
+def test_skip_rule_decides_both_ways(tiny_dit):
+    cond, uncond = random_text(1), random_text(2)
+    reference = sample(tiny_dit, latent_shape=SHAPE, seed=3, num_steps=STEPS, cond=cond, uncond=uncond,
                        guidance_scale=5.0, batched_cfg=False, progress=False)
     ratios = {"cond": [1.3] * STEPS, "uncond": [1.3] * STEPS}  # |1 - 1.3| = 0.3 per step
     never = MagCache(STEPS, ratios=ratios, config=MagCacheConfig(threshold=0.2, retention_ratio=0.0))
-    out = sample(model, latent_shape=SHAPE, seed=3, num_steps=STEPS, cond=cond, uncond=uncond, guidance_scale=5.0,
+    out = sample(tiny_dit, latent_shape=SHAPE, seed=3, num_steps=STEPS, cond=cond, uncond=uncond, guidance_scale=5.0,
                  progress=False, magcache=never)
     assert never.skipped == 0 and never.computed == 2 * STEPS and torch.equal(out, reference)
     loose = MagCache(STEPS, ratios=ratios, config=MagCacheConfig(threshold=10.0, max_skip_steps=2,
                                                                   retention_ratio=0.5))
-    _, calls = traced_sample(model, loose, cond=cond, uncond=uncond, guidance_scale=5.0)
+    _, calls = traced_sample(tiny_dit, loose, cond=cond, uncond=uncond, guidance_scale=5.0)
     pattern = [c["skipped"] for c in calls if c["branch"] == "uncond"]
     # retention: the first half always computes; then compute once per 2 skips
     assert pattern == [False] * 5 + [True, True, False, True, True]
 
 
-def test_calibration_records_per_branch_ratios_and_cached_run_stays_close(model):
-    cond, uncond = text(1), text(2)
+def test_calibration_records_per_branch_ratios_and_cached_run_stays_close(tiny_dit):
+    cond, uncond = random_text(1), random_text(2)
     calib = MagCache(STEPS, calibrate=True)
-    reference = sample(model, latent_shape=SHAPE, seed=3, num_steps=STEPS, cond=cond, uncond=uncond,
+    reference = sample(tiny_dit, latent_shape=SHAPE, seed=3, num_steps=STEPS, cond=cond, uncond=uncond,
                        guidance_scale=5.0, progress=False, magcache=calib)
     ratios = calib.calibrated_ratios()
     assert set(ratios) == {"cond", "uncond"} and all(len(r) == STEPS for r in ratios.values())
     assert ratios["cond"][0] == 1.0 and ratios["cond"] != ratios["uncond"] and calib.skipped == 0
     cache = MagCache(STEPS, ratios=ratios, config=MagCacheConfig(threshold=0.5))
-    cached = sample(model, latent_shape=SHAPE, seed=3, num_steps=STEPS, cond=cond, uncond=uncond,
+    cached = sample(tiny_dit, latent_shape=SHAPE, seed=3, num_steps=STEPS, cond=cond, uncond=uncond,
                     guidance_scale=5.0, progress=False, magcache=cache)
     assert 0 < cache.skipped and cache.computed < 2 * STEPS
     deviation = (cached - reference).pow(2).mean() / reference.pow(2).mean()

@@ -16,10 +16,9 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from k5model.distill.common import DistillSet, model_input
+from k5model.distill.common import DistillSet, model_input, optimise
 from k5model.flow_matching import TextCondition, expand_batch, noise_latents, predict_velocity, sample_timesteps
 from k5model.sampling import guided_velocity
-from k5model.training.trainer import clip_gradients
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -69,20 +68,11 @@ def train_cfg_distill(student: nn.Module, teacher: nn.Module, data: DistillSet, 
     null = TextCondition(*(None if x is None else x.to(device) for x in null))
     opt = torch.optim.AdamW(student.parameters(), lr=config.lr, weight_decay=0.0)
     g = torch.Generator().manual_seed(config.seed)
-    student.train()
-    history = []
-    for step in range(1, config.steps + 1):
+
+    def loss_at(step: int) -> torch.Tensor:
         x0, cond = data.batch(config.batch_size, g, device)
         noise = torch.randn(x0.shape, generator=g).to(device)
         t = sample_timesteps(config.batch_size, "uniform", config.shift, generator=g, device=device)
-        loss = cfg_distill_loss(student, teacher, x0, noise, t, cond, null, config.guidance_scale)
-        opt.zero_grad(set_to_none=True)
-        loss.backward()
-        norm = clip_gradients(student.parameters(), config.grad_clip)
-        opt.step()
-        metrics = {"loss": loss.item(), "grad_norm": norm}
-        history.append(metrics)
-        if on_step is not None:
-            on_step(step, metrics)
-    student.eval()
-    return history
+        return cfg_distill_loss(student, teacher, x0, noise, t, cond, null, config.guidance_scale)
+
+    return optimise(student, opt, config.steps, loss_at, grad_clip=config.grad_clip, on_step=on_step)

@@ -4,7 +4,7 @@ latent deviation used by the acceptance comparisons."""
 from __future__ import annotations
 
 import copy
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 
 import torch
@@ -12,6 +12,7 @@ from torch import nn
 
 from k5model.flow_matching import TextCondition, as_text_condition, pad_text, visual_condition
 from k5model.sampling import sample
+from k5model.training.trainer import clip_gradients
 
 
 @dataclass
@@ -34,6 +35,29 @@ class DistillSet:
         idx = torch.randint(len(self), (size,), generator=generator)
         text = TextCondition(*(None if x is None else x[idx].to(device) for x in self.text))
         return self.latents[idx].to(device), text
+
+
+def optimise(model: nn.Module, opt: torch.optim.Optimizer, steps: int, loss_at: Callable[[int], torch.Tensor], *,
+             grad_clip: float, on_step: Callable[[int, dict[str, float]], None] | None = None,
+             after_step: Callable[[], None] | None = None) -> list[dict[str, float]]:
+    """The loop the regression stages share: loss, backward, global-norm clip, step, optional ``after_step`` (a target
+    network's EMA); returns the per-step metrics. The model is in train mode during and eval mode after."""
+    model.train()
+    history = []
+    for step in range(1, steps + 1):
+        loss = loss_at(step)
+        opt.zero_grad(set_to_none=True)
+        loss.backward()
+        norm = clip_gradients(model.parameters(), grad_clip)
+        opt.step()
+        if after_step is not None:
+            after_step()
+        metrics = {"loss": loss.item(), "grad_norm": norm}
+        history.append(metrics)
+        if on_step is not None:
+            on_step(step, metrics)
+    model.eval()
+    return history
 
 
 def stack_text(conds: Sequence[TextCondition]) -> TextCondition:

@@ -24,10 +24,9 @@ from dataclasses import dataclass
 import torch
 from torch import nn
 
-from k5model.distill.common import DistillSet, frozen_copy, model_input
+from k5model.distill.common import DistillSet, frozen_copy, model_input, optimise
 from k5model.flow_matching import TextCondition, noise_latents, predict_velocity
 from k5model.sampling import sampling_grid
-from k5model.training.trainer import clip_gradients
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -97,24 +96,19 @@ def train_tscd(student: nn.Module, teacher: nn.Module, data: DistillSet, config:
     target = frozen_copy(student)
     opt = torch.optim.AdamW(student.parameters(), lr=config.lr, weight_decay=0.0)
     g = torch.Generator().manual_seed(config.seed)
-    student.train()
-    history = []
-    for step in range(1, config.steps + 1):
+
+    def loss_at(step: int) -> torch.Tensor:
         x0, cond = data.batch(config.batch_size, g, device)
         noise = torch.randn(x0.shape, generator=g).to(device)
         segment = torch.randint(config.num_steps, (config.batch_size,), generator=g).to(device)
         j = torch.randint(config.teacher_substeps, (config.batch_size,), generator=g).to(device)
-        loss = tscd_loss(student, teacher, target, x0, noise, cond, points, segment, j)
-        opt.zero_grad(set_to_none=True)
-        loss.backward()
-        norm = clip_gradients(student.parameters(), config.grad_clip)
-        opt.step()
-        with torch.no_grad():
-            for p_t, p_s in zip(target.parameters(), student.parameters(), strict=True):
-                p_t.lerp_(p_s.detach(), 1.0 - config.ema_decay)
-        metrics = {"loss": loss.item(), "grad_norm": norm}
-        history.append(metrics)
-        if on_step is not None:
-            on_step(step, metrics)
-    student.eval()
+        return tscd_loss(student, teacher, target, x0, noise, cond, points, segment, j)
+
+    @torch.no_grad()
+    def update_target() -> None:
+        for p_t, p_s in zip(target.parameters(), student.parameters(), strict=True):
+            p_t.lerp_(p_s.detach(), 1.0 - config.ema_decay)
+
+    history = optimise(student, opt, config.steps, loss_at, grad_clip=config.grad_clip, on_step=on_step,
+                       after_step=update_target)
     return boundaries, history
