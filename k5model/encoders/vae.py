@@ -223,6 +223,10 @@ class ImageVAE(_VAEBase):
     @torch.no_grad()
     def decode(self, latents: torch.Tensor) -> torch.Tensor:
         """Scaled latents (B, 1, h, w, C) or (B, h, w, C) -> pixels (B, 3, 8h, 8w) clamped to [-1, 1]."""
+        return self.decode_with_grad(latents)
+
+    def decode_with_grad(self, latents: torch.Tensor) -> torch.Tensor:
+        """:meth:`decode` inside autograd: DRaFT back-propagates the reward through the decoder to the latents."""
         if latents.ndim == 5:
             if latents.shape[1] != 1:
                 raise ValueError(f"ImageVAE decodes single frames, got T={latents.shape[1]}")

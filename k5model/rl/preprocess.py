@@ -108,7 +108,8 @@ def preprocess_images(
     value_range: tuple[float, float] = (-1.0, 1.0),
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """Images (B, 3, H, W) or a list of (3, H, W) with values in ``value_range`` (VAE output: [-1, 1]) ->
-    ``pixel_values`` (Σ gh·gw, 3·tp·p·p) fp32 and ``image_grid_thw`` (B, 3), differentiable in the pixels."""
+    ``pixel_values`` (Σ gh·gw, 3·tp·p·p) (fp32, fp64 for fp64 input) and ``image_grid_thw`` (B, 3), differentiable
+    in the pixels."""
     lo, hi = value_range
     if hi <= lo:
         raise ValueError(f"value_range must be (low, high) with high > low, got {value_range}")
@@ -118,12 +119,13 @@ def preprocess_images(
     for img in images:
         if img.ndim != 3 or img.shape[0] != 3:
             raise ValueError(f"expected RGB images (3, H, W), got shape {tuple(img.shape)}")
-        x = (img.float() - lo) / (hi - lo)  # [0, 1], what the processor has after rescale
+        x = img.to(torch.promote_types(img.dtype, torch.float32))  # fp64 stays fp64 (finite-difference tests)
+        x = (x - lo) / (hi - lo)  # [0, 1], what the processor has after rescale
         th, tw = resized_size(x.shape[1], x.shape[2], config)
         if (th, tw) != tuple(x.shape[1:]):
             x = F.interpolate(x[None], size=(th, tw), mode="bicubic", antialias=True, align_corners=False)[0]
             x = x.clamp(0.0, 1.0)  # bicubic overshoots; the processor's uint8 round trip clips there
-        x = (x - mean.to(x.device)[:, None, None]) / std.to(x.device)[:, None, None]
+        x = (x - mean.to(x)[:, None, None]) / std.to(x)[:, None, None]
         patches, grid = patchify(x, config)
         rows.append(patches)
         grids.append(grid)

@@ -1,0 +1,192 @@
+"""Relative reward model (issue 17): torch preprocessing against the HF processor, gradients to pixels and latents
+(finite differences), R = P("Yes") restricted to Yes/No, the pairwise loss, swap consistency and the KDE-σ choice."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+import torch
+
+from k5model.encoders.vae import ImageVAE
+from k5model.rl.preprocess import VisionPreprocessConfig, preprocess_images, resized_size
+from k5model.rl.reward import (
+    RelativeRewardModel,
+    answer_token_id,
+    build_tiny_reward_model,
+    kde_density,
+    kde_sigma,
+    pairwise_loss,
+    select_checkpoint_by_kde_sigma,
+    swap_consistency,
+)
+
+pytestmark = pytest.mark.usefixtures("one_thread")
+
+GREY = 1 / 255 / min(VisionPreprocessConfig().image_std)  # one grey level in normalised units (the largest one)
+
+
+@pytest.fixture(scope="module")
+def reward_dir(tiny_t2i_dir, tmp_path_factory):
+    return build_tiny_reward_model(tmp_path_factory.mktemp("reward") / "vlm", tokenizer_dir=tiny_t2i_dir / "tokenizer")
+
+
+@pytest.fixture(scope="module")
+def reward64(reward_dir) -> RelativeRewardModel:
+    return RelativeRewardModel.from_pretrained(reward_dir, dtype=torch.float64).eval()
+
+
+def images(seed: int, b: int = 2, size: int = 56) -> torch.Tensor:
+    return torch.rand(b, 3, size, size, generator=torch.Generator().manual_seed(seed), dtype=torch.float64) * 1.6 - 0.8
+
+
+@pytest.mark.parametrize("crop", [(slice(0, 300), slice(0, 410)), (slice(0, 504), slice(0, 504))])
+def test_preprocess_matches_the_hf_processor_on_a_real_photo(crop):
+    from skimage.data import astronaut
+    from transformers.models.qwen2_vl.image_processing_pil_qwen2_vl import Qwen2VLImageProcessorPil
+
+    photo = np.ascontiguousarray(astronaut()[crop])
+    hf = Qwen2VLImageProcessorPil()(images=[photo], return_tensors="pt")
+    x = torch.from_numpy(photo).permute(2, 0, 1).float() / 255
+    pixels, grid = preprocess_images([x], VisionPreprocessConfig(), value_range=(0.0, 1.0))
+    assert grid.tolist() == hf["image_grid_thw"].tolist()
+    diff = (pixels - hf["pixel_values"]).abs()
+    if photo.shape[:2] == resized_size(*photo.shape[:2], VisionPreprocessConfig()):
+        assert diff.max().item() < 1e-5  # no resize: identical up to float rounding
+    else:
+        # PIL resizes in two uint8-rounded passes, torch in float: mean within half a grey level, worst 6 levels.
+        assert diff.mean().item() < 0.5 * GREY and diff.max().item() < 6 * GREY
+
+
+def test_resized_size_follows_the_processor_grid_and_pixel_bounds():
+    cfg = VisionPreprocessConfig()
+    assert resized_size(512, 512, cfg) == (504, 504)
+    assert resized_size(20, 30, cfg) == (56, 84)  # below min_pixels: scaled up
+    h, w = resized_size(4000, 3000, cfg)
+    assert h % 28 == w % 28 == 0 and h * w <= cfg.max_pixels
+    with pytest.raises(ValueError, match="aspect ratio"):
+        resized_size(10, 2100, cfg)
+
+
+def test_reward_is_p_yes_restricted_to_yes_no_and_batch_independent(reward64):
+    rm = reward64
+    assert type(rm.model).__name__ == "Qwen2_5_VLForConditionalGeneration"
+    first, second = images(0), images(1)
+    prompts = ["a cat", "a red sofa in a sunny living room"]  # different lengths: right padding is exercised
+    r = rm(first, second, prompts)
+    assert r.shape == (2,) and ((r > 0) & (r < 1)).all()
+    for i in range(2):  # the full next-token distribution of a lone sample, renormalised over {Yes, No}
+        ids = torch.tensor([rm._prompt_ids(prompts[i], (4, 4))])
+        pixels, grid = preprocess_images([first[i], second[i]], rm.vision)
+        logits = rm.model(input_ids=ids, pixel_values=pixels.double(), image_grid_thw=grid,
+                          mm_token_type_ids=(ids == rm.image_token_id).int()).logits[0, -1]
+        p = torch.softmax(logits[[rm.yes_id, rm.no_id]], 0)[0]
+        torch.testing.assert_close(r[i], p, rtol=1e-9, atol=1e-12)
+
+
+def assert_matches_finite_differences(fn, x: torch.Tensor, grad: torch.Tensor, region: torch.Tensor,
+                                      eps: float = 2e-2) -> None:
+    """Central differences along two unit directions (the gradient, and the gradient on ``region`` only).
+
+    Directional, not per element: Qwen's RMSNorm computes in fp32 even in an fp64 model, so a per-pixel step small
+    enough for the truncation error drowns in fp32 rounding. At eps 2e-2 both errors are ~1e-4 relative."""
+    for d in (grad, grad * region):
+        u = d / d.norm()
+        with torch.no_grad():
+            fd = (fn(x + eps * u) - fn(x - eps * u)).item() / (2 * eps)
+        assert (grad * u).sum().item() == pytest.approx(fd, rel=2e-3)
+
+
+def test_pixel_gradient_is_nonzero_and_matches_finite_differences(reward64):
+    first = images(2, b=1, size=60).requires_grad_(True)  # 60 px: resized to 56 on the way in
+    second = images(3, b=1)
+
+    def reward(x):
+        return reward64(x, second, ["a cat"]).sum()
+
+    (grad,) = torch.autograd.grad(reward(first), first)
+    assert (grad != 0).float().mean() > 0.99  # every pixel reaches the reward
+    quadrant = torch.zeros_like(grad)
+    quadrant[..., :30, :30] = 1
+    assert_matches_finite_differences(reward, first.detach(), grad, quadrant)
+
+
+def test_gradient_reaches_the_latents_through_the_vae_decoder(reward64):
+    from k5model.tiny import _vae
+
+    torch.manual_seed(0)
+    vae = ImageVAE(_vae("t2i")).to(dtype=torch.float64)
+    with torch.no_grad():  # keep the random decoder's pixels inside (-1, 1): the clamp's kinks would spoil the FD
+        vae.vae.decoder.conv_out.weight.mul_(0.2)
+        vae.vae.decoder.conv_out.bias.mul_(0.2)
+    latents = (0.3 * torch.randn(1, 1, 7, 7, 16, generator=torch.Generator().manual_seed(4),
+                                 dtype=torch.float64)).requires_grad_(True)
+    second = images(5, b=1)
+
+    def reward(lat):
+        return reward64(vae.decode_with_grad(lat), second, ["a dog"]).sum()
+
+    (grad,) = torch.autograd.grad(reward(latents), latents)
+    assert vae.decode(latents).abs().max() < 1
+    assert (grad != 0).float().mean() > 0.99
+    quadrant = torch.zeros_like(grad)
+    quadrant[:, :, :3, :3] = 1
+    assert_matches_finite_differences(reward, latents.detach(), grad, quadrant, eps=5e-3)
+
+
+def test_pairwise_loss_is_bce_over_both_orders_and_trains(reward_dir):
+    rm = RelativeRewardModel.from_pretrained(reward_dir, dtype=torch.float32).train()
+    better = torch.linspace(-1, 1, 56).expand(2, 3, 56, 56).contiguous().float()  # smooth ramps
+    worse = images(6).float()  # noise
+    prompts = ["a cat", "a dog"]
+    loss, aux = pairwise_loss(rm, better, worse, prompts)
+    with torch.no_grad():
+        r_fw, r_sw = rm(better, worse, prompts), rm(worse, better, prompts)
+    hand = -(torch.log(r_fw).sum() + torch.log(1 - r_sw).sum()) / 4
+    torch.testing.assert_close(loss, hand, rtol=1e-5, atol=1e-6)
+    torch.testing.assert_close(aux["score_forward"], r_fw)
+    opt = torch.optim.Adam(rm.parameters(), lr=1e-2)
+    for _ in range(30):
+        opt.zero_grad()
+        step_loss, _ = pairwise_loss(rm, better, worse, prompts)
+        step_loss.backward()
+        opt.step()
+    final, aux = pairwise_loss(rm, better, worse, prompts)
+    assert final.item() < 0.1 < loss.item() and aux["accuracy"].item() == 1.0
+    assert swap_consistency(aux["score_forward"], aux["score_swapped"]).agreement == 1.0
+
+
+def test_answer_token_must_be_a_single_token(reward64):
+    assert answer_token_id(reward64.tokenizer, "Yes") == reward64.yes_id
+    with pytest.raises(ValueError, match="single token"):
+        answer_token_id(reward64.tokenizer, "Absolutely not")
+
+
+def test_swap_consistency_decides_both_ways():
+    consistent = swap_consistency(torch.tensor([0.9, 0.2, 0.7]), torch.tensor([0.1, 0.8, 0.3]))
+    assert consistent.agreement == 1.0 and consistent.mean_abs_gap == pytest.approx(0.0, abs=1e-6)
+    biased = swap_consistency(torch.tensor([0.9, 0.8, 0.7]), torch.tensor([0.9, 0.1, 0.6]))  # "first wins" bias
+    assert biased.agreement == pytest.approx(1 / 3) and biased.mean_abs_gap == pytest.approx((0.8 + 0.1 + 0.3) / 3)
+
+
+def test_kde_sigma_and_density_match_scipy():
+    from scipy.stats import gaussian_kde
+
+    scores = torch.rand(50, generator=torch.Generator().manual_seed(7), dtype=torch.float64)
+    kde = gaussian_kde(scores.numpy())
+    grid = torch.linspace(-0.2, 1.2, 31, dtype=torch.float64)
+    np.testing.assert_allclose(kde_density(scores, grid).numpy(), kde(grid.numpy()), rtol=1e-10)
+    assert kde_sigma(scores) == pytest.approx(float(np.sqrt(np.var(scores.numpy(), ddof=1) + kde.covariance[0, 0])))
+    assert kde_sigma(torch.full((40,), 0.99, dtype=torch.float64) + 1e-4 * scores[:40]) < 1e-3  # near-delta
+
+
+def test_checkpoint_choice_is_the_largest_sigma_among_accurate_steps_not_the_last():
+    steps = [100, 500, 900, 1300, 1700, 2100]
+    sigmas = [0.01, 0.08, 0.15, 0.19, 0.09, 0.02]  # spread rises, then collapses to a delta
+    acc = [0.55, 0.80, 0.90, 0.91, 0.92, 0.92]
+    choice = select_checkpoint_by_kde_sigma(steps, sigmas, acc)
+    assert choice.step == 1300 and "1300" in choice.reason
+    # Deciding the other way: if the widest distribution is not accurate enough, it is not chosen.
+    choice = select_checkpoint_by_kde_sigma(steps, sigmas, [0.55, 0.80, 0.90, 0.85, 0.92, 0.92])
+    assert choice.step == 900  # the widest of the still-accurate ones
+    with pytest.raises(ValueError, match="non-empty"):
+        select_checkpoint_by_kde_sigma([], [], [])
