@@ -190,3 +190,31 @@ def test_checkpoint_choice_is_the_largest_sigma_among_accurate_steps_not_the_las
     assert choice.step == 900  # the widest of the still-accurate ones
     with pytest.raises(ValueError, match="non-empty"):
         select_checkpoint_by_kde_sigma([], [], [])
+
+
+def test_draft_k_step_end_to_end_through_vae_and_reward(tiny_t2i_dir, reward_dir):
+    """DRaFT-K on the tiny pipeline's image VAE and the tiny reward VLM: the loss reaches the policy, and only it."""
+    import copy
+
+    from k5model import CrossDiT, get_preset
+    from k5model.flow_matching import TextCondition
+    from k5model.rl.draft import DraftConfig, draft_k_loss
+    from k5model.synthetic import randomize
+
+    reference = randomize(CrossDiT(get_preset("tiny_image")), std=0.1, seed=1).eval().requires_grad_(False)
+    policy = copy.deepcopy(reference).requires_grad_(True)
+    vae = ImageVAE.from_pretrained(tiny_t2i_dir)
+    rm = RelativeRewardModel.from_pretrained(reward_dir, dtype=torch.float32).eval().requires_grad_(False)
+    g = torch.Generator().manual_seed(8)
+    cond = TextCondition(torch.randn(1, 4, 32, generator=g), torch.ones(1, 4, dtype=torch.bool),
+                         torch.randn(1, 32, generator=g))
+    uncond = TextCondition(torch.zeros(1, 2, 32), torch.ones(1, 2, dtype=torch.bool), torch.zeros(1, 32))
+    out = draft_k_loss(policy, reference, noise=torch.randn(1, 1, 4, 4, 16, generator=g), cond=cond, uncond=uncond,
+                       decode=vae.decode_with_grad, reward=rm, real_images=images(9, b=1, size=32).float(),
+                       prompts=["a cat"], config=DraftConfig(num_steps=3, k=1, guidance_scale=3.0))
+    out.loss.backward()
+    assert 0 < out.reward.item() < 1 and out.kl.item() == 0.0  # policy == SFT copy: no KL yet
+    assert out.loss.item() == pytest.approx(1 - out.reward.item(), rel=1e-6)
+    grads = [p.grad for p in policy.parameters() if p.grad is not None]
+    assert grads and any(gr.abs().sum() > 0 for gr in grads) and all(torch.isfinite(gr).all() for gr in grads)
+    assert all(p.grad is None for p in rm.parameters()) and all(p.grad is None for p in reference.parameters())
