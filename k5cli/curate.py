@@ -33,11 +33,12 @@ def curate(src: str, out: str, config_path: str | None, catalog_path: str | None
     cfg = load_config(config_path, overrides)
     if shard is not None and not 0 <= shard < cfg["shards"]:
         raise click.BadParameter(f"shard must be in 0..{cfg['shards'] - 1}", param_hint="--shard")
+    from k5data.leases import LeaseHeld
     from k5data.object_store import TransientStoreError, is_transient
 
     try:
         summary = run_curation(src, out, cfg, catalog_path=catalog_path, shard=shard, progress=not no_progress)
-    except TransientStoreError as err:  # retries spent: one line, exit 1; a re-run picks up where this one stopped
+    except (TransientStoreError, LeaseHeld) as err:  # retries spent / another writer: one line, exit 1
         raise click.ClickException(str(err)) from None
     except Exception as err:
         if not is_transient(err):

@@ -110,13 +110,23 @@ def test_key_order_walks_folders_first() -> None:
     assert sorted(keys) == ["a-b/x", "a/x", "a/y"]  # plain string order would differ
 
 
+def _row(media_id: str, source: str) -> dict:
+    """One passed dataset row of curation's output layout."""
+    from k5data.curation.output import COLUMNS
+
+    r = {c: None for c in COLUMNS}
+    r.update(media_id=media_id, source=source, source_uri=f"file:///{source}/{media_id}", kind="image",
+             scene_index=0, width=256, height=256, size=1, bucket=256, cluster=-1, passed=True)
+    return r
+
+
 @pytest.mark.parametrize("kind", ["local", "s3"])
 def test_curation_output_rewritten_whole(kind: str, tmp_path: Path, request: pytest.FixtureRequest,
                                          monkeypatch: pytest.MonkeyPatch) -> None:
     """``write_outputs`` publishes a new version through the store and switches ``CURRENT.json`` to it: a source gone
     from the catalog leaves the current version, and versions older than the previous one are deleted."""
     from k5data.curation.config import load_config
-    from k5data.curation.output import COLUMNS, current_version, read_dataset, write_outputs
+    from k5data.curation.output import current_version, read_dataset, write_outputs
 
     cfg = load_config()
     if kind == "local":
@@ -130,22 +140,45 @@ def test_curation_output_rewritten_whole(kind: str, tmp_path: Path, request: pyt
         store.client.create_bucket(Bucket="curated")
         out = "s3://curated/run"
 
-    def row(media_id: str, source: str) -> dict:
-        r = {c: None for c in COLUMNS}
-        r.update(media_id=media_id, source=source, source_uri=f"file:///{source}/{media_id}", kind="image",
-                 scene_index=0, width=256, height=256, size=1, bucket=256, cluster=-1, passed=True)
-        return r
-
-    first = write_outputs([row("m1", "alpha"), row("m2", "beta")], [], out, cfg)
+    first = write_outputs([_row("m1", "alpha"), _row("m2", "beta")], [], out, cfg)
     assert len(first) == 4 and first[-1].endswith("/CURRENT.json")
     assert all(u.startswith("s3://" if kind == "s3" else "file://") for u in first)
     assert sorted(read_dataset(out, cfg)["media_id"]) == ["m1", "m2"]
-    write_outputs([row("m1", "alpha")], [{"source_uri": "file:///bad", "reason": "truncated"}], out, cfg)
+    write_outputs([_row("m1", "alpha")], [{"source_uri": "file:///bad", "reason": "truncated"}], out, cfg)
     reread = read_dataset(out, cfg)
     assert list(reread["media_id"]) == ["m1"]
-    write_outputs([row("m1", "alpha")], [], out, cfg)
+    write_outputs([_row("m1", "alpha")], [], out, cfg)
     now = current_version(out, cfg)
     listed = open_store(out, cfg.endpoint_url, create=False).list()
     assert listed == ["CURRENT.json"] + sorted(  # the first version (with beta's part file) is gone
         f"versions/{v}/{k}" for v in (now["previous"], now["version"])
         for k in ("dataset/256/alpha/part-00000.parquet", "quarantine.parquet"))
+
+
+@pytest.mark.parametrize("kind", ["local", "s3"])
+def test_curation_output_one_writer_at_a_time(kind: str, tmp_path: Path, request: pytest.FixtureRequest,
+                                              monkeypatch: pytest.MonkeyPatch) -> None:
+    """A dataset write holds the output's lease: while another writer holds it, ``write_outputs`` is refused naming
+    that holder and the current version stays as it was; once it is released the write goes through."""
+    from k5data.curation.config import load_config
+    from k5data.curation.output import current_version, read_dataset, write_outputs
+    from k5data.leases import LeaseHeld, acquire_lease
+
+    cfg = load_config()
+    out: str = str(tmp_path / "out")
+    if kind == "s3":
+        for k, v in {"AWS_ACCESS_KEY_ID": "x", "AWS_SECRET_ACCESS_KEY": "x", "AWS_DEFAULT_REGION": "us-east-1"}.items():
+            monkeypatch.setenv(k, v)
+        endpoint = request.getfixturevalue("s3_endpoint")
+        cfg = load_config(overrides={"s3": {"endpoint_url": endpoint}})
+        open_store("s3://curated", endpoint_url=endpoint).client.create_bucket(Bucket="curated")
+        out = "s3://curated/run"
+    write_outputs([_row("m1", "alpha")], [], out, cfg)
+    before = current_version(out, cfg)
+    store = open_store(out, cfg.endpoint_url, create=False)
+    with acquire_lease(store, "", holder="curation run 7 of alice", heartbeat=False):
+        with pytest.raises(LeaseHeld, match="curation run 7 of alice"):
+            write_outputs([_row("m2", "beta")], [], out, cfg)
+        assert current_version(out, cfg) == before
+    write_outputs([_row("m2", "beta")], [], out, cfg)
+    assert list(read_dataset(out, cfg)["media_id"]) == ["m2"]

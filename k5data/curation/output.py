@@ -5,13 +5,16 @@ Layout (report §4.2/§4.4): one version per write, ``OUT/versions/<version>/dat
 ``OUT/versions/<version>/quarantine.parquet``; ``OUT/CURRENT.json`` names the current version and its files.
 A write puts the new version beside the old ones and then switches ``CURRENT.json`` in one PUT, so readers see the
 old dataset or the new one, never a half-written or missing one; a failed write leaves the previous version current.
-After a switch, versions other than the new and the previous one are deleted. Outputs written before versioning
+After a switch, versions other than the new and the previous one are deleted. One writer at a time: a write holds the
+output's lease (``k5data.leases``, ``OUT/_lease.json``); a second concurrent writer is refused naming the holder.
+Outputs written before versioning
 (``OUT/dataset/``, ``OUT/quarantine.parquet``) are read while no ``CURRENT.json`` exists."""
 
 from __future__ import annotations
 
 import io
 import json
+import os
 import uuid
 from collections import Counter
 from datetime import UTC, datetime
@@ -26,6 +29,7 @@ from k5data.curation.config import CurationConfig
 from k5data.curation.domains import kmeans_clusters
 from k5data.curation.filters.dedup import find_duplicates
 from k5data.curation.filters.resolution import bucket_of
+from k5data.leases import Lease, acquire_lease
 from k5data.object_store import ObjectStore, key_order, open_store
 
 FILTERS = ["resolution", "dynamics", "text_area", "watermark", "quality", "complexity", "motion"]
@@ -38,6 +42,7 @@ COLUMNS = (["media_id", "source_uri", "source", "kind", "scene_index", "start_s"
 QUARANTINE_COLUMNS = ["source_uri", "reason", "error_class"]
 POINTER = "CURRENT.json"
 VERSIONS = "versions/"
+WRITE_LEASE_TTL_S = 120.0
 
 
 def reasons_of(row: dict[str, Any], require_caption: bool) -> list[str]:
@@ -108,6 +113,13 @@ def write_outputs(rows: list[dict[str, Any]], quarantine: list[dict[str, Any]], 
     version, switch ``CURRENT.json`` to it, then delete versions older than the previous one; returns the written
     objects' URIs (the pointer last). Raises (the previous version stays current) when a write fails."""
     store = open_output(out, cfg)
+    # why: two curation runs on one output would each switch CURRENT.json and delete the other's versions
+    with acquire_lease(store, "", holder=f"curation write (pid {os.getpid()})", ttl_s=WRITE_LEASE_TTL_S) as lease:
+        return _write_version(store, rows, quarantine, lease)
+
+
+def _write_version(store: ObjectStore, rows: list[dict[str, Any]], quarantine: list[dict[str, Any]],
+                   lease: Lease) -> list[str]:
     previous = _pointer(store)
     version = datetime.now(UTC).strftime("%Y%m%dT%H%M%S%fZ") + "-" + uuid.uuid4().hex[:8]
     base = f"{VERSIONS}{version}/"
@@ -126,6 +138,7 @@ def write_outputs(rows: list[dict[str, Any]], quarantine: list[dict[str, Any]], 
     manifest = {"format": 1, "version": version, "dataset": parts, "quarantine": f"{base}quarantine.parquet",
                 "rows": len(df), "quarantined": len(qdf), "previous": (previous or {}).get("version"),
                 "written_at": datetime.now(UTC).isoformat()}
+    lease.check()  # a writer whose lease was taken over (it stalled past the TTL) must not switch the pointer
     written.append(store.put_bytes(POINTER, json.dumps(manifest, indent=1).encode()))
     _collect_garbage(store, keep={version, (previous or {}).get("version")})
     return written
