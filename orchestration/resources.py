@@ -250,7 +250,7 @@ class CurationResource(dg.ConfigurableResource):
         from k5data.sources import Source
 
         cfg = self.config()
-        return Source(self.resolved_source(home), cfg.endpoint_url, cfg.section("s3")["region"])
+        return Source(self.resolved_source(home), cfg.endpoint_url, cfg.section("s3")["region"], retry=cfg.retry_policy)
 
 
 class TrainingJobResource(dg.ConfigurableResource):

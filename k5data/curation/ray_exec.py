@@ -66,7 +66,7 @@ def run_shard_work(work: ShardWork) -> dict[str, Any]:
         raise ValueError(f"ShardWork.step={work.step!r} is not one of {STEPS}")
     start = time.perf_counter()
     cfg = CurationConfig(work.cfg)
-    source = Source(work.source_root, cfg.endpoint_url, cfg.section("s3")["region"])
+    source = Source(work.source_root, cfg.endpoint_url, cfg.section("s3")["region"], retry=cfg.retry_policy)
     catalog = Catalog(work.catalog_path)
     if work.step == "register":
         result = asdict(register_sources(source, catalog, cfg, work.shard))
