@@ -18,6 +18,7 @@ from k5model.rl.reward import (
     pairwise_loss,
     select_checkpoint_by_kde_sigma,
     swap_consistency,
+    validation_metrics,
 )
 
 pytestmark = pytest.mark.usefixtures("one_thread")
@@ -153,6 +154,9 @@ def test_pairwise_loss_is_bce_over_both_orders_and_trains(reward_dir):
     final, aux = pairwise_loss(rm, better, worse, prompts)
     assert final.item() < 0.1 < loss.item() and aux["accuracy"].item() == 1.0
     assert swap_consistency(aux["score_forward"], aux["score_swapped"]).agreement == 1.0
+    # Images of different sizes in one batch (a real photo beside a generated image) go through as a list.
+    mixed, _ = pairwise_loss(rm, [better[0], better[1, :, :40, :48]], [worse[0], worse[1]], prompts)
+    assert torch.isfinite(mixed)
 
 
 def test_answer_token_must_be_a_single_token(reward64):
@@ -166,6 +170,14 @@ def test_swap_consistency_decides_both_ways():
     assert consistent.agreement == 1.0 and consistent.mean_abs_gap == pytest.approx(0.0, abs=1e-6)
     biased = swap_consistency(torch.tensor([0.9, 0.8, 0.7]), torch.tensor([0.9, 0.1, 0.6]))  # "first wins" bias
     assert biased.agreement == pytest.approx(1 / 3) and biased.mean_abs_gap == pytest.approx((0.8 + 0.1 + 0.3) / 3)
+
+
+def test_validation_metrics_of_a_good_and_a_position_biased_judge():
+    good = validation_metrics(torch.tensor([0.9, 0.7, 0.6, 0.4]), torch.tensor([0.1, 0.3, 0.4, 0.6]))
+    assert good["val_accuracy"] == 0.75 and good["swap_agreement"] == 1.0
+    assert good["val_score_kde_sigma"] == pytest.approx(kde_sigma(torch.tensor([0.9, 0.7, 0.6, 0.4])))
+    biased = validation_metrics(torch.tensor([0.9, 0.8, 0.9, 0.8]), torch.tensor([0.9, 0.8, 0.9, 0.8]))
+    assert biased["val_accuracy"] == 0.5 and biased["swap_agreement"] == 0.0
 
 
 def test_kde_sigma_and_density_match_scipy():

@@ -23,6 +23,7 @@ import torch.nn.functional as F
 from k5model.rl.preprocess import VisionPreprocessConfig, image_token_count, preprocess_images
 
 PRODUCTION_MODEL = "Qwen/Qwen2.5-VL-7B-Instruct"
+Images = torch.Tensor | Sequence[torch.Tensor]  # (B, 3, H, W) or B tensors (3, H, W) of any sizes
 QUESTION = ("Prompt: {prompt}\nThe first image and the second image were generated for this prompt. "
             "Is the first image better than the second one? Answer Yes or No.")
 SYSTEM = "You are a strict judge of image quality and realism."
@@ -81,13 +82,14 @@ class RelativeRewardModel(torch.nn.Module):
             raise ValueError(f"prompt {prompt!r} changes the number of image tokens; remove vision special tokens")
         return ids
 
-    def logit_margin(self, first: torch.Tensor, second: torch.Tensor, prompts: Sequence[str]) -> torch.Tensor:
-        """logit_Yes − logit_No (B,), at least fp32, for images (B, 3, H, W) in [-1, 1] and B prompts."""
+    def logit_margin(self, first: Images, second: Images, prompts: Sequence[str]) -> torch.Tensor:
+        """logit_Yes − logit_No (B,), at least fp32, for B first and B second images in [-1, 1] ((B, 3, H, W) or a
+        list of (3, H, W) of any sizes, e.g. real SFT photos) and B prompts."""
         if isinstance(prompts, str):
             raise ValueError("prompts must be a list of strings, got a single str")
         b = len(prompts)
-        if first.shape[0] != b or second.shape[0] != b:
-            raise ValueError(f"{b} prompts but {first.shape[0]} first and {second.shape[0]} second images")
+        if len(first) != b or len(second) != b:
+            raise ValueError(f"{b} prompts but {len(first)} first and {len(second)} second images")
         # Per sample: image 1 then image 2, so pixel rows follow the order of the image tokens in the batch.
         images = [img for pair in zip(first, second) for img in pair]
         pixels, grid = preprocess_images(images, self.vision)
@@ -114,18 +116,19 @@ class RelativeRewardModel(torch.nn.Module):
         logits = logits.to(torch.promote_types(logits.dtype, torch.float32))  # bf16 weights: fp32 margin
         return logits[:, 0] - logits[:, 1]
 
-    def forward(self, first: torch.Tensor, second: torch.Tensor, prompts: Sequence[str]) -> torch.Tensor:
+    def forward(self, first: Images, second: Images, prompts: Sequence[str]) -> torch.Tensor:
         """R(x₁, x₂, y) = P("Yes") restricted to {Yes, No}, (B,) in (0, 1)."""
         return torch.sigmoid(self.logit_margin(first, second, prompts))
 
 
-def pairwise_loss(model: RelativeRewardModel, better: torch.Tensor, worse: torch.Tensor,
+def pairwise_loss(model: RelativeRewardModel, better: Images, worse: Images,
                   prompts: Sequence[str]) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
     """BCE on P("Yes") over both orders: (better, worse) → 1 and (worse, better) → 0. Returns (loss, aux) with the
-    detached scores of both orders and the per-order accuracies."""
+    detached scores of both orders and the accuracy over both."""
     prompts = list(prompts)
-    margin = model.logit_margin(torch.cat([better, worse]), torch.cat([worse, better]), prompts + prompts)
-    b = better.shape[0]
+    better, worse = list(better), list(worse)
+    margin = model.logit_margin(better + worse, worse + better, prompts + prompts)
+    b = len(better)
     labels = torch.cat([torch.ones(b), torch.zeros(b)]).to(margin.device)
     loss = F.binary_cross_entropy_with_logits(margin, labels)
     scores = torch.sigmoid(margin.detach())
@@ -152,6 +155,16 @@ def swap_consistency(score_forward: torch.Tensor, score_swapped: torch.Tensor) -
     f, s = score_forward.double(), score_swapped.double()
     agree = ((f > 0.5) != (s > 0.5)).double().mean().item()
     return SwapConsistency(agreement=agree, mean_abs_gap=(f + s - 1).abs().mean().item())
+
+
+def validation_metrics(score_forward: torch.Tensor, score_swapped: torch.Tensor) -> dict[str, float]:
+    """What an evaluation step logs, from the scores of the validation pairs in both orders: accuracy over both
+    orders, the KDE σ of the (better, worse)-order scores (the checkpoint criterion) and swap consistency."""
+    consistency = swap_consistency(score_forward, score_swapped)
+    correct = torch.cat([score_forward > 0.5, score_swapped < 0.5]).double()
+    return {"val_accuracy": correct.mean().item(), "val_score_kde_sigma": kde_sigma(score_forward),
+            "val_score_mean": score_forward.double().mean().item(), "swap_agreement": consistency.agreement,
+            "swap_mean_abs_gap": consistency.mean_abs_gap}
 
 
 def kde_bandwidth(scores: torch.Tensor) -> float:
