@@ -4,7 +4,7 @@
 Each stage: load the upstream folder's transformer (frozen teacher), encode the stage's prompts and the null prompt
 with the folder's own text encoders, build the distillation set (the teacher's guided samples of those prompts; a
 production run points ``DistillSet`` at the curated latent shards instead), train, save the transformer, assemble the
-pipeline folder (frozen parts linked from the upstream folder) and write its ``sampling_config.json``. Each also
+pipeline folder (frozen parts linked from the base folder) and write its ``sampling_config.json``. Each also
 measures its latent MSE to the base model's guided reference at fixed held-out seeds, so the lineage records the
 demo-scale acceptance numbers with every materialization.
 """
@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import copy
 import json
+import shutil
 import tempfile
 from collections.abc import Callable, Sequence
 from dataclasses import asdict, dataclass, replace
@@ -85,11 +86,19 @@ def _encode(pipeline_dir: Path, prompts: Sequence[str]) -> tuple[list[TextCondit
     return conds, pipe.encode_text("")  # the null prompt of CFG distillation
 
 
-def _export(student: CrossDiT, upstream: Path, out: Path, settings: SamplingSettings) -> Path:
+def _export(student: CrossDiT, base: Path, out: Path, settings: SamplingSettings, metrics: dict[str, Any]
+            ) -> Path:
+    """Build the folder beside ``out`` (settings and metrics included) and swap it in: ``out`` is the previous
+    complete export until the new one is complete (the relative links stay valid: same parent folder)."""
+    staging = out.parent / f".{out.name}.staging"
     with tempfile.TemporaryDirectory(dir=out.parent) as tmp:
         save_transformer_folder(student, Path(tmp) / "transformer")
-        assemble_pipeline_folder(upstream, Path(tmp) / "transformer", out)
-    write_sampling_settings(out, settings)
+        assemble_pipeline_folder(base, Path(tmp) / "transformer", staging)
+    write_sampling_settings(staging, settings)
+    (staging / "distill_metrics.json").write_text(json.dumps(metrics, indent=2, default=str))
+    if out.exists():
+        shutil.rmtree(out)
+    staging.rename(out)
     return out
 
 
@@ -168,9 +177,8 @@ def run_distill_stage(spec: DistillStageSpec, *, base_dir: str | Path, upstream_
         result["mse_to_guided_reference"] = latent_mse(sample_set(
             student, prompts, spec.eval_seeds, num_steps=settings.num_steps, timesteps=settings.timesteps,
             guidance_scale=settings.guidance_scale, null=null, **kw), reference)
-    _export(student, upstream_dir, out, settings)
     result.update({"pipeline_dir": str(out), "steps_trained": len(history),
                    "final_loss": (history[-1].get("loss", history[-1].get("g_loss")) if history else None),
                    "sampling": settings.to_json()})
-    (out / "distill_metrics.json").write_text(json.dumps(result, indent=2, default=str))
+    _export(student, base_dir, out, settings, result)  # frozen parts linked from the base, not a chain of links
     return result
