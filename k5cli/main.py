@@ -119,9 +119,10 @@ def generate(
         path = save_media(result.frames, out, fps=fps)
     except ValueError as e:
         raise K5Error(str(e)) from None
-    t = result.timings
+    t, s = result.timings, result.sampling
     click.echo(f"wrote {path} ({result.frames.shape[0]} frame(s) {result.frames.shape[1]}x{result.frames.shape[2]}; "
-               f"sampling {t['sample_s']:.1f}s, total {t['total_s']:.1f}s)")
+               f"{s['num_steps']} steps, guidance {s['guidance_scale']:g}, {s['grid']} grid"
+               f"{', MagCache' if s['magcache'] else ''}; sampling {t['sample_s']:.1f}s, total {t['total_s']:.1f}s)")
 
 
 def _register_subcommands() -> None:

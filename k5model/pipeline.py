@@ -99,6 +99,7 @@ class GenerationResult:
     timings: dict[str, float] = field(default_factory=dict)
     task: str = "t2v"
     fps: int = 24
+    sampling: dict[str, Any] = field(default_factory=dict)  # steps, guidance, shift, grid, magcache actually used
 
     def save(self, path: str | Path) -> Path:
         return save_media(self.frames, path, fps=self.fps)
@@ -292,4 +293,8 @@ class K5Pipeline:
         frames = to_uint8(pixels)
         timings["decode_s"] = time.perf_counter() - t2
         timings["total_s"] = time.perf_counter() - t0
-        return GenerationResult(frames=frames, latents=latents.cpu(), timings=timings, task=self.task)
+        sampling = {"num_steps": num_steps, "guidance_scale": guidance_scale, "shift": shift,
+                    "grid": "segment_boundaries" if timesteps is not None else "shifted",
+                    "magcache": cache is not None}
+        return GenerationResult(frames=frames, latents=latents.cpu(), timings=timings, task=self.task,
+                                sampling=sampling)

@@ -179,3 +179,26 @@ def test_distill_assets_export_loadable_folders_with_their_settings(tmp_path, ti
     runs = MlflowClient(uri).search_runs([MlflowClient(uri).get_experiment_by_name(
         MLflowResource().experiment_name).experiment_id])
     assert {r.data.tags["k5_kind"] for r in runs} == {"cfg_distilled", "tscd", "flash", "magcache_calibration"}
+
+
+def test_k5_generate_samples_a_distilled_folder_with_its_own_settings(tmp_path, tiny_t2v_dir):
+    """A TSCD export: ``k5 generate`` without --steps/--guidance runs its 16 saved boundaries at guidance 1; an
+    explicit --steps overrides (plain shifted grid); the base folder keeps the defaults (50 steps, CFG 5)."""
+    from click.testing import CliRunner
+
+    from k5cli.main import main as cli
+    from k5model.distill.export import DistillStageSpec, run_distill_stage
+
+    spec = DistillStageSpec(kind="tscd", train_steps=1, reference_steps=4, data_steps=2, train_seeds=1,
+                            prompts=("a cat",), latent_grid=(1, 4, 4))
+    folder = run_distill_stage(spec, base_dir=tiny_t2v_dir, upstream_dir=tiny_t2v_dir,
+                               out_dir=tmp_path / "tscd")["pipeline_dir"]
+    args = ["generate", "--prompt", "a cat", "--height", "64", "--width", "64", "--frames", "5", "--no-progress"]
+    own = CliRunner().invoke(cli, [*args[:1], folder, *args[1:], "--out", str(tmp_path / "a.mp4")])
+    assert own.exit_code == 0, own.output
+    assert "16 steps, guidance 1, segment_boundaries grid" in own.output
+    other = CliRunner().invoke(cli, [*args[:1], folder, *args[1:], "--out", str(tmp_path / "b.mp4"), "--steps", "3"])
+    assert other.exit_code == 0 and "3 steps, guidance 1, shifted grid" in other.output
+    base = CliRunner().invoke(cli, [*args[:1], str(tiny_t2v_dir), *args[1:], "--out", str(tmp_path / "c.mp4"),
+                                    "--steps", "2"])
+    assert base.exit_code == 0 and "2 steps, guidance 5, shifted grid" in base.output
