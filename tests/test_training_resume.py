@@ -246,7 +246,6 @@ def _assert_same_checkpoint(a_dir: Path, b_dir: Path) -> None:
 
 
 def test_sigkill_and_resume_matches_uninterrupted_run(tmp_path: Path) -> None:
-    t0 = time.monotonic()
     ref = _run(tmp_path / "ref")
     ref_losses = step_losses(ref)
     assert sorted(ref_losses) == list(range(1, 13))
@@ -286,7 +285,6 @@ def test_sigkill_and_resume_matches_uninterrupted_run(tmp_path: Path) -> None:
     assert state.keys() == a["ema"].keys()
     assert all(torch.equal(state[k], a["ema"][k]) for k in state)
     assert any(not torch.equal(state[k], a["model"][k]) for k in state)  # the EMA, not the raw weights
-    assert time.monotonic() - t0 < 150  # catches a hang; a shared 2-core box took 130 s
 
 
 @pytest.mark.slow
