@@ -227,6 +227,51 @@ def component_parameter_counts(model_dir: str | os.PathLike) -> dict[str, int]:
     return counts
 
 
+_RENAME_EXCHANGE = 2  # linux/fs.h
+
+
+def _exchange(a: Path, b: Path) -> bool:
+    """Swap two paths in one step (Linux ``renameat2(RENAME_EXCHANGE)``); False where the kernel, libc or the file
+    system cannot."""
+    import ctypes
+
+    try:
+        libc = ctypes.CDLL(None, use_errno=True)
+        renameat2 = libc.renameat2
+    except (OSError, AttributeError):
+        return False
+    at_fdcwd = -100
+    rc = renameat2(at_fdcwd, os.fsencode(a), at_fdcwd, os.fsencode(b), _RENAME_EXCHANGE)
+    if rc == 0:
+        return True
+    err = ctypes.get_errno()
+    if err in (38, 22, 95):  # ENOSYS, EINVAL, EOPNOTSUPP: no exchange here, use the fallback
+        return False
+    raise OSError(err, os.strerror(err), str(a))
+
+
+def replace_dir(new: str | os.PathLike, out: str | os.PathLike) -> Path:
+    """Put the complete folder ``new`` at ``out``, replacing what is there, so that a reader of ``out`` sees the
+    previous folder or the new one, never neither (the two are swapped in one step, then the old one is deleted).
+    Where an atomic swap is unavailable, ``out`` moves aside to ``.<name>.old`` first and is restored by the next
+    call if a crash left it there. ``new`` must be on the same file system as ``out``. Returns ``out``."""
+    import shutil
+
+    new, out = Path(new), Path(out)
+    old = out.with_name(f".{out.name}.old")
+    if not out.exists() and old.exists():  # a crash between the fallback's two renames: put the last good one back
+        old.rename(out)
+    if out.exists() and _exchange(new, out):
+        shutil.rmtree(new, ignore_errors=True)  # ``new`` now holds the previous folder
+        return out
+    shutil.rmtree(old, ignore_errors=True)
+    if out.exists():
+        out.rename(old)
+    new.rename(out)
+    shutil.rmtree(old, ignore_errors=True)
+    return out
+
+
 def assemble_pipeline_folder(base: str | os.PathLike, transformer: str | os.PathLike,
                              out: str | os.PathLike) -> Path:
     """A complete diffusers pipeline folder at ``out``: ``base``'s ``model_index.json``, the trained ``transformer``
@@ -234,7 +279,8 @@ def assemble_pipeline_folder(base: str | os.PathLike, transformer: str | os.Path
     symbolic link, so stages share the frozen parts instead of copying gigabytes each. Anything that follows links
     (``from_pretrained``, a publish to the object store) sees a self-contained folder.
 
-    Built under a temporary name and renamed into place: ``out`` is absent or complete. Returns ``out``."""
+    Built under a temporary name and swapped into place (``replace_dir``): ``out`` is the previous complete folder
+    or the new one, never a partial one. Returns ``out``."""
     import shutil
 
     base, transformer, out = Path(base).resolve(), Path(transformer), Path(out)
@@ -257,9 +303,7 @@ def assemble_pipeline_folder(base: str | os.PathLike, transformer: str | os.Path
                 (tmp / name).symlink_to(os.path.relpath(base / name, out.parent.resolve() / out.name))
         shutil.copy2(index_path, tmp / "model_index.json")
         tmp.chmod(0o755)
-        if out.exists():
-            shutil.rmtree(out)
-        os.rename(tmp, out)
+        replace_dir(tmp, out)
     finally:
         if tmp.exists():
             shutil.rmtree(tmp, ignore_errors=True)

@@ -24,6 +24,7 @@ import dagster as dg
 
 from k5data.leases import Lease, LeaseHeld, acquire_lease
 from k5data.object_store import LocalStore
+from k5model.checkpoint import replace_dir
 from k5model.training.job import TrainJob
 from k5model.training.stages import TableStage, demo_scaling, get_table_stage
 from orchestration.lineage import latest_metadata, stage_dir
@@ -132,13 +133,9 @@ def prepare_work(work: Path, job: TrainJob, log: Any) -> bool:
 
 
 def publish(work: Path, out: Path) -> None:
-    """Replace the stage's last good folder by the completed work folder (only a completed job gets here)."""
-    old = out.with_name(f".{out.name}.old")
-    shutil.rmtree(old, ignore_errors=True)
-    if out.exists():
-        out.rename(old)
-    work.rename(out)
-    shutil.rmtree(old, ignore_errors=True)
+    """Replace the stage's last good folder by the completed work folder (only a completed job gets here), in one
+    swap: readers see the previous stage folder or the new one, never neither."""
+    replace_dir(work, out)
 
 
 def read_metrics(path: Path) -> list[dict]:

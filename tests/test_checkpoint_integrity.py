@@ -193,3 +193,48 @@ def test_disk_full_during_k5_train_is_one_error_line(tmp_path: Path) -> None:
     err = _one_error_line(res.stderr)
     assert "could not write checkpoint step_4" in err and "No space left on device" in err
     assert "free disk space" in err and not (out / "checkpoints" / "step_4").exists()
+
+
+
+def _folder(root: Path, name: str, text: str) -> Path:
+    (root / name).mkdir()
+    (root / name / "model_index.json").write_text(text)
+    return root / name
+
+
+@pytest.mark.parametrize("swap", ["exchange", "fallback"])
+def test_replace_dir_publishes_whole_folders(swap: str, tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """``replace_dir`` leaves the previous folder or the new one at ``out`` and nothing else behind, through the
+    one-step swap and through the two-rename fallback (used where the kernel cannot swap)."""
+    from k5model import checkpoint
+
+    if swap == "fallback":
+        monkeypatch.setattr(checkpoint, "_exchange", lambda a, b: False)
+    out = tmp_path / "pipeline"
+    checkpoint.replace_dir(_folder(tmp_path, "a", "v1"), out)
+    assert (out / "model_index.json").read_text() == "v1"
+    checkpoint.replace_dir(_folder(tmp_path, "b", "v2"), out)
+    assert (out / "model_index.json").read_text() == "v2"
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["pipeline"]
+
+
+def test_exchange_swaps_two_folders_in_one_step(tmp_path: Path) -> None:
+    from k5model.checkpoint import _exchange
+
+    a, b = _folder(tmp_path, "a", "A"), _folder(tmp_path, "b", "B")
+    if not _exchange(a, b):
+        pytest.skip("this kernel or file system has no renameat2(RENAME_EXCHANGE); replace_dir uses its fallback")
+    assert (a / "model_index.json").read_text() == "B" and (b / "model_index.json").read_text() == "A"
+
+
+def test_replace_dir_restores_a_folder_a_crash_left_aside(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """A crash between the fallback's two renames leaves ``.<name>.old`` and no ``out``; the next publish puts the
+    last good folder back before it swaps, so a failure of that publish still leaves the previous folder visible."""
+    from k5model import checkpoint
+
+    out = tmp_path / "pipeline"
+    _folder(tmp_path, ".pipeline.old", "v1")
+    missing = tmp_path / "never-built"
+    with pytest.raises(FileNotFoundError):
+        checkpoint.replace_dir(missing, out)
+    assert (out / "model_index.json").read_text() == "v1" and not (tmp_path / ".pipeline.old").exists()

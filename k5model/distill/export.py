@@ -13,7 +13,6 @@ from __future__ import annotations
 
 import copy
 import json
-import shutil
 import tempfile
 from collections.abc import Callable, Sequence
 from dataclasses import asdict, dataclass, replace
@@ -22,7 +21,7 @@ from typing import Any
 
 import torch
 
-from k5model.checkpoint import assemble_pipeline_folder, save_transformer_folder
+from k5model.checkpoint import assemble_pipeline_folder, replace_dir, save_transformer_folder
 from k5model.crossdit import CrossDiT
 from k5model.distill.adversarial import AdversarialConfig, TeacherFeatureDiscriminator, train_adversarial
 from k5model.distill.cfg_distill import CFGDistillConfig, train_cfg_distill
@@ -96,10 +95,7 @@ def _export(student: CrossDiT, base: Path, out: Path, settings: SamplingSettings
         assemble_pipeline_folder(base, Path(tmp) / "transformer", staging)
     write_sampling_settings(staging, settings)
     (staging / "distill_metrics.json").write_text(json.dumps(metrics, indent=2, default=str))
-    if out.exists():
-        shutil.rmtree(out)
-    staging.rename(out)
-    return out
+    return replace_dir(staging, out)
 
 
 def run_distill_stage(spec: DistillStageSpec, *, base_dir: str | Path, upstream_dir: str | Path,
