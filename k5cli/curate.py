@@ -6,6 +6,7 @@ Also runnable as ``python -m k5cli.curate SRC OUT``."""
 from __future__ import annotations
 
 import json
+from pathlib import Path
 
 import click
 
@@ -17,11 +18,14 @@ import click
               help="YAML merged over k5data/curation/configs/curation.yaml (thresholds, backends, model paths).")
 @click.option("--catalog", "catalog_path", default=None, help="DuckDB catalog file (default: OUT/catalog.duckdb).")
 @click.option("--endpoint-url", default=None, help="S3-compatible endpoint for s3:// SRC/OUT (overrides config).")
+@click.option("--captioner", "captioner_path", type=click.Path(exists=True, file_okay=False), default=None,
+              help="Local Qwen2.5-VL folder that captions media without a sidecar (sets captions.backend: qwen2_5_vl "
+                   "and captions.model_path).")
 @click.option("--shard", type=int, default=None, help="Only register/score this source shard (0..shards-1).")
 @click.option("--no-progress", is_flag=True, help="No progress bars.")
 @click.option("--json", "as_json", is_flag=True, help="Print the summary as JSON.")
 def curate(src: str, out: str, config_path: str | None, catalog_path: str | None, endpoint_url: str | None,
-           shard: int | None, no_progress: bool, as_json: bool) -> None:
+           captioner_path: str | None, shard: int | None, no_progress: bool, as_json: bool) -> None:
     """Curate SRC (folder or s3://bucket/prefix) into OUT (folder or s3://bucket/prefix)."""
     import os
 
@@ -29,16 +33,20 @@ def curate(src: str, out: str, config_path: str | None, catalog_path: str | None
     from k5data.curation.config import load_config
     from k5data.curation.curate import run_curation
 
-    overrides = {"s3": {"endpoint_url": endpoint_url}} if endpoint_url else None
+    overrides: dict = {"s3": {"endpoint_url": endpoint_url}} if endpoint_url else {}
+    if captioner_path:
+        overrides["captions"] = {"backend": "qwen2_5_vl", "model_path": str(Path(captioner_path).resolve())}
     cfg = load_config(config_path, overrides)
     if shard is not None and not 0 <= shard < cfg["shards"]:
         raise click.BadParameter(f"shard must be in 0..{cfg['shards'] - 1}", param_hint="--shard")
+    from k5data.curation.captions import MissingCaptioner
     from k5data.leases import LeaseHeld
     from k5data.object_store import TransientStoreError, is_transient
 
     try:
         summary = run_curation(src, out, cfg, catalog_path=catalog_path, shard=shard, progress=not no_progress)
-    except (TransientStoreError, LeaseHeld) as err:  # retries spent / another writer: one line, exit 1
+    # retries spent / another writer / media no caption could reach: one line, exit 1
+    except (TransientStoreError, LeaseHeld, MissingCaptioner) as err:
         raise click.ClickException(str(err)) from None
     except Exception as err:
         if not is_transient(err):

@@ -144,6 +144,7 @@ def test_rerun_registers_only_new_files(tmp_path: Path) -> None:
     src.mkdir()
     for name in ["camera.png", "coins.png"]:
         shutil.copyfile(skimage_dir() / name, src / name)
+    (src / "camera.txt").write_text("A man with a camera on a tripod.\n")  # a source with no sidecar at all is refused
     first = run_curation(str(src), str(out), progress=False)
     shutil.copyfile(skimage_dir() / "moon.png", src / "moon.png")
     shutil.copyfile(src / "camera.png", src / "camera_copy.png")  # byte copy: a new location, not new media
@@ -151,8 +152,8 @@ def test_rerun_registers_only_new_files(tmp_path: Path) -> None:
     assert first.register["new_media"] == 2
     assert (second.register["new_media"], second.register["new_copies"], second.register["unchanged"]) == (1, 1, 2)
     assert second.scored_media == 1 and second.dataset["rows"] == 3
-    # No sidecar and no VLM configured: rows are kept but rejected for the missing caption.
-    assert second.dataset["reject_reasons"].get("no_caption") == 3
+    # No sidecar and no VLM configured: rows are kept but rejected for the missing caption (coins, moon).
+    assert second.dataset["reject_reasons"].get("no_caption") == 2
 
 
 def _dataset_rows(**changes: list) -> Any:

@@ -11,6 +11,7 @@ from __future__ import annotations
 import re
 import unicodedata
 from pathlib import PurePosixPath
+from typing import Any
 
 import numpy as np
 
@@ -89,6 +90,25 @@ def parse_sidecar(text: str) -> dict[int | None, str]:
     if rest:
         per_scene[None] = " ".join(rest)
     return per_scene
+
+
+class MissingCaptioner(ValueError):
+    """Media without sidecar captions, no captioner configured and ``captions.require`` true: every row would be
+    rejected as ``no_caption``, so curation stops before scoring."""
+
+
+def has_captioner(cfg: dict[str, Any]) -> bool:
+    """Whether the ``captions`` section names a model that can caption media without a sidecar."""
+    return cfg["backend"] != "sidecar" and bool(cfg.get("model_path"))
+
+
+def uncaptioned_message(missing: int, total: int, where: str) -> str:
+    """The one line shown when ``missing`` of ``total`` media to score in ``where`` have no sidecar caption and no
+    captioner is configured."""
+    return (f"{missing} of {total} media files to score in {where} have no caption sidecar (<name>.txt) and no "
+            "captioner is configured, so they would all be rejected as no_caption: set captions.backend: qwen2_5_vl "
+            "and captions.model_path: <local Qwen2.5-VL folder> in the curation config (k5 curate --captioner PATH), "
+            "or captions.require: false to keep uncaptioned rows")
 
 
 class Captioner(VLMUser):

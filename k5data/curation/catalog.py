@@ -160,6 +160,12 @@ class Catalog:
                               [source, key]).fetchone()
         return row[0] if row else ""
 
+    def sidecar_keys(self, source: str) -> set[str]:
+        """Keys of the listed sidecars of ``source`` (the uncaptioned-media check before scoring)."""
+        with self.connect() as con:
+            return {row[0] for row in con.execute("SELECT key FROM curation.sidecars WHERE source = ?",
+                                                  [source]).fetchall()}
+
     def scored_sidecars(self, source: str, shard: int | None = None) -> list[tuple[str, str, str]]:
         """(media_id, key of its first location, sidecar version it was scored with) of the scored media of
         ``source`` (of ``shard`` when given); media scored before versions were recorded are left out."""

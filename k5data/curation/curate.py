@@ -5,12 +5,14 @@ The CLI calls ``run_curation``; the Dagster assets call its three stages (``regi
 
 from __future__ import annotations
 
+import logging
 import os
 import time
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
+from k5data.curation.captions import MissingCaptioner, has_captioner, sidecar_key, uncaptioned_message
 from k5data.curation.catalog import Catalog
 from k5data.curation.config import CurationConfig, load_config
 from k5data.curation.output import build_rows, summarize, write_outputs
@@ -51,6 +53,24 @@ def _bar(total: int | None, desc: str, enabled: bool) -> Any:
     return tqdm(total=total, desc=desc, unit="file", disable=not enabled, leave=True, dynamic_ncols=True)
 
 
+def check_captions(pending: list[dict[str, Any]], source: Source, catalog: Catalog, cfg: CurationConfig) -> None:
+    """With ``captions.require`` and no captioner model, media without a sidecar can only be rejected as
+    ``no_caption``. When the source lists NO sidecar at all (a folder of plain photos) raise ``MissingCaptioner``
+    with one line naming the config keys, before any scoring; when it has sidecars but some ``pending`` media lack
+    one, log that line as a warning and go on (a partly captioned folder is normal while captions are written)."""
+    captions = cfg.section("captions")
+    if not pending or not captions["require"] or has_captioner(captions):
+        return
+    sidecars = catalog.sidecar_keys(source.name)
+    missing = sum(sidecar_key(media["key"]) not in sidecars for media in pending)
+    if not missing:
+        return
+    line = uncaptioned_message(missing, len(pending), source.root)
+    if not sidecars:
+        raise MissingCaptioner(line)
+    logging.getLogger(__name__).warning(line)
+
+
 def score_pending(source: Source, catalog: Catalog, cfg: CurationConfig, shard: int | None = None,
                   progress: bool = False) -> tuple[int, int, int]:
     """Score every registered but unscored media file of ``source`` (one shard when given).
@@ -58,8 +78,10 @@ def score_pending(source: Source, catalog: Catalog, cfg: CurationConfig, shard: 
     Returns (media scored, rows produced, media that failed). A media file that fails here for a reason of its
     own (say, a decoder error past the probe) moves to quarantine with the reason and the run goes on; a transient
     error (store unreachable, throttling, permissions) is retried, then raises ``TransientStoreError`` and leaves
-    the media unscored, so a later run scores it. A media file is marked scored only together with its rows."""
+    the media unscored, so a later run scores it. A media file is marked scored only together with its rows.
+    Before anything is scored, ``check_captions`` refuses a batch that no caption could reach."""
     pending = catalog.unscored(source.name, shard)
+    check_captions(pending, source, catalog, cfg)
     scorers = Scorers(cfg) if pending else None
     media_n = rows_n = errors = 0
     with _bar(len(pending), "scoring", progress) as bar:
