@@ -22,6 +22,8 @@ STRICT_MARGIN = 0.5  # overall-score advantage a candidate must show before it b
 SIMULATED_PREFERENCE = 0.85  # the demo's simulated raters prefer the later stage (model A) on this share of votes
 # SFT at demo scale: one training step per round, at most two rounds per partition (a tiny model learns fast)
 SFT_MODELS_CONFIG = {"ops": {"sft_models": {"config": {"steps_per_round": 1, "max_rounds": 2, "lr": 1e-3}}}}
+# the demo's simulated annotators pass a handful of items: one item per domain is a partition (validated on itself)
+SFT_PARTITIONS_CONFIG = {"ops": {"sft_partitions": {"config": {"min_items": 1, "max_new_tokens": 8}}}}
 SFT_COMPARISON = "soup_vs_pretrain"
 
 
@@ -50,7 +52,7 @@ def _scalars(meta: dict[str, Any]) -> str:
 def _sft_chain(run: Any, sbs_config: dict) -> tuple[Any, Any, Any, Any] | None:
     """SFT at demo scale (report §6.4): partitions of the simulated annotators' mix -> one tiny fine-tune per domain
     -> the soup -> SBS of the soup against its start stage (simulated judgments) -> the soup as a release candidate."""
-    parts = run("sft_partitions_job")
+    parts = run("sft_partitions_job", config=SFT_PARTITIONS_CONFIG)
     if not _report("sft_partitions_job", parts):
         return None
     for key in parts.metadata("sft_partitions")["partitions"]:
