@@ -88,6 +88,17 @@ def resolve_models(context: dg.AssetExecutionContext, home: K5HomeResource, comp
         raise dg.Failure(str(exc)) from exc
 
 
+def gate_refs(context: dg.AssetExecutionContext, comparison) -> tuple[str, str]:
+    """Both models' lineage names for the release gate: ``sft:pretrain`` is recorded as the stage the soup started
+    from (``stage:<start_stage>``, the champion it must beat), every other model as itself."""
+    def ref(model) -> str:
+        if str(model) == "sft:pretrain":
+            return f"stage:{latest_metadata(context, 'sft_soup')['start_stage']}"
+        return str(model)
+
+    return ref(comparison.model_a), ref(comparison.model_b)
+
+
 @dg.asset(
     partitions_def=sbs_partitions,
     deps=SBS_STAGE_DEPS,
@@ -110,7 +121,7 @@ def sbs_batch(context: dg.AssetExecutionContext, config: SbsBatchConfig, k5_home
     root = batch_dir(k5_home, comparison.key)
     settings = BatchSettings(**{**config.model_dump(), "annotators": tuple(config.annotators)})
     dirs = resolve_models(context, k5_home, comparison)
-    result = build_batch(comparison, dirs, root, settings, log=context.log.info)
+    result = build_batch(comparison, dirs, root, settings, log=context.log.info, refs=gate_refs(context, comparison))
     plan_uri = publish_batch(object_store.store(), result, f"sbs/{comparison.key}")
     runs = {m.name: stage_metadata(context, m.ref).get("mlflow_run_id") for m in comparison.models if m.asset_key}
     yield dg.MaterializeResult(metadata={

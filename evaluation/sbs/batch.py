@@ -178,8 +178,12 @@ def publish_batch(store: object, result: BatchResult, prefix: str) -> str:
 
 
 def build_batch(comparison: Comparison, model_dirs: tuple[Path, Path], root: Path, settings: BatchSettings,
-                log: Log = print, prompts: Sequence | None = None) -> BatchResult:
+                log: Log = print, prompts: Sequence | None = None,
+                refs: tuple[str, str] | None = None) -> BatchResult:
     """Generate model A and B on the same prompts and seeds, add golden pairs, write ``plan.json`` under ``root``.
+
+    ``refs`` are the two models' lineage names as the release gate matches them (default: the comparison's own;
+    an alias such as ``sft:pretrain`` is recorded as the stage it stands for).
 
     ``prompts`` defaults to the first ``settings.subset_size`` of the comparison's prompt set. The generation size
     is the requested size rounded up to one both models accept."""
@@ -200,8 +204,9 @@ def build_batch(comparison: Comparison, model_dirs: tuple[Path, Path], root: Pat
              for k, rec in enumerate(prompts)]
     golden = golden_items(key, prompts, kind, paths_a, frames_a, settings, media)
     plan = build_plan(items + golden, settings.annotators, overlap=settings.overlap, seed=settings.seed)
+    ref_a, ref_b = refs or (str(comparison.model_a), str(comparison.model_b))
     plan.meta = {"comparison": key, "model_a": comparison.model_a.name, "model_b": comparison.model_b.name,
-                 "model_a_ref": str(comparison.model_a), "model_b_ref": str(comparison.model_b),
+                 "model_a_ref": ref_a, "model_b_ref": ref_b,
                  "model_a_dir": str(model_dirs[0]), "model_b_dir": str(model_dirs[1]),
                  "prompt_set": comparison.prompt_set,
                  "generation": {**asdict(settings), "annotators": list(settings.annotators), "height": size[0],
