@@ -213,6 +213,8 @@ class LeaseRecord:
             return f"expired {now - self.expires_at:.0f} s ago (ttl {self.ttl_s:g} s)"
         if self.host == socket.gethostname() and not _pid_alive(self.pid):
             return f"its process {self.pid} on this host is gone"
+        if self.host == socket.gethostname() and self.pid == os.getpid() and self.token not in _HELD_TOKENS:
+            return "this process left it behind (its release failed) and no longer holds it"
         return None
 
     def encode(self) -> bytes:
@@ -224,6 +226,9 @@ class LeaseRecord:
             return cls(**json.loads(data))
         except (ValueError, TypeError):
             return None  # unreadable (hand-edited, foreign): treated as stale
+
+
+_HELD_TOKENS: set[str] = set()  # tokens of the leases this process holds now (acquired and not yet released)
 
 
 def _pid_alive(pid: int) -> bool:
@@ -263,6 +268,7 @@ class Lease:
                  took_over: LeaseRecord | None) -> None:
         self.store, self.key, self.record, self.version = store, key, record, version
         self.took_over = took_over  # the stale holder this lease replaced, if any
+        _HELD_TOKENS.add(record.token)
         self._lost: str | None = None
         self._lock = threading.Lock()
         self._stop = threading.Event()
@@ -315,6 +321,7 @@ class Lease:
 
     def release(self) -> None:
         """Stop renewing and delete the lease if it is still this one."""
+        _HELD_TOKENS.discard(self.record.token)
         self._stop.set()
         if self._thread is not None:
             self._thread.join(timeout=30)
@@ -398,5 +405,11 @@ def acquire_lease(store: ObjectStore, prefix: str, *, holder: str, ttl_s: float 
         lease.start()
     try:
         yield lease
-    finally:
-        lease.release()
+    except BaseException:
+        try:  # the body's error is the one to report; a lease this release cannot delete expires after its TTL
+            lease.release()
+        except Exception as err:
+            log.warning("could not release lease %s after a failure (%s); it expires in %.0f s",
+                        store.uri(key), err, ttl_s)
+        raise
+    lease.release()

@@ -187,7 +187,8 @@ def faulty_runs(tmp_path_factory: pytest.TempPathFactory, aws_env: None) -> Iter
 def test_faults_then_healthy_reruns_give_the_fault_free_rows(faulty_runs: dict) -> None:
     runs = faulty_runs["runs"]
     for name, operation in [("listing", "S3 listing s3://raw/corpus/"), ("registration", "S3 download s3://raw/"),
-                            ("scoring", "S3 get s3://raw/corpus/"), ("write", "S3 put s3://curated/faulty/")]:
+                            ("scoring", "S3 get s3://raw/corpus/"),
+                            ("write", "S3 conditional put s3://curated/faulty/_lease.json")]:  # the write's lease
         code, output = runs[name]
         errors = [line for line in output.splitlines() if line.startswith("Error:")]
         assert code == 1 and len(errors) == 1, (name, output)  # exit non-zero with ONE clear line
@@ -210,7 +211,7 @@ def test_failed_write_leaves_the_previous_version_and_old_versions_are_collected
     cfg = load_config(overrides={"s3": {"endpoint_url": upstream}})
     before = current_version("s3://curated/faulty", cfg)
     rows = len(read_dataset("s3://curated/faulty", cfg))
-    proxy.outage("write", bucket="curated", after=2)  # two part files land, then the endpoint drops every write
+    proxy.outage("write", bucket="curated", after=3)  # the lease and two part files land, then every write drops
     code, output = _curate("s3://raw/corpus", "s3://curated/faulty", proxy.url, faulty_runs["catalog"],
                            faulty_runs["fast"])
     proxy.clear()
