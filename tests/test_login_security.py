@@ -241,7 +241,7 @@ def test_opaque_refs_and_media_grants_belong_to_one_annotator(tmp_path: Path) ->
     (tmp_path / "secret.txt").write_text("s")
     grants = MediaGrants(tmp_path / "media")
     url = grants.url("ann1", ("p0", "left"), "p0_a.mp4")
-    assert url.startswith("/media/") and "p0" not in url and "_a" not in url
+    assert url.startswith("/media/") and "p0_a" not in url and ".mp4" not in url  # token chars may hold "p0"
     token = url.removeprefix("/media/")
     assert grants.file_for("ann1", token) == (tmp_path / "media" / "p0_a.mp4").resolve()
     assert grants.file_for("ann2", token) is None

@@ -72,7 +72,7 @@ def test_pod_settings_errors_name_the_bad_input() -> None:
         TrainingJobResource.from_env({"K5_PIPES": "slurm"})
     with pytest.raises(ValueError, match="K5_GPUS_PER_POD='eight'"):
         TrainingJobResource.from_env({"K5_PIPES": "k8s", "K5_GPUS_PER_POD": "eight"})
-    with pytest.raises(ValueError, match="nproc and replicate must be >= 1"):
+    with pytest.raises(ValueError, match="nproc, replicate and sequence_parallel must be >= 1"):
         JOB.replace(nproc=0)
 
 
