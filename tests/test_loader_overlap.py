@@ -175,3 +175,25 @@ def test_bench_smoke_streams_and_replays() -> None:
     for mode in ("in_memory", "stream_prefetch", "stream_inline"):
         assert res[mode]["step_s"] > 0 and res[mode]["data_wait_s"] >= 0, res
     assert res["same_batches"] is True
+
+
+def test_an_unclosed_prefetcher_never_holds_up_interpreter_exit(local_store: LocalStore) -> None:
+    """A process that never closes its prefetcher, and whose SIGTERM is ignored (inherited by the spawned worker),
+    still exits: the worker restores SIGTERM and does not wait to flush samples nobody will read. Before that,
+    Python's exit-time join of daemon children waited forever on a worker blocked on a full queue."""
+    script = (
+        "import signal, sys\n"
+        "signal.signal(signal.SIGTERM, signal.SIG_IGN)\n"
+        "from k5data.latents.shards import read_index\n"
+        "from k5data.loading.loader import ArchivePrefetcher\n"
+        "from k5data.object_store import LocalStore\n"
+        "store = LocalStore(sys.argv[1])\n"
+        "archives = sorted(set(read_index(store, 'ds').column('shard').to_pylist()))\n"
+        "p = ArchivePrefetcher(store, depth=2)\n"
+        "p.start('ds', archives, 0, 0)\n"
+        "index, sample = p.next()\n"
+        "print('read', sample.id if sample is not None else index)\n"  # then exit with the worker's queue full
+    )
+    proc = subprocess.run([sys.executable, "-c", script, str(local_store.root)], cwd=REPO, capture_output=True,
+                          text=True, timeout=120, env={**os.environ, "OMP_NUM_THREADS": "1"})
+    assert proc.returncode == 0 and proc.stdout.startswith("read "), proc.stderr[-2000:]

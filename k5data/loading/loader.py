@@ -54,8 +54,14 @@ def _prefetch_worker(recipe: Any, requests: Any, out: Any, generation: Any, pare
     one without its ``skip`` leading samples) into ``out`` as (generation, archive index, sample), then
     (generation, index, None) after each archive and (generation, None, None) at the end. A newer generation
     abandons the current request; the worker exits when asked (None) or when its parent is gone."""
+    import signal
+
     from k5data.object_store import open_store
 
+    # why: a spawned child inherits ignored signals; with SIGTERM ignored the parent's terminate() (and Python's own
+    # exit-time clean-up of daemon children) would wait on this worker forever
+    signal.signal(signal.SIGTERM, signal.SIG_DFL)
+    out.cancel_join_thread()  # samples still buffered for a parent that stopped reading are dropped at exit
     store = open_store(recipe[1], recipe[2] or None, region=recipe[3]) if isinstance(recipe, tuple) else recipe
 
     def alive() -> bool:
@@ -148,6 +154,10 @@ class ArchivePrefetcher:
             self._proc.join(timeout=5)
             if self._proc.is_alive():
                 self._proc.terminate()
+                self._proc.join(timeout=2)
+            if self._proc.is_alive():
+                self._proc.kill()
+                self._proc.join(timeout=2)
             self._proc = None
 
 
