@@ -54,7 +54,7 @@ from evaluation.sbs.judgments_store import (
 from evaluation.sbs.sbs_plan import Plan, criteria_for
 from evaluation.sbs.sbs_scores import ALL_CHOICES, CHOICE_LABELS, CRITERION_LABELS, NA
 from ui.security import LoginGuard, LoginPolicy, PasswordLookup, password_lookup_from_file, write_private_text
-from ui.server import MediaGrants, OpaqueRefs, build_server, run_server
+from ui.server import MediaGrants, OpaqueRefs, build_server, run_server, user_of
 
 # One key per answer, the same on every criterion (an option a criterion does not offer is simply not shown).
 CHOICE_KEYS: dict[str, str] = {choice: str(k) for k, choice in enumerate(ALL_CHOICES, start=1)} | {NA: "0"}
@@ -210,12 +210,6 @@ def build_app(store: JudgmentsStore, plan: Plan | None, media_root: str | Path,
         buttons = [gr.Button(visible=c in offered) for c in choices]
         return [header, prompt, media_html, crit_md, *buttons, _token(ref, task), status,
                 gr.skip() if reason is None else reason]
-
-    def user_of(request: gr.Request) -> str:
-        user = getattr(request, "username", None)
-        if not user:
-            raise gr.Error("not logged in")
-        return user
 
     def on_load(request: gr.Request) -> list:
         return view(user_of(request), "", None)

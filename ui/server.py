@@ -81,6 +81,14 @@ class _PrivateFileResponse(FileResponse):
         self.headers["content-length"] = str(stat_result.st_size)
 
 
+def user_of(request: gr.Request) -> str:
+    """The logged-in annotator of a Gradio event (identity comes only from the login session)."""
+    user = getattr(request, "username", None)
+    if not user:
+        raise gr.Error("not logged in")
+    return user
+
+
 def session_user(gradio_app: Any, request: fastapi.Request) -> str | None:
     """The annotator logged in on this request's Gradio session cookie (None without a valid session).
     Mirrors Gradio's own ``get_current_user`` (routes.py), which the mounted app uses for its pages and events."""

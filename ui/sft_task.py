@@ -31,7 +31,7 @@ import gradio as gr
 from evaluation.sbs.judgments_store import AlreadyJudged, InvalidJudgment, NotAssigned
 from evaluation.sft.questionnaire import EXPERT, REGULAR, STAGE_EXPERT, STAGE_SCREENING, question
 from evaluation.sft.store import RoleRefused, SftStore, SftTask
-from ui.server import MEDIA_PREFIX, OpaqueRefs
+from ui.server import MEDIA_PREFIX, OpaqueRefs, user_of
 
 MAX_OPTIONS = 3
 STAGE_LABELS = {STAGE_SCREENING: "Stage 1 — technical screening", STAGE_EXPERT: "Stage 2 — expert questionnaire"}
@@ -95,12 +95,6 @@ def mount_sft_task(app: gr.Blocks, store: SftStore, media: OpaqueRefs) -> None:
                    else gr.Button(visible=False) for i in range(MAX_OPTIONS)]
         return [header, _media_html(task, src, ref), caption, f"### {html.escape(q.label)}", *buttons,
                 f"{ref}|{stage}|{task.criterion}", status]
-
-    def user_of(request: gr.Request) -> str:
-        user = getattr(request, "username", None)
-        if not user:
-            raise gr.Error("not logged in")
-        return user
 
     def on_load(request: gr.Request) -> list:
         user = user_of(request)
