@@ -25,7 +25,7 @@ from k5cli.main import K5Error
 from k5cli.train import job_options
 from k5model.checkpoint import assemble_pipeline_folder, save_single_file, save_transformer_folder
 from k5model.config import get_preset
-from k5model.crossdit import CrossDiT
+from k5model.crossdit import CrossDiT, widen_to_visual_cond
 from k5model.training.checkpointing import (
     AsyncCheckpointer,
     CheckpointException,
@@ -146,7 +146,7 @@ def resolve_stage(job: TrainJob) -> StageConfig:
     if not s.demo and job.data.shards is None:
         raise SystemExit(f"stage {s.stage!r} is a full-scale Table 4 stage; pass --demo for its CPU-sized version "
                          "or --shards/--store to train it on latent shards")
-    stage = demo_scaling(s.stage) if s.demo else get_table_stage(s.stage).to_stage_config(edit_as="t2i")
+    stage = demo_scaling(s.stage) if s.demo else get_table_stage(s.stage).to_stage_config()
     return stage.replace(**overrides) if overrides else stage
 
 
@@ -160,8 +160,9 @@ def build_model(job: TrainJob, stage: StageConfig, device: torch.device, world: 
     if init and not (job.checkpoint.resume and latest_checkpoint(out / "checkpoints") is not None):
         # attention settings are the stage's own: a parent trained dense may continue with NABLA
         try:
-            parent = CrossDiT.from_pretrained(init, config=model.config if Path(init).is_file() else None)
-            model.load_state_dict(parent.state_dict(), strict=True)
+            parent = _load_parent(init, model.config)
+            # an editing stage from its T2I parent: the condition + mask input channels start at zero
+            model.load_state_dict(widen_to_visual_cond(parent.state_dict(), model.config), strict=True)
         except (OSError, ValueError, KeyError, RuntimeError) as exc:  # missing, truncated or another model's weights
             raise K5Error(f"--init {init}: cannot initialise the {stage.model_preset} model from it ({_first(exc)}); "
                           "pass the parent stage's exported ema/transformer folder, a pipeline folder or its "
@@ -174,6 +175,19 @@ def build_model(job: TrainJob, stage: StageConfig, device: torch.device, world: 
     if sp_mesh(mesh) is not None:
         apply_sequence_parallel(model, sp_mesh(mesh))
     return model, mesh
+
+
+def _load_parent(init: str, config: Any) -> CrossDiT:
+    """The parent's weights: a folder with its own config; a single file (no config inside) as this model, or as
+    its text-to-image form when this is a ``visual_cond`` model started from a T2I file."""
+    if not Path(init).is_file():
+        return CrossDiT.from_pretrained(init)
+    try:
+        return CrossDiT.from_pretrained(init, config=config)
+    except (ValueError, KeyError, RuntimeError):
+        if not config.visual_cond:
+            raise
+        return CrossDiT.from_pretrained(init, config=config.replace(visual_cond=False))
 
 
 def build_data(job: TrainJob, stage: StageConfig, cfg: Any, rank: int, world: int, device: torch.device) -> Any:
@@ -262,7 +276,12 @@ def attach_callbacks(trainer: Trainer, job: TrainJob, stage: StageConfig, rank: 
 
 
 def run_training(job: TrainJob, callbacks: list[Any] | None = None) -> dict[str, Any]:
-    """Train ``job`` to its last step (resuming when asked and a checkpoint exists) and export it."""
+    """Train ``job`` to its last step (resuming when asked and a checkpoint exists) and export it. A distillation
+    job (``job.distill.distill``) runs its stage instead (``k5cli.distill_run``)."""
+    if job.distill.distill is not None:
+        from k5cli.distill_run import run_distill_job
+
+        return run_distill_job(job, callbacks)
     rank, world = init_distributed()
     stage = resolve_stage(job)
     steps = job.stage.steps if job.stage.steps is not None else stage.steps

@@ -83,8 +83,12 @@ class CrossDiTConfig:
 
     @classmethod
     def from_dict(cls, d: dict[str, Any]) -> CrossDiTConfig:
+        """From config.json keys (diffusers) or the official ``dit_params``: the official editing config says
+        ``instruct_type: channel`` for what diffusers calls ``visual_cond: true`` (the same 2·16+1 input channels)."""
         names = {f.name for f in dataclasses.fields(cls)} - {"extra"}
         known = {k: v for k, v in d.items() if k in names}
+        if d.get("instruct_type") == "channel":
+            known["visual_cond"] = True
         extra = {k: v for k, v in d.items() if k not in names and not k.startswith("_")}
         return cls(**known, extra=extra)
 
@@ -116,11 +120,19 @@ PRESETS: dict[str, CrossDiTConfig] = {
         num_visual_blocks=2, axes_dims=(4, 6, 6), visual_cond=True,
     ),
 }
+# Instruct editing (report §6.3.1, Figure 19b): Image Lite with the source-image latent (16) and mask (1) channels
+# concatenated to the noisy latent before the input projection, i.e. visual_embeddings.in_layer of 4·33 inputs. The
+# released editing checkpoint has exactly these keys and shapes (docs/editing.md, "Instruct-editing regime").
+PRESETS["image_lite_edit"] = PRESETS["image_lite"].replace(visual_cond=True)
 # The tiny preset as an image model (no visual-condition channels, like image_lite): the demo's Image Lite stages.
 PRESETS["tiny_image"] = PRESETS["tiny"].replace(visual_cond=False)
+# ... and as the editing model (the demo's Image Editing stages).
+PRESETS["tiny_image_edit"] = PRESETS["tiny_image"].replace(visual_cond=True)
+# Editing preset of each image preset: what an Image Editing stage trains, initialised from its t2i parent.
+EDIT_PRESET_OF = {"image_lite": "image_lite_edit", "tiny_image": "tiny_image_edit"}
 
 # Nominal sizes the presets must land near (report Table 3 / model cards).
-NOMINAL_PARAMS = {"video_lite": 2e9, "video_pro": 19e9, "image_lite": 6e9}
+NOMINAL_PARAMS = {"video_lite": 2e9, "video_pro": 19e9, "image_lite": 6e9, "image_lite_edit": 6e9}
 
 # Official NABLA settings for 10 s Lite models.
 NABLA_10S = dict(attention_type="nabla", attention_P=0.9, attention_wT=11, attention_wH=3, attention_wW=3,

@@ -618,3 +618,23 @@ class CrossDiT(nn.Module):
 
         return load_crossdit(cls, path, torch_dtype=torch_dtype, device=device, config=config, subfolder=subfolder,
                              **overrides)
+
+
+def widen_to_visual_cond(state: dict[str, torch.Tensor], config: CrossDiTConfig) -> dict[str, torch.Tensor]:
+    """A text-to-image state dict made loadable into a ``visual_cond`` model of ``config`` (report §6.3.1: the
+    editing stages start from the T2I MR checkpoint). The input projection gains the 16 condition + 1 mask channels
+    with zero weights, so the widened model computes exactly what its parent did until training moves them; every
+    other tensor is unchanged. A state that already has the channels is returned as is."""
+    key = "visual_embeddings.in_layer.weight"
+    weight = state[key]
+    patch = math.prod(config.patch_size)
+    have, want = weight.shape[1] // patch, config.visual_embed_dim
+    if have == want:
+        return state
+    if not config.visual_cond or have != config.in_visual_dim:
+        raise ValueError(f"{key} has {have} channels per patch voxel; cannot widen it to {want} "
+                         f"(visual_cond={config.visual_cond}, in_visual_dim={config.in_visual_dim})")
+    # a patch flattens as (pt, ph, pw, C): pad C per voxel, keeping each voxel's latent channels in place
+    wide = weight.new_zeros(weight.shape[0], patch, want)
+    wide[:, :, :have] = weight.reshape(weight.shape[0], patch, have)
+    return {**state, key: wide.reshape(weight.shape[0], patch * want)}

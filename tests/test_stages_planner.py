@@ -129,9 +129,8 @@ def test_full_scale_stage_config() -> None:
     cfg = get_table_stage("video_lite_mr_5s").to_stage_config()
     assert cfg.resolutions == {"64x64": 0.28, "64x96": 0.25, "96x64": 0.47}  # pixels / 8
     assert (cfg.frames, cfg.batch, cfg.model_preset, cfg.parent) == (31, 1331, "video_lite", "video_lite_lr")
-    with pytest.raises(ValueError, match="edit"):
-        get_table_stage("image_edit_mr").to_stage_config()
-    assert get_table_stage("image_edit_mr").to_stage_config(edit_as="t2i").tasks == {"t2i": 1.0}
+    edit = get_table_stage("image_edit_mr").to_stage_config()
+    assert (edit.tasks, edit.model_preset) == ({"edit": 0.8, "t2i": 0.2}, "image_lite_edit")
 
 
 def test_demo_scaling_keeps_identity_and_trains_one_step() -> None:
@@ -144,14 +143,14 @@ def test_demo_scaling_keeps_identity_and_trains_one_step() -> None:
         table = get_table_stage(name)
         demo = demo_scaling(name, steps=1)
         assert isinstance(demo, StageConfig)
-        preset = "tiny_image" if table.preset == "image_lite" else "tiny"  # image models: no condition channels
+        preset = {"image_lite_edit": "tiny_image_edit"}.get(table.preset, "tiny")  # editing: condition channels
         assert (demo.name, demo.parent, demo.attention, demo.model_preset) == (name, table.parent, table.attention,
                                                                               preset)
         assert demo.lr == table.lr and demo.weight_decay == table.weight_decay
         torch.manual_seed(0)
         model = CrossDiT(get_preset(demo.model_preset, attention_type=demo.attention))
         cfg = model.config
-        assert cfg.visual_cond == (preset == "tiny")
+        assert cfg.visual_cond  # video and editing models both have the condition + mask channels
         data = SyntheticLatentSource(demo, in_channels=cfg.in_visual_dim, text_dim=cfg.in_text_dim,
                                      pooled_dim=cfg.in_text_dim2, visual_cond=cfg.visual_cond)
         metrics = Trainer(model, demo, data, data.null_condition()).train(1)

@@ -12,16 +12,24 @@ relationships of the objects and background : <|im_end|> \\n <|im_start|> user \
 but the official code crops 55, i.e. it also drops the first 3 prompt tokens; pass
 ``crop_start=OFFICIAL_CROP["edit"]`` to reproduce that. ``OFFICIAL_CROP`` records the official numbers;
 ``crop_start=`` overrides the computed crop.
+
+Instruct editing (report §6.3.1) feeds the source image to Qwen2.5-VL, as the official ``image_edit`` path does: the
+prompt in the edit template, then ``<|vision_start|><|image_pad|>…<|vision_end|><|im_end|>`` with one pad token per
+merged vision patch, the image at half the generation resolution (``edit_image_for_qwen``) through the model's image
+processor (``preprocessor_config.json`` beside the tokenizer or the model; the Qwen2.5-VL defaults otherwise). The
+hidden states of the image tokens stay in the text context, as in the official code.
 """
 
 from __future__ import annotations
 
 import logging
 import os
+from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Self
+from typing import Any, Self
 
+import numpy as np
 import torch
 
 logger = logging.getLogger(__name__)
@@ -66,7 +74,7 @@ PROMPT_TEMPLATES: dict[str, str] = {
             _USER,
         )
     ),
-    # Editing: the source image tokens and <|im_end|> follow the prompt in the official code; text-only here.
+    # Editing: the source image's vision tokens and <|im_end|> follow the prompt (EDIT_IMAGE_SUFFIX, per image).
     "edit": "\n".join(
         (
             "<|im_start|>system\nYou are a promt engineer. Based on the provided source image (first image) and target "
@@ -80,7 +88,20 @@ PROMPT_TEMPLATES: dict[str, str] = {
 # Crop lengths of the official code (prefix_length() gives these for the real tokenizer, except edit: 52).
 OFFICIAL_CROP: dict[str, int] = {"video": 129, "image": 41, "edit": 55, "i2v": 132}
 DEFAULT_MAX_LENGTH: dict[str, int] = {"video": 256, "i2v": 256, "image": 512, "edit": 512}
+VISION_START, IMAGE_PAD, VISION_END, IM_END = "<|vision_start|>", "<|image_pad|>", "<|vision_end|>", "<|im_end|>"
 CLIP_MAX_LENGTH = 77
+
+
+def edit_image_for_qwen(image: np.ndarray) -> np.ndarray:
+    """The source image as the official edit path shows it to Qwen2.5-VL: uint8 (H, W, 3) at half its size (the
+    generation resolution, halved)."""
+    from PIL import Image
+
+    arr = np.asarray(image)
+    if arr.ndim != 3 or arr.shape[-1] != 3 or arr.dtype != np.uint8:
+        raise ValueError(f"edit source image must be uint8 (H, W, 3), got {arr.dtype} {arr.shape}")
+    h, w = max(1, arr.shape[0] // 2), max(1, arr.shape[1] // 2)
+    return np.asarray(Image.fromarray(arr).resize((w, h), Image.Resampling.BICUBIC))
 
 
 def template_prefix(task: str) -> str:
@@ -179,9 +200,12 @@ class _FrozenTextModel:
 class QwenTextEncoder(_FrozenTextModel):
     """Qwen2.5-VL last hidden state with the Kandinsky 5 chat templates."""
 
-    def __init__(self, model: torch.nn.Module, tokenizer, *, device: torch.device | str = "cpu"):
+    def __init__(self, model: torch.nn.Module, tokenizer, *, device: torch.device | str = "cpu",
+                 image_processor: Any = None):
         super().__init__(model, tokenizer, device=device)
         self._prefix_len: dict[str, int] = {}
+        self._image_processor = image_processor  # loaded on the first edit encoding when not given
+        self._processor_dirs: tuple[Path, ...] = ()
 
     @classmethod
     def from_pretrained(
@@ -201,12 +225,37 @@ class QwenTextEncoder(_FrozenTextModel):
         model = Qwen2_5_VLForConditionalGeneration.from_pretrained(model_dir, dtype=dtype, local_files_only=True)
         # AutoTokenizer also reads the tokenizer files inside a Qwen2VLProcessor folder (real diffusers repos).
         tokenizer = AutoTokenizer.from_pretrained(tok_dir, local_files_only=True)
-        return cls(model.to(device), tokenizer, device=device)
+        encoder = cls(model.to(device), tokenizer, device=device)
+        encoder._processor_dirs = (tok_dir, model_dir)
+        return encoder
 
     @property
     def hidden_size(self) -> int:
         cfg = self.model.config
         return getattr(cfg, "text_config", cfg).hidden_size
+
+    @property
+    def image_processor(self) -> Any:
+        """The Qwen2.5-VL image processor: ``preprocessor_config.json`` of the tokenizer or model folder (a
+        diffusers I2I folder keeps a Qwen2VLProcessor in ``tokenizer/``), else the Qwen2.5-VL defaults."""
+        if self._image_processor is None:
+            from transformers.models.qwen2_vl.image_processing_pil_qwen2_vl import Qwen2VLImageProcessorPil
+
+            found = [d for d in self._processor_dirs if (d / "preprocessor_config.json").exists()]
+            self._image_processor = (Qwen2VLImageProcessorPil.from_pretrained(found[0], local_files_only=True)
+                                     if found else Qwen2VLImageProcessorPil())
+        return self._image_processor
+
+    def _vision(self, images: Sequence[np.ndarray]) -> tuple[dict[str, torch.Tensor], list[int]]:
+        """Pixel patches + grids of the images (as given) and the number of ``<|image_pad|>`` tokens of each."""
+        from PIL import Image
+
+        proc = self.image_processor
+        out = proc(images=[Image.fromarray(np.asarray(im)) for im in images], return_tensors="pt")
+        merge = int(getattr(proc, "merge_size", 2))
+        counts = [int(g.prod()) // merge**2 for g in out["image_grid_thw"]]
+        return {"pixel_values": out["pixel_values"].to(self.device, self.dtype),
+                "image_grid_thw": out["image_grid_thw"].to(self.device)}, counts
 
     def _ids(self, text: str) -> list[int]:
         # No BOS/EOS: Qwen adds none, and prefix and full text must be tokenised the same way for the crop.
@@ -226,15 +275,23 @@ class QwenTextEncoder(_FrozenTextModel):
         task: str = "video",
         max_length: int | None = None,
         crop_start: int | None = None,
+        images: Sequence[np.ndarray | None] | None = None,
     ) -> TextEncoding:
         """Encode prompts to ``TextEncoding(embeds (B, max_length, D), mask (B, max_length))``.
 
         Each prompt is formatted into the task template, truncated to ``crop_start + max_length`` tokens (as the
         official code does, so an over-long prompt loses its tail and the closing ``<|im_end|>``), run through the
         model, and the first ``crop_start`` hidden states (the template prefix) are dropped.
+
+        ``images`` (task "edit" only): per prompt the source image as Qwen sees it (``edit_image_for_qwen``) or None;
+        its vision tokens follow the (truncated) prompt and stay in the output, which then may be longer than
+        ``max_length``.
         """
         prompts = _check_prompts(prompts)
         _check_task(task)
+        if images is not None and (task != "edit" or len(images) != len(prompts)):
+            raise ValueError(f"images= is for task 'edit' with one entry per prompt; got task {task!r}, "
+                             f"{len(images)} images for {len(prompts)} prompts")
         max_length = DEFAULT_MAX_LENGTH[task] if max_length is None else int(max_length)
         if max_length <= 0:
             raise ValueError(f"max_length must be positive, got {max_length}")
@@ -251,6 +308,12 @@ class QwenTextEncoder(_FrozenTextModel):
                 # BPE merged across the prefix/prompt boundary (e.g. a prompt starting with a newline).
                 logger.warning("template prefix tokenised differently for prompt %r; crop may be off by a token", p)
             ids.append(row[: crop + max_length])
+        vision: dict[str, torch.Tensor] = {}
+        given = [i for i, im in enumerate(images or []) if im is not None]
+        if given:
+            vision, counts = self._vision([images[i] for i in given])  # type: ignore[index]
+            for i, n in zip(given, counts):
+                ids[i] = ids[i] + self._ids(VISION_START + IMAGE_PAD * n + VISION_END + IM_END)
 
         pad_id = self.tokenizer.pad_token_id if self.tokenizer.pad_token_id is not None else 0
         longest = max(len(r) for r in ids)
@@ -262,13 +325,15 @@ class QwenTextEncoder(_FrozenTextModel):
 
         # The base model (no LM head) gives the final normed hidden state == hidden_states[-1] of the full model.
         base = getattr(self.model, "model", self.model)
-        out = base(input_ids=input_ids.to(self.device), attention_mask=attn.to(self.device), use_cache=False)
+        out = base(input_ids=input_ids.to(self.device), attention_mask=attn.to(self.device), use_cache=False,
+                   **vision)
         hidden = out.last_hidden_state[:, crop:]
         mask = attn[:, crop:].to(self.device).bool()
 
-        embeds = hidden.new_zeros((len(ids), max_length, hidden.shape[-1]))
-        full_mask = torch.zeros((len(ids), max_length), dtype=torch.bool, device=self.device)
-        n = min(max_length, hidden.shape[1])
+        width = max(max_length, hidden.shape[1]) if vision else max_length  # vision tokens are never cut
+        embeds = hidden.new_zeros((len(ids), width, hidden.shape[-1]))
+        full_mask = torch.zeros((len(ids), width), dtype=torch.bool, device=self.device)
+        n = min(width, hidden.shape[1])
         embeds[:, :n] = hidden[:, :n] * mask[:, :n, None]
         full_mask[:, :n] = mask[:, :n]
         return TextEncoding(embeds=embeds, mask=full_mask, lengths=full_mask.sum(1))

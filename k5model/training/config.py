@@ -6,7 +6,7 @@ import dataclasses
 from dataclasses import dataclass, field
 from typing import Any
 
-TASKS = ("t2i", "t2v", "i2v")
+TASKS = ("t2i", "t2v", "i2v", "edit")  # edit: instruct editing (report §6.3.1), image pairs only
 ATTENTION_KINDS = ("regular", "nabla")
 
 
@@ -31,7 +31,7 @@ class OptimConfig:
 class StageConfig:
     """One stage of the training lifecycle (pre-train at a resolution, fine-tune, ...).
 
-    ``resolutions`` maps "HxW" in latent voxels to a sampling probability; ``tasks`` maps t2i/t2v/i2v to one.
+    ``resolutions`` maps "HxW" in latent voxels to a sampling probability; ``tasks`` maps t2i/t2v/i2v/edit to one.
     ``parent`` names the stage whose final (EMA or raw) weights initialise this one.
     """
 

@@ -84,7 +84,7 @@ class SampleGenerator:
         self.num_steps, self.guidance_scale, self.seed = num_steps, guidance_scale, seed
         self.video_vae = info["task"] != "t2i"
         stage = trainer.stage
-        self.is_video = set(stage.tasks) != {"t2i"}
+        self.is_video = bool({"t2v", "i2v"} & set(stage.tasks))  # t2i and edit stages are image-only
         if self.is_video and not self.video_vae:
             raise ValueError(f"stage {stage.name} trains video but {pipeline_dir} has an image VAE; use a T2V folder")
         key = max(stage.resolutions, key=lambda k: stage.resolutions[k])  # first of the most likely resolutions

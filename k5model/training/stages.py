@@ -5,8 +5,8 @@ from §6.2/§6.3 (Lite 1/79/20 % t2i/t2v/i2v, Pro 2/77/21 %, editing 80 % edit /
 ("for 1024 resolution or for videos up to 10 seconds long at 512 resolution"). Figure 18 is an image in our text copy,
 so parents follow the prose of §6.2 that describes it.
 
-``StageConfig`` cannot hold these rows directly: its resolutions are latent voxels (Table 4 gives pixels), it has no
-"edit" task and no maximum clip length. ``TableStage`` therefore keeps the table's own units and converts on demand
+``StageConfig`` cannot hold these rows directly: its resolutions are latent voxels (Table 4 gives pixels) and it has
+no maximum clip length. ``TableStage`` therefore keeps the table's own units and converts on demand
 (``to_stage_config``); ``demo_scaling`` gives the CPU-sized version of a stage.
 
 No torch import of its own (the ``k5model`` package __init__ still imports torch, ~1 s).
@@ -19,7 +19,7 @@ from typing import Any
 
 from k5model.training.config import TASKS, StageConfig
 
-TABLE_TASKS = (*TASKS, "edit")  # "edit": instruct editing (§6.3.1), not expressible in StageConfig yet
+TABLE_TASKS = TASKS  # "edit": instruct editing (§6.3.1): source latent + mask in the condition channels
 
 VAE_SPATIAL = 8  # HunyuanVideo and FLUX VAEs both downsample 8x in space
 VAE_TEMPORAL = 4  # HunyuanVideo VAE: 4k+1 frames -> k+1 latent frames
@@ -89,28 +89,15 @@ class TableStage:
         return {f"{h // VAE_SPATIAL}x{w // VAE_SPATIAL}": p
                 for h, w, p in ((*StageConfig.parse_resolution(k), p) for k, p in self.resolutions.items())}
 
-    def to_stage_config(self, *, edit_as: str | None = None, **overrides: Any) -> StageConfig:
-        """The full-scale ``StageConfig`` (latent resolutions, latent frames).
-
-        ``StageConfig`` has no "edit" task; editing stages need ``edit_as`` to say which task stands in for it."""
-        tasks = _map_edit(self.tasks, edit_as, self.name)
+    def to_stage_config(self, **overrides: Any) -> StageConfig:
+        """The full-scale ``StageConfig`` (latent resolutions, latent frames, the task mix as printed)."""
         cfg = StageConfig(
             name=self.name, steps=self.steps, batch=self.batch, lr=self.lr, weight_decay=self.weight_decay,
-            grad_clip=self.grad_clip, resolutions=self.latent_resolutions(), tasks=tasks,
+            grad_clip=self.grad_clip, resolutions=self.latent_resolutions(), tasks=dict(self.tasks),
             frames=self.frames if self.is_video else 2, attention=self.attention, ema_decay=self.ema_decay,
             uncond_prob=self.uncond_prob, parent=self.parent, model_preset=self.preset,
         )
         return cfg.replace(**overrides) if overrides else cfg
-
-
-def _map_edit(tasks: dict[str, float], edit_as: str | None, name: str) -> dict[str, float]:
-    if "edit" not in tasks:
-        return dict(tasks)
-    if edit_as not in TASKS:
-        raise ValueError(f"{name} trains an 'edit' task that StageConfig cannot express; pass edit_as in {TASKS}")
-    out = {k: v for k, v in tasks.items() if k != "edit"}
-    out[edit_as] = out.get(edit_as, 0.0) + tasks["edit"]
-    return out
 
 
 # ---------------------------------------------------------------------------------------------------------------------
@@ -138,12 +125,11 @@ TABLE4: dict[str, TableStage] = {s.name: s for s in (
                parent="image_lite_lr"),
     TableStage("image_lite_hr", "Image Lite (HR)", "image_lite", 200_000, 2000, 3.0e-05, 0.0, _IMG_HR, T2I_ONLY, 0,
                parent="image_lite_mr"),
-    TableStage("image_edit_mr", "Image Editing (MR)", "image_lite", 200_000, 4000, 4.0e-05, 0.001, _EDIT_MR,
+    TableStage("image_edit_mr", "Image Editing (MR)", "image_lite_edit", 200_000, 4000, 4.0e-05, 0.001, _EDIT_MR,
                EDIT_TASKS, 0, parent="image_lite_mr",
-               notes=("preset image_lite lacks the editing input channels (instruct image + mask)",)),
-    TableStage("image_edit_hr", "Image Editing (HR)", "image_lite", 110_000, 2000, 2.0e-05, 0.001, _EDIT_HR,
-               EDIT_TASKS, 0, parent="image_edit_mr",
-               notes=("preset image_lite lacks the editing input channels (instruct image + mask)",)),
+               notes=("input projection widened from the T2I parent: condition + mask channels start at zero",)),
+    TableStage("image_edit_hr", "Image Editing (HR)", "image_lite_edit", 110_000, 2000, 2.0e-05, 0.001, _EDIT_HR,
+               EDIT_TASKS, 0, parent="image_edit_mr"),
     # Video Lite 2B: T2I LR -> T2V+I2V LR (5 s) -> MR 5 s -> MR 10 s (NABLA).
     TableStage("video_lite_t2i_lr", "Video Lite (T2I, LR)", "video_lite", 220_000, 8192, 1e-4, 0.0, _VID_LR,
                T2I_ONLY, 0),
@@ -192,6 +178,8 @@ def lineage(name: str) -> list[str]:
 # ---------------------------------------------------------------------------------------------------------------------
 # CPU demo scaling
 
+DEMO_PRESET = {"image_lite": "tiny_image", "image_lite_edit": "tiny_image_edit", "video_lite": "tiny",
+               "video_pro": "tiny"}
 DEMO_PIXELS_PER_LATENT = 64  # demo latent side = pixels / 64: 256 px -> 4, 1024 px -> 16 (tiny, relative sizes kept)
 DEMO_NABLA_MULTIPLE = 16  # NABLA needs token grids in 8x8 tiles = latent sides in multiples of 16 (patch 2)
 
@@ -204,8 +192,8 @@ def demo_scaling(stage: TableStage | str, *, steps: int = 3, batch: int = 2) -> 
     """The same stage on the ``tiny`` preset, sized for CPU: a few steps, tiny latents, 2-3 latent frames.
 
     Keeps name, parent, attention kind, lr/weight decay, task mix and the *shape* of the resolution mix (pixel sizes
-    / 64 -> latent sides, merged where two rows collapse to one). "edit" samples train as t2i: the tiny pipeline has no
-    editing conditioning."""
+    / 64 -> latent sides, merged where two rows collapse to one). Image Lite stages train the ``tiny_image`` preset,
+    the editing stages ``tiny_image_edit`` (its condition + mask channels), video stages ``tiny``."""
     table = get_table_stage(stage) if isinstance(stage, str) else stage
     multiple = DEMO_NABLA_MULTIPLE if table.attention == "nabla" else 2  # patch (1, 2, 2) needs even latent sides
     resolutions: dict[str, float] = {}
@@ -217,7 +205,6 @@ def demo_scaling(stage: TableStage | str, *, steps: int = 3, batch: int = 2) -> 
     resolutions = {k: v / total for k, v in resolutions.items()}
     frames = 3 if table.max_seconds > 5 else 2  # 10 s stages stay longer than 5 s ones
     return table.to_stage_config(
-        edit_as="t2i", steps=steps, batch=batch, resolutions=resolutions, frames=frames,
-        model_preset="tiny_image" if table.preset == "image_lite" else "tiny",
+        steps=steps, batch=batch, resolutions=resolutions, frames=frames, model_preset=DEMO_PRESET[table.preset],
         ema_decay=0.9, warmup_steps=1,
     )

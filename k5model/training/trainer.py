@@ -68,12 +68,13 @@ class SyntheticLatentSource(Iterator[PackedBatch]):
         self.index += 1
         h, w = StageConfig.parse_resolution(self._res_keys[int(torch.multinomial(self._res_p, 1, generator=g))])
         task = self._tasks[int(torch.multinomial(self._task_p, 1, generator=g))]
-        b, frames = self.stage.batch, 1 if task == "t2i" else self.stage.frames
+        b, frames = self.stage.batch, 1 if task in ("t2i", "edit") else self.stage.frames
         x0 = list(torch.randn(b, frames, h, w, self.in_channels, generator=g).unbind(0))
         lengths = torch.randint(1, self.max_text_len + 1, (b,), generator=g).tolist()
         embeds = [torch.randn(n, self.text_dim, generator=g) for n in lengths]
         pooled = torch.randn(b, self.pooled_dim, generator=g)
-        return pack(x0, embeds, pooled, [task] * b, visual_cond=self.visual_cond,
+        sources = [torch.randn(x.shape, generator=g) for x in x0] if task == "edit" else None  # random source images
+        return pack(x0, embeds, pooled, [task] * b, visual_cond=self.visual_cond, sources=sources,
                     ids=[f"synthetic-{self.rank}-{self.index - 1}-{i}" for i in range(b)])
 
     def null_condition(self) -> TextCondition:
