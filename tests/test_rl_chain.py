@@ -1,0 +1,128 @@
+"""RL post-training chain on tiny models (issue 17): reward pairs -> reward model (σ-chosen checkpoint) -> DRaFT-K ->
+exported pipeline, through the library functions the assets and the Pipes job run; the Pipes job side itself
+(``orchestration.pipes_rl``) as a subprocess with an MLflow run."""
+
+from __future__ import annotations
+
+import json
+import os
+
+import numpy as np
+import pandas as pd
+import pytest
+import torch
+
+from k5model.rl.jobs import DraftTrainJob, RewardTrainJob, read_pairs
+from k5model.rl.reward import build_tiny_reward_model, select_checkpoint_by_kde_sigma
+from orchestration.rl_runs import PairSettings, build_reward_pairs, export_rl_pipeline, split_items
+
+pytestmark = pytest.mark.usefixtures("one_thread")
+
+
+def _photo(seed: int, size: int = 48) -> np.ndarray:
+    """A smooth 'real' image (gradients + a disc), unlike the tiny models' noise."""
+    yy, xx = np.mgrid[0:size, 0:size] / size
+    rng = np.random.default_rng(seed)
+    base = np.stack([xx, yy, 1 - xx * yy], -1) * rng.uniform(0.5, 1.0, 3)
+    disc = ((xx - rng.uniform(0.3, 0.7)) ** 2 + (yy - 0.5) ** 2 < 0.05)[..., None]
+    return (np.clip(base + 0.3 * disc, 0, 1) * 255).astype(np.uint8)
+
+
+@pytest.fixture(scope="module")
+def chain(tmp_path_factory, tiny_t2v_dir):
+    from PIL import Image
+
+    root = tmp_path_factory.mktemp("rl")
+    rows = []
+    for k, caption in enumerate(["a red fox in snow", "a city street at night", "a bowl of fruit", "a calm lake"]):
+        path = root / f"real_{k}.png"
+        Image.fromarray(_photo(k)).save(path)
+        rows.append({"item_id": f"item{k}", "kind": "image", "media_path": str(path), "caption": caption,
+                     "domain": "d"})
+    pairs = build_reward_pairs(rows, tiny_t2v_dir, tiny_t2v_dir, root / "pairs",
+                               PairSettings(height=32, width=32, num_steps=2, val_fraction=0.5), log=lambda m: None)
+    base = build_tiny_reward_model(root / "vlm", tokenizer_dir=tiny_t2v_dir / "tokenizer")
+    return {"root": root, "pairs": pairs, "pairs_path": root / "pairs" / "pairs.parquet", "base": base,
+            "policy": tiny_t2v_dir}
+
+
+def test_reward_pairs_hold_both_orders_and_their_sources(chain):
+    rows = read_pairs(chain["pairs_path"])
+    assert chain["pairs"]["items"] == 4 and len(rows) == 4 * 3 * 2
+    assert {r["split"] for r in rows} == {"train", "val"}
+    rank = {"pretrain": 0, "sft": 1, "real": 2}
+    for r in rows:  # label 1 exactly when the first image comes from the better source
+        assert r["label"] == int(rank[r["first_source"]] > rank[r["second_source"]])
+        assert os.path.isfile(r["first_path"]) and f".{r['first_source']}.png" in r["first_path"]
+    keys = {(r["item_id"], r["first_source"], r["second_source"]) for r in rows}
+    assert all((i, b, a) in keys for i, a, b in keys)  # every pair in both positions
+    assert split_items(["a", "b", "c"], 0.4) == split_items(["c", "b", "a"], 0.4)  # stable, order independent
+    with pytest.raises(ValueError, match="at least 2"):
+        split_items(["a"], 0.5)
+
+
+def test_reward_training_keeps_the_sigma_checkpoint(chain):
+    from k5model.rl.reward import RelativeRewardModel
+    from k5model.rl.train_reward import train_reward_model
+
+    out = chain["root"] / "reward"
+    seen = []
+
+    class Recorder:
+        def on_step(self, step, metrics):
+            seen.append((step, metrics))
+
+    summary = train_reward_model(RewardTrainJob(pairs=str(chain["pairs_path"]), base_model=str(chain["base"]),
+                                                out=str(out), steps=4, batch=2, lr=1e-3, eval_every=2),
+                                 callbacks=[Recorder()])
+    evals = json.loads((out / "evals.json").read_text())
+    assert [e["step"] for e in evals] == [2, 4] and [s for s, _ in seen] == [1, 2, 3, 4]
+    assert {"val_loss", "val_accuracy", "val_score_kde_sigma", "swap_agreement"} <= set(seen[1][1])
+    expected = select_checkpoint_by_kde_sigma([2, 4], [e["val_score_kde_sigma"] for e in evals],
+                                              [e["val_accuracy"] for e in evals])
+    assert summary["selected_step"] == expected.step and "KDE" in summary["selected_reason"]
+    scores = json.loads((out / "samples" / f"step_{expected.step}" / "scores.json").read_text())
+    assert len(scores["score_forward"]) == summary["val_pairs"] and len(scores["kde_density"]) == 51
+    rm = RelativeRewardModel.from_pretrained(out / "selected", dtype=torch.float32)  # the chosen one loads
+    assert rm.yes_id != rm.no_id
+    chain["reward_dir"] = out / "selected"
+
+
+def test_draft_k_trains_the_policy_and_exports_a_pipeline(chain):
+    from k5model.crossdit import CrossDiT
+    from k5model.pipeline import K5Pipeline
+    from k5model.rl.train_draft import train_draft
+
+    if "reward_dir" not in chain:
+        pytest.skip("needs the reward model of the previous test")
+    out = chain["root"] / "draft"
+    job = DraftTrainJob(policy=str(chain["policy"]), reward_model=str(chain["reward_dir"]),
+                        pairs=str(chain["pairs_path"]), out=str(out), steps=2, lr=1e-3, num_steps=2, k=1,
+                        height=32, width=32, eval_every=1, sample_every=2)
+    summary = train_draft(job)
+    hist = json.loads((out / "history.json").read_text())
+    assert [e["step"] for e in hist["evals"]] == [0, 1, 2]
+    assert hist["evals"][0]["heldout_kl"] == pytest.approx(0.0, abs=1e-9)  # the policy starts as the anchor
+    assert hist["evals"][-1]["heldout_kl"] > 0.0 and 0 < summary["heldout_reward_end"] < 1
+    assert all(np.isfinite(h["loss"]) for h in hist["train"]) and (out / "samples" / "step_2" / "grid.png").is_file()
+    start = CrossDiT.from_pretrained(chain["policy"] / "transformer")
+    trained = CrossDiT.from_pretrained(out / "transformer")
+    assert any(not torch.equal(a, b) for a, b in zip(start.state_dict().values(), trained.state_dict().values()))
+    pipeline = export_rl_pipeline(out, chain["policy"])
+    image = K5Pipeline.from_pretrained(pipeline).generate("a fox", height=32, width=32, num_frames=1, num_steps=2,
+                                                          progress=False)
+    assert image.frames.shape == (1, 32, 32, 3)
+
+
+def test_job_specs_round_trip_and_refuse_bad_input(tmp_path):
+    job = DraftTrainJob(policy="p", reward_model="r", pairs="x.parquet", out="o", k=3, num_steps=5)
+    assert DraftTrainJob.from_json(job.to_json()) == job
+    (tmp_path / "job.json").write_text(job.to_json())
+    assert DraftTrainJob.from_json(tmp_path / "job.json") == job
+    with pytest.raises(ValueError, match="unknown fields"):
+        RewardTrainJob.from_json('{"pairs": "a", "base_model": "b", "out": "c", "stepz": 3}')
+    with pytest.raises(ValueError, match="1 <= k <= num_steps"):
+        DraftTrainJob(policy="p", reward_model="r", pairs="x", out="o", k=6, num_steps=5)
+    pd.DataFrame({"item_id": ["a"]}).to_parquet(tmp_path / "bad.parquet")
+    with pytest.raises(ValueError, match="lacks reward pair columns"):
+        read_pairs(tmp_path / "bad.parquet")
