@@ -20,7 +20,7 @@ from k5model.flow_matching import flow_matching_loss, flow_matching_loss_packed
 from k5model.training.config import StageConfig
 from k5model.training.trainer import Trainer
 
-MIX = {"t2i": 0.2, "t2v": 0.5, "i2v": 0.3}
+MIX = {"t2i": 0.04, "edit": 0.16, "t2v": 0.5, "i2v": 0.3}  # image steps 0.2 of which edit 0.8 (on pairs)
 PER_SHARD = {("image", r): 8 for r in ("low", "medium", "high")} | {("video", r): 3 for r in ("low", "medium", "high")}
 
 
@@ -102,7 +102,7 @@ def test_task_mix_per_sample_and_condition_channels(shards: LocalStore, text: Te
             else:
                 assert not c.any()
     videos = tasks["t2v"] + tasks["i2v"]
-    assert abs(image_steps / 150 - 0.2) < 0.08  # the stage's p(t2i) of steps
+    assert abs(image_steps / 150 - 0.2) < 0.08  # the stage's p(t2i) + p(edit) of steps
     assert abs(tasks["i2v"] / videos - 0.3 / 0.8) < 0.07  # p(i2v | video sample)
     assert tasks["edit"] > 0 and tasks["t2i"] > tasks["edit"]  # 30 of 80 images are pairs, 80% of those edit
     t2v_only = ShardLatentSource(shards, "ds", _stage(tasks={"t2v": 1.0}), text, t_max=8)

@@ -33,6 +33,7 @@ from k5data.latents.plan import EncodeJob, plan_jobs
 from k5data.latents.shards import SPILL_EVERY, LatentSample, ShardWriter, Store, read_index
 from k5data.latents.tiling import TilePlan, tile_plan
 from k5data.leases import acquire_lease
+from k5model.encoders.text import edit_image_for_qwen
 
 SLEEP_ENV = "K5_LATENTS_SLEEP_S"  # test hook: pause before each sample goes to the shard writer (kill/resume test)
 
@@ -193,7 +194,7 @@ def iter_latent_samples(jobs: list[EncodeJob], encoders: LatentEncoders, cfg: La
                     continue
                 raw = load_image(path)[None] if kind == "image" else load_video_frames(path, j.frames)
                 clips.append(np.stack([resize_cover_crop(f, h, w) for f in raw]))
-                if src_path is not None:
+                if src_path is not None:  # editing pair: the source at the target's bucket
                     sources.append(resize_cover_crop(load_image(src_path), h, w)[None])
                 batch.append(j)
             if not batch:
@@ -205,8 +206,11 @@ def iter_latent_samples(jobs: list[EncodeJob], encoders: LatentEncoders, cfg: La
             stats.load_s += t1 - t0
             stats.encode_s += t2 - t1
             src_of = iter(z[len(batch):])
+            src_pixels = iter(sources)
             for j, lat in zip(batch, z):
                 src = next(src_of) if j.edit_source_uri else None
+                # what the edit prompt shows Qwen2.5-VL: the source at half the generation size (official edit path)
+                qwen_image = edit_image_for_qwen(next(src_pixels)[0]) if j.edit_source_uri else None
                 stats.encoded += 1
                 stats.pixel_frames += max(1, len(j.frames))
                 stats.latent_bytes += lat.nbytes
@@ -214,7 +218,7 @@ def iter_latent_samples(jobs: list[EncodeJob], encoders: LatentEncoders, cfg: La
                     time.sleep(sleep)
                 yield LatentSample(j.id, np.ascontiguousarray(lat), j.caption, j.fps, j.res_class, j.scores,
                                    None if src is None else np.ascontiguousarray(src),
-                                   {**j.meta, "vae": encoders.vae_name(kind)})
+                                   {**j.meta, "vae": encoders.vae_name(kind)}, qwen_image)
                 bar.update(1)
 
 

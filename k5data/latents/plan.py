@@ -101,7 +101,7 @@ def plan_jobs(df: pd.DataFrame, cfg: LatentConfig) -> tuple[list[EncodeJob], dic
         meta = {"media_id": row["media_id"], "scene_index": int(row["scene_index"]), "source_uri": row["source_uri"],
                 "kind": kind, "width": int(row["width"]), "height": int(row["height"]),
                 "bucket": f"{size[0]}x{size[1]}", "pixel_frames": max(1, len(frames))}
-        for k in ("start_s", "end_s", "domain", "cluster"):
+        for k in ("start_s", "end_s", "domain", "cluster", "t2i_caption", "edit_source_media_id"):
             v = row.get(k)
             if v is not None and not (isinstance(v, float) and math.isnan(v)):
                 meta[k] = v.item() if isinstance(v, np.generic) else v

@@ -61,6 +61,8 @@ class LatentSample:
     # instruct editing: the source image's latent (same shape); trained with it in the condition channels, mask ones
     source_latent: np.ndarray | None = None
     meta: dict[str, Any] = field(default_factory=dict)  # provenance (source uri, scene times, bucket, vae, ...)
+    # instruct editing: the source image as Qwen2.5-VL sees it in the edit prompt (uint8, half the bucket size)
+    source_image: np.ndarray | None = None
 
     @property
     def modality(self) -> str:
@@ -79,8 +81,24 @@ def _npy(a: np.ndarray) -> bytes:
     return buf.getvalue()
 
 
+def _png(image: np.ndarray) -> bytes:
+    from PIL import Image
+
+    buf = io.BytesIO()
+    Image.fromarray(np.asarray(image, dtype=np.uint8)).save(buf, format="PNG")
+    return buf.getvalue()
+
+
+def _unpng(data: bytes) -> np.ndarray:
+    from PIL import Image
+
+    with Image.open(io.BytesIO(data)) as im:
+        return np.asarray(im.convert("RGB"))
+
+
 def write_tar(samples: list[LatentSample], path: Path) -> None:
-    """Members per sample: ``<id>.npy``, ``<id>.src_npy`` (editing source, optional), then ``<id>.json`` last."""
+    """Members per sample: ``<id>.npy``, ``<id>.src_npy`` and ``<id>.src_png`` (editing source latent and image,
+    optional), then ``<id>.json`` last."""
     with tarfile.open(path, "w") as tar:
         for s in samples:
             if "." in s.id or "/" in s.id:
@@ -88,6 +106,8 @@ def write_tar(samples: list[LatentSample], path: Path) -> None:
             _add(tar, f"{s.id}.npy", _npy(s.latent))
             if s.source_latent is not None:
                 _add(tar, f"{s.id}.src_npy", _npy(s.source_latent))
+            if s.source_image is not None:
+                _add(tar, f"{s.id}.src_png", _png(s.source_image))
             meta = {"id": s.id, "caption": s.caption, "fps": s.fps, "res_class": s.res_class,
                     "scores": s.scores, "shape": list(s.latent.shape), "source": s.source_latent is not None,
                     "meta": s.meta}
@@ -107,8 +127,9 @@ def read_tar(f: IO[bytes]) -> Iterator[LatentSample]:
                 d = pending.pop(sid)
                 meta = json.loads(d["json"])
                 src = np.load(io.BytesIO(d["src_npy"]), allow_pickle=False) if "src_npy" in d else None
+                image = _unpng(d["src_png"]) if "src_png" in d else None
                 yield LatentSample(sid, np.load(io.BytesIO(d["npy"]), allow_pickle=False), meta["caption"],
-                                   meta["fps"], meta["res_class"], meta["scores"], src, meta.get("meta", {}))
+                                   meta["fps"], meta["res_class"], meta["scores"], src, meta.get("meta", {}), image)
 
 
 

@@ -37,6 +37,8 @@ class PackedSamples:
     fps: list[float]
     is_image: bool
     source_latents: list[np.ndarray | None] = field(default_factory=list)  # editing sources (None: not a pair)
+    source_images: list[np.ndarray | None] = field(default_factory=list)  # the sources as Qwen sees them
+    t2i_captions: list[str | None] = field(default_factory=list)  # editing pairs: the target's own description
 
 
 def _store_recipe(store: Store) -> tuple[str, ...] | Store:
@@ -269,7 +271,8 @@ class PackedLatentLoader:
                 rest.append(s)
         self.queues[key] = rest
         return PackedSamples([s.latent for s in out], [s.id for s in out], [s.caption for s in out],
-                           [s.fps for s in out], key[0], [s.source_latent for s in out])
+                           [s.fps for s in out], key[0], [s.source_latent for s in out],
+                           [s.source_image for s in out], [s.meta.get("t2i_caption") for s in out])
 
     def state_dict(self) -> dict[str, Any]:
         is_open = self._open if self.prefetcher is not None else self._it is not None

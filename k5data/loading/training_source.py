@@ -6,11 +6,13 @@ fly (§6.1.1), a task drawn per sample, and the matching condition channels.
 per-sample tasks and condition channels) that ``Trainer.train_step`` sends through ``CrossDiT.forward_packed``.
 
 Tasks per sample, with the stage's probabilities (``StageConfig.tasks``): image-only batches (a fraction
-``p(t2i)`` of the steps, report: images only in image-only batches) train T2I, or instruct editing for samples that
-carry a ``source_latent`` (probability ``edit_prob``); every video sample is I2V with probability
-``p(i2v) / (p(t2v) + p(i2v))``, else T2V. Condition channels (``visual_cond`` models: 16 condition + 1 mask):
-built by ``k5model.training.batch.condition_channels``. Each task uses its own Qwen template (video / i2v / image /
-edit). ``res_classes`` limits the archives read to a stage's resolution classes (its Table 4 row).
+``p(t2i) + p(edit)`` of the steps, report: images only in image-only batches) train instruct editing on samples that
+carry a ``source_latent`` with probability ``p(edit) / (p(edit) + p(t2i))`` (the Image Editing stages: 80 %), else
+T2I (an editing pair's target then trains with its own description, ``t2i_caption``); every video sample is I2V with
+probability ``p(i2v) / (p(t2v) + p(i2v))``, else T2V. Condition channels (``visual_cond`` models: 16 condition + 1
+mask): built by ``k5model.training.batch.condition_channels``. Each task uses its own Qwen template (video / i2v /
+image / edit; an edit prompt also shows Qwen the source image stored with the pair). ``res_classes`` limits the
+archives read to a stage's resolution classes (its Table 4 row).
 
 Draws depend only on (seed, rank, batch index) and the loaders' states, so ``state_dict`` / ``load_state_dict``
 resume exactly. Images and videos stream from two loaders, each cycling through its own epochs, so the image-step
@@ -20,6 +22,7 @@ all ranks); when a rank's archives of a modality are exhausted, that stream star
 
 from __future__ import annotations
 
+import logging
 import os
 from collections.abc import Iterator, Sequence
 from typing import Any
@@ -34,6 +37,7 @@ from k5model.training.batch import PackedBatch, pack
 from k5model.training.caption_variants import pick_captions
 from k5model.training.config import StageConfig
 
+log = logging.getLogger(__name__)
 TEMPLATE = {"t2v": "video", "i2v": "i2v", "t2i": "image", "edit": "edit"}  # Qwen prompt template of each task
 
 
@@ -64,15 +68,18 @@ class TextEncoders:
     def pooled_dim(self) -> int:
         return self.clip.hidden_size
 
-    def encode(self, captions: Sequence[str], tasks: Sequence[str]) -> tuple[list[torch.Tensor], torch.Tensor]:
+    def encode(self, captions: Sequence[str], tasks: Sequence[str],
+               images: Sequence[np.ndarray | None] | None = None) -> tuple[list[torch.Tensor], torch.Tensor]:
         """Per caption its Qwen states (L_i, D) in its task's template (padding removed) and the CLIP pooled
-        vectors (N, D_pool), fp32."""
+        vectors (N, D_pool), fp32. ``images``: per caption the edit source image Qwen sees (edit tasks only)."""
         if len(captions) != len(tasks):
             raise ValueError(f"{len(captions)} captions but {len(tasks)} tasks")
         embeds: list[torch.Tensor | None] = [None] * len(captions)
         for template in sorted({TEMPLATE[t] for t in tasks}):
             rows = [i for i, t in enumerate(tasks) if TEMPLATE[t] == template]
-            enc = self.qwen.encode([captions[i] for i in rows], task=template)
+            shown = [images[i] for i in rows] if images is not None and template == "edit" else None
+            enc = self.qwen.encode([captions[i] for i in rows], task=template,
+                                   images=shown if shown and any(im is not None for im in shown) else None)
             for j, i in enumerate(rows):
                 embeds[i] = enc.embeds[j][enc.mask[j]].float()
         pooled = self.clip.encode(list(captions)).float()
@@ -139,11 +146,11 @@ class ShardLatentSource(Iterator[PackedBatch]):
 
     def __init__(self, store: Store, prefix: str, stage: StageConfig, text: TextEncoders, *,
                  t_max: int | None = None, rank: int = 0, world_size: int = 1,
-                 image_step_fraction: float | None = None, edit_prob: float = 0.8, visual_cond: bool = True,
+                 image_step_fraction: float | None = None, edit_prob: float | None = None, visual_cond: bool = True,
                  queue_factor: float = 2.0, device: torch.device | str = "cpu", res_classes: Sequence[str] = (),
                  prefetch: int = 0):
         self.store, self.prefix, self.stage, self.text = store, prefix.strip("/"), stage, text
-        self.rank, self.world_size, self.edit_prob, self.visual_cond = rank, world_size, edit_prob, visual_cond
+        self.rank, self.world_size, self.visual_cond = rank, world_size, visual_cond
         self.queue_factor, self.device = queue_factor, torch.device(device)
         self.res_classes = tuple(res_classes)
         self.prefetch = int(prefetch)
@@ -152,15 +159,20 @@ class ShardLatentSource(Iterator[PackedBatch]):
             raise ValueError(f"t_max must be >= 1, got {self.t_max}")
         tasks = stage.tasks
         self.p_i2v = tasks.get("i2v", 0.0) / max(tasks.get("t2v", 0.0) + tasks.get("i2v", 0.0), 1e-12)
-        if tasks.get("i2v", 0.0) > 0 and not visual_cond:
-            raise ValueError(f"stage {stage.name!r} trains i2v, which needs a model with visual_cond channels")
+        p_image = tasks.get("t2i", 0.0) + tasks.get("edit", 0.0)
+        if edit_prob is None:  # the stage's share of editing among its image samples (Image Editing: 0.8)
+            edit_prob = tasks.get("edit", 0.0) / p_image if p_image > 0 else 0.0
+        self.edit_prob = float(edit_prob)
+        for task in ("i2v", "edit"):
+            if tasks.get(task, 0.0) > 0 and not visual_cond:
+                raise ValueError(f"stage {stage.name!r} trains {task}, which needs a model with visual_cond channels")
         index = read_index(store, self.prefix)
         if index.num_rows == 0:
             raise ValueError(f"no latent shards listed under {self.prefix!r} (missing {self.prefix}/index.parquet?)")
         classes = index.column("res_class").to_pylist()
         present = {m for m, c in zip(index.column("modality").to_pylist(), classes)
                    if not self.res_classes or c in self.res_classes}
-        wanted = {m for m, p in (("image", tasks.get("t2i", 0.0)),
+        wanted = {m for m, p in (("image", p_image),
                                  ("video", tasks.get("t2v", 0.0) + tasks.get("i2v", 0.0))) if p > 0}
         self.modalities = tuple(sorted(present & wanted))
         if not self.modalities:
@@ -170,7 +182,7 @@ class ShardLatentSource(Iterator[PackedBatch]):
         if len(self.modalities) == 1:
             image_step_fraction = float(self.modalities == ("image",))
         elif image_step_fraction is None:
-            image_step_fraction = tasks.get("t2i", 0.0)
+            image_step_fraction = p_image
         if not 0.0 <= image_step_fraction <= 1.0:
             raise ValueError(f"image_step_fraction must be in [0, 1], got {image_step_fraction}")
         self.image_step_fraction = float(image_step_fraction)
@@ -191,6 +203,9 @@ class ShardLatentSource(Iterator[PackedBatch]):
         if pb.is_image:
             tasks = ["edit" if src is not None and self.visual_cond and u < self.edit_prob else "t2i"
                      for u, src in zip(draws, sources)]
+            if self.edit_prob > 0 and not any(s is not None for s in sources) and self.index == 1:
+                log.warning("stage %s trains edit but the first image batch under %r holds no editing pairs "
+                            "(source latents); they train t2i", self.stage.name, self.prefix)
         else:
             tasks = ["i2v" if u < self.p_i2v else "t2v" for u in draws]
         x0 = [torch.from_numpy(np.asarray(lat, dtype=np.float32)).to(self.device) for lat in pb.latents]
@@ -199,7 +214,12 @@ class ShardLatentSource(Iterator[PackedBatch]):
         # SFT shards carry caption variants: one per sample and step, from a generator of its own
         captions = pick_captions(pb.captions, torch.Generator().manual_seed(_seed(self.stage.seed, self.rank,
                                                                                   self.index - 1, 3)))
-        embeds, pooled = self.text.encode(captions, tasks)
+        # an editing pair drawn as t2i trains its target with the target's own description, not the instruction
+        t2i_captions = pb.t2i_captions or [None] * n
+        captions = [c if t == "edit" or src is None or not own else own
+                    for c, t, src, own in zip(captions, tasks, sources, t2i_captions)]
+        images = [im if t == "edit" else None for t, im in zip(tasks, pb.source_images or [None] * n)]
+        embeds, pooled = self.text.encode(captions, tasks, images)
         return pack(x0, embeds, pooled, tasks, visual_cond=self.visual_cond, sources=edit_sources, ids=pb.ids)
 
     def close(self) -> None:
