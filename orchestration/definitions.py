@@ -10,6 +10,7 @@ import assets.generation
 import assets.latents
 import assets.models
 import assets.release
+import assets.rl
 import assets.sbs
 import assets.sft_data
 import assets.sft_models
@@ -19,7 +20,8 @@ from orchestration.resources import default_resources
 
 # New asset modules go here: assets and asset checks are collected from each module.
 ASSET_MODULES = [assets.models, assets.generation, assets.curation, assets.latents, assets.sbs, assets.training,
-                 assets.release, assets.sft_data, assets.sft_models, assets.distill]
+                 assets.release, assets.sft_data, assets.sft_models, assets.distill,
+                 assets.rl]
 
 all_assets = dg.load_assets_from_modules(ASSET_MODULES)
 all_asset_checks = dg.load_asset_checks_from_modules(ASSET_MODULES)
@@ -30,10 +32,11 @@ SBS = dg.AssetSelection.assets("sbs_batch", "sbs_report")
 RELEASE = dg.AssetSelection.assets("release")
 SFT = dg.AssetSelection.assets("sft_partitions", "sft_models", "sft_soup")  # after main_job (needs trained stages)
 DISTILL = dg.AssetSelection.groups("distillation")  # after main_job (starts from the last Video Lite stage)
+RL = dg.AssetSelection.groups("rl")  # after the SFT soup (report §6.6)
 
 main_job = dg.define_asset_job(
     "main_job",
-    selection=dg.AssetSelection.all() - CURATION_SHARDS - SBS - RELEASE - SFT - DISTILL,
+    selection=dg.AssetSelection.all() - CURATION_SHARDS - SBS - RELEASE - SFT - DISTILL - RL,
     description="Every unpartitioned asset: tiny model bundle, demo generation, the curated dataset (after its "
     "shards), its latent shards, the Table 4 training stages (demo scale), and their checks.",
 )
@@ -76,11 +79,17 @@ distill_job = dg.define_asset_job(
     description="Distilled models from the last Video Lite stage: CFG-distilled (50 NFE), TSCD 16 NFE, Flash, and "
     "the MagCache calibration (report §6.5, §7.2).")
 
+rl_job = dg.define_asset_job(
+    "rl_job",
+    selection=RL,
+    description="RL post-training from the SFT soup (report §6.6): heuristic reward pairs -> relative reward model "
+    "-> DRaFT-K with a KL anchor, exported as a pipeline folder.")
+
 defs = dg.Definitions(
     assets=all_assets,
     asset_checks=all_asset_checks,
     resources=default_resources(),  # training stages run as Pipes jobs: a subprocess, or a GPU pod (K5_PIPES=k8s)
     jobs=[main_job, curation_shards_job, sbs_job, release_job, sft_partitions_job, sft_models_job, sft_soup_job,
-          distill_job],
+          distill_job, rl_job],
     executor=production_executor(),  # None (steps in the run's process) unless K5_EXECUTOR=k8s: a pod per step
 )
