@@ -87,17 +87,37 @@ def free_port() -> int:
         return s.getsockname()[1]
 
 
+_MOTO_SERVERS_OPEN = [0]
+
+
+def _reset_moto_state(endpoint: str) -> None:
+    """Empty moto's backends. They are process-global: every in-process server shares them, so without this a
+    server started later sees the buckets and objects an earlier (already stopped) one left behind."""
+    import urllib.request
+
+    urllib.request.urlopen(urllib.request.Request(f"{endpoint}/moto-api/reset", method="POST"), timeout=30).read()
+
+
 @contextlib.contextmanager
 def moto_s3_server() -> Iterator[str]:
-    """A local moto S3 server for the duration of the block; yields its endpoint URL."""
+    """A local moto S3 server for the duration of the block; yields its endpoint URL. The first server opened in
+    a process starts empty and the last one closed leaves nothing behind; servers open at the same time share one
+    state (moto keeps it per process), so they need distinct bucket names."""
     from moto.server import ThreadedMotoServer
 
     port = free_port()
     server = ThreadedMotoServer(ip_address="127.0.0.1", port=port)
     server.start()
+    endpoint = f"http://127.0.0.1:{port}"
+    if _MOTO_SERVERS_OPEN[0] == 0:
+        _reset_moto_state(endpoint)
+    _MOTO_SERVERS_OPEN[0] += 1
     try:
-        yield f"http://127.0.0.1:{port}"
+        yield endpoint
     finally:
+        _MOTO_SERVERS_OPEN[0] -= 1
+        if _MOTO_SERVERS_OPEN[0] == 0:
+            _reset_moto_state(endpoint)
         server.stop()
 
 
