@@ -76,15 +76,18 @@ def _quiet_libraries() -> None:
 @click.option("--shift", type=float, default=None, help="Time shift (default 10 video, 3 image).")
 @click.option("--seed", type=int, default=0, show_default=True)
 @click.option("--image", type=click.Path(path_type=Path), default=None, help="First frame for image-to-video models.")
+@click.option("--edit", "edit", type=click.Path(path_type=Path), default=None,
+              help="Source image to edit with an instruct-editing (I2I) model; --prompt is the instruction.")
 @click.option("--device", default="cpu", show_default=True, help="torch device, e.g. cuda.")
 @click.option("--fps", type=int, default=24, show_default=True)
 @click.option("--no-progress", is_flag=True, help="Hide the progress bar.")
 def generate(
     model_dir: Path, prompt: str, out: Path, negative_prompt: str | None, height: int | None, width: int | None,
     frames: int | None, steps: int | None, guidance: float | None, shift: float | None, seed: int, image: Path | None,
-    device: str, fps: int, no_progress: bool,
+    edit: Path | None, device: str, fps: int, no_progress: bool,
 ) -> None:
-    """Generate a video or image with the Kandinsky 5 pipeline folder MODEL_DIR."""
+    """Generate a video or image with the Kandinsky 5 pipeline folder MODEL_DIR (``--edit SOURCE``: edit SOURCE by
+    the instruction in --prompt with an instruct-editing model)."""
     if not prompt.strip():
         raise K5Error(f"--prompt must not be empty, got {prompt!r}")
     suffix = out.suffix.lower()
@@ -98,9 +101,12 @@ def generate(
     except ValueError as e:
         raise K5Error(str(e)) from None
     _quiet_libraries()
-    if (task == "t2i") != (suffix != ".mp4"):
-        want = ".png" if task == "t2i" else ".mp4"
+    if (task in ("t2i", "i2i")) != (suffix != ".mp4"):
+        want = ".png" if task in ("t2i", "i2i") else ".mp4"
         raise K5Error(f"--out {str(out)!r}: a {task} model writes {want} files")
+    if edit is not None and (task != "i2i" or image is not None):
+        raise K5Error(f"--edit needs an instruct-editing (i2i) pipeline folder and no --image; {model_dir} is {task}")
+    option, image = ("--edit", edit) if edit is not None else ("--image", image)
     first = None
     if image is not None:
         import numpy as np
@@ -109,7 +115,7 @@ def generate(
         try:
             first = np.asarray(Image.open(image).convert("RGB"))
         except OSError as e:
-            raise K5Error(f"--image {str(image)!r} cannot be read: {e}") from None
+            raise K5Error(f"{option} {str(image)!r} cannot be read: {e}") from None
     try:
         pipe = K5Pipeline.from_pretrained(model_dir, device=device)
         result = pipe.generate(
@@ -129,6 +135,7 @@ def _register_subcommands() -> None:
     # These modules import only click at load time, so `k5 --help` stays fast.
     from k5cli.curate import curate
     from k5cli.latents import latents
+    from k5cli.rl import rl
     from k5cli.sbs import sbs
     from k5cli.sft import sft
     from k5cli.soup import soup
@@ -136,6 +143,7 @@ def _register_subcommands() -> None:
 
     main.add_command(curate)  # k5 curate SRC OUT
     main.add_command(latents)  # k5 latents DATASET STORE --video-vae PATH
+    main.add_command(rl)  # k5 rl reward|draft (report §6.6)
     main.add_command(sbs)  # k5 sbs score JUDGMENTS
     main.add_command(sft)  # k5 sft batch|simulate|build|status|annotator (report §4.6)
     main.add_command(soup)  # k5 soup OUT --member DOMAIN[/SUB]:SIZE:PATH ... | --recipe FILE

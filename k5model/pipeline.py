@@ -4,7 +4,10 @@ Loads a diffusers-layout Kandinsky 5 pipeline folder (model_index.json, transfor
 text_encoder_2/, tokenizer_2/, vae/) with our own components. Differences from diffusers' pipelines, on purpose:
 official time grid, official prompt crop and text padding mask, CFG branches batched into one forward, timestep in
 fp32. I2V puts the clean first-frame latent into the condition channels (official semantics; diffusers 0.42.1 leaves
-them zero and only sets the mask).
+them zero and only sets the mask). Instruct editing (task ``i2i``: an image VAE and a ``visual_cond`` transformer, the
+released editing checkpoint's layout) puts the source image's latent into the condition channels with mask ones and
+shows Qwen2.5-VL the source in the edit template (both CFG branches, as the official and diffusers' I2I code); without
+a source image the same model generates text-to-image (condition and mask zero, the image template).
 """
 
 from __future__ import annotations
@@ -32,6 +35,7 @@ DEFAULTS = {
     "t2v": (5.0, 10.0, 512, 768, 121),
     "i2v": (5.0, 10.0, 512, 768, 121),
     "t2i": (3.5, 3.0, 1024, 1024, None),
+    "i2i": (3.5, 3.0, 1024, 1024, None),  # official k5_lite_i2i_sft_hd.yaml: guidance 3.5, 1024 px
 }
 REQUIRED = ("transformer", "text_encoder", "tokenizer", "text_encoder_2", "tokenizer_2", "vae")
 VIDEO_VAES = ("AutoencoderKLHunyuanVideo",)
@@ -76,6 +80,9 @@ def inspect_model_dir(model_dir: str | Path) -> dict[str, Any]:
         task = "i2v" if "I2V" in str(index.get("_class_name", "")) else "t2v"
     elif vae_class in IMAGE_VAES:
         task = "t2i"
+        if "I2I" in str(index.get("_class_name", "")) or _json(root / "transformer" / "config.json").get(
+                "visual_cond") or _json(root / "transformer" / "config.json").get("instruct_type") == "channel":
+            task = "i2i"
     else:
         raise ValueError(f"model dir {str(root)!r}: unsupported VAE class {vae_class!r}")
     tcfg = _json(root / "transformer" / "config.json")
@@ -165,7 +172,7 @@ class K5Pipeline:
             transformer.to_mixed_precision(dtype)
         text_encoder = QwenTextEncoder.from_pretrained(root, device=device, dtype=dtype)
         clip_encoder = ClipTextEncoder.from_pretrained(root, device=device, dtype=dtype)
-        if info["task"] == "t2i":
+        if info["task"] in ("t2i", "i2i"):
             vae = ImageVAE.from_pretrained(root, device=device, dtype=dtype)
         else:
             # The official code decodes video in fp16 on GPU; fp16 is slow or unsupported for convs on CPU.
@@ -204,12 +211,19 @@ class K5Pipeline:
             raise ValueError(f"num_frames={num_frames} given for an image model; leave it unset")
         if self.task == "i2v" and image is None:
             raise ValueError("an image-to-video model needs image= (the first frame)")
-        if self.task != "i2v" and image is not None:
-            raise ValueError(f"image= was given but this is a {self.task} model, not image-to-video")
+        if self.task not in ("i2v", "i2i") and image is not None:
+            raise ValueError(f"image= was given but this is a {self.task} model, not image-to-video or editing")
 
-    def encode_text(self, prompt: str) -> TextCondition:
-        task = {"t2v": "video", "i2v": "i2v", "t2i": "image"}[self.task]
-        enc = self.text_encoder.encode([prompt], task=task)
+    def encode_text(self, prompt: str, source: np.ndarray | None = None) -> TextCondition:
+        """Qwen + CLIP condition of ``prompt``; ``source`` (uint8 (H, W, 3) at the generation size): the edit
+        template with the source image shown to Qwen at half size."""
+        task = {"t2v": "video", "i2v": "i2v", "t2i": "image", "i2i": "image"}[self.task]
+        if source is not None:
+            from k5model.encoders.text import edit_image_for_qwen
+
+            enc = self.text_encoder.encode([prompt], task="edit", images=[edit_image_for_qwen(source)])
+        else:
+            enc = self.text_encoder.encode([prompt], task=task)
         pooled = self.clip_encoder.encode([prompt])
         return TextCondition(enc.embeds, enc.mask, pooled)
 
@@ -253,8 +267,13 @@ class K5Pipeline:
 
         timings: dict[str, float] = {}
         t0 = time.perf_counter()
-        cond = self.encode_text(prompt)
-        uncond = self.encode_text(negative_prompt) if guidance_scale != 1.0 else None
+        first = edit = source = None
+        if image is not None:
+            pixels = _image_to_pixels(image, height, width)
+            if self.task == "i2i":  # the source as uint8 at the generation size: what the VAE and Qwen see
+                source = to_uint8(pixels[0].permute(1, 2, 0)[None])[0]
+        cond = self.encode_text(prompt, source)
+        uncond = self.encode_text(negative_prompt, source) if guidance_scale != 1.0 else None
         # Drop padding columns no prompt uses: masked tokens change nothing, so this only saves compute.
         used = int(max(c.mask.sum(1).max().item() for c in (cond, uncond) if c is not None))
         cond = _trim(cond, max(used, 1))
@@ -263,9 +282,9 @@ class K5Pipeline:
         s = self.vae.spatial_compression
         frames_latent = (num_frames - 1) // 4 + 1 if self.is_video else 1
         shape = (1, frames_latent, height // s, width // s, int(self.transformer.config.in_visual_dim))
-        first = None
-        if self.task == "i2v":
-            first = self.vae.encode(_image_to_pixels(image, height, width).to(self.device)).float()
+        if image is not None:
+            latent = self.vae.encode(pixels.to(self.device)).float()
+            first, edit = (latent, None) if self.task == "i2v" else (None, latent.reshape(1, 1, *shape[2:]))
         _sync(self.device)  # GPU work is asynchronous: each phase's time ends when its kernels have
         timings["encode_s"] = time.perf_counter() - t0
 
@@ -278,7 +297,7 @@ class K5Pipeline:
         latents = sample(
             self.transformer, latent_shape=shape, cond=cond, uncond=uncond, guidance_scale=guidance_scale,
             num_steps=num_steps, shift=shift, scale_factor=video_scale_factor(height, width) if self.is_video
-            else (1.0, 1.0, 1.0), seed=seed, first_frame_latent=first, progress=progress,
+            else (1.0, 1.0, 1.0), seed=seed, first_frame_latent=first, edit_latent=edit, progress=progress,
             timesteps=timesteps, magcache=cache,
         )
         _sync(self.device)

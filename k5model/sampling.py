@@ -143,6 +143,7 @@ def sample(
     generator: torch.Generator | None = None,
     noise: torch.Tensor | None = None,
     first_frame_latent: torch.Tensor | None = None,
+    edit_latent: torch.Tensor | None = None,
     normalize_i2v: bool = True,
     batched_cfg: bool = True,
     sparse_params: dict | None = None,
@@ -157,6 +158,8 @@ def sample(
     single branch. ``first_frame_latent`` (B, 1, H, W, 16) turns on I2V: it fills the condition channels (mask 1 on
     frame 0) and is written into frame 0 of the state every step; ``normalize_i2v`` applies the official post-step.
     The state and the Euler update stay fp32; ``dtype`` (default: the model's) is only what the model sees.
+    ``edit_latent`` (B, 1, H, W, 16) turns on instruct editing (report §6.3.1): the source image's latent fills the
+    condition channels with mask ones on every step (both CFG branches) and is never written into the state.
     ``timesteps`` (1 → 0, num_steps + 1 values) replaces the shifted grid: a TSCD model's saved segment boundaries.
     ``magcache`` (a :class:`k5model.magcache.MagCache` for ``num_steps``) caches the visual stack; the CFG branches
     then run as two sequential forwards so each keeps its own cache state.
@@ -189,6 +192,12 @@ def sample(
     visual_cond = getattr(model, "visual_cond", False)
     if first is not None and not visual_cond:
         raise ValueError("image-to-video needs a model with visual_cond channels")
+    source = None
+    if edit_latent is not None:
+        source = edit_latent.float().to(device)
+        if first is not None or not visual_cond or source.shape != (x.shape[0], 1, *x.shape[2:]) or x.shape[1] != 1:
+            raise ValueError(f"edit_latent {tuple(source.shape)} needs an image latent {tuple(x.shape)} of its shape, "
+                             "a visual_cond model and no first_frame_latent")
 
     grid = sampling_grid(num_steps, shift) if timesteps is None else explicit_grid(timesteps, num_steps)
     with ExitStack() as stack:
@@ -198,7 +207,8 @@ def sample(
             stack.enter_context(magcache_applied(model, magcache))
         for i in tqdm(range(num_steps), disable=not progress, desc="sampling", leave=False):
             t, t_next = grid[i], grid[i + 1]
-            model_in = visual_condition(x, first) if visual_cond else x
+            # one latent frame: the edit source fills the whole condition with mask ones
+            model_in = visual_condition(x, first if source is None else source) if visual_cond else x
             hook = None if magcache is None else (lambda branch, step=i: magcache.begin(step, branch))
             v = guided_velocity(model, model_in, t, text, guidance_scale if use_cfg else 1.0, batched_cfg=batched_cfg,
                                 uncond=other, scale_factor=scale_factor, sparse_params=sparse_params, dtype=dtype,

@@ -23,8 +23,10 @@ import torch
 from k5model.config import get_preset
 from k5model.encoders.text import PROMPT_TEMPLATES
 
-KINDS = ("t2v", "i2v", "t2i")
-PIPELINE_CLASS = {"t2v": "Kandinsky5T2VPipeline", "i2v": "Kandinsky5I2VPipeline", "t2i": "Kandinsky5T2IPipeline"}
+KINDS = ("t2v", "i2v", "t2i", "i2i")  # i2i: instruct editing (image VAE, visual_cond transformer)
+PIPELINE_CLASS = {"t2v": "Kandinsky5T2VPipeline", "i2v": "Kandinsky5I2VPipeline", "t2i": "Kandinsky5T2IPipeline",
+                  "i2i": "Kandinsky5I2IPipeline"}
+IMAGE_KINDS = ("t2i", "i2i")
 COMPONENTS = ("scheduler", "text_encoder", "text_encoder_2", "tokenizer", "tokenizer_2", "transformer", "vae")
 MARKER = ".k5_tiny.json"  # records kind + seed so a re-run can tell its own complete folder
 TEXT_DIM = 32  # Qwen hidden size == CLIP hidden size == tiny preset in_text_dim / in_text_dim2
@@ -170,7 +172,7 @@ def _clip_model(tokenizer):
 
 
 def _vae(kind: str):
-    if kind == "t2i":
+    if kind in IMAGE_KINDS:
         from diffusers import AutoencoderKL
 
         # FLUX.1-dev VAE layout (16 channels, 8x, no quant convs) at toy width; its real scaling/shift values.
@@ -205,7 +207,7 @@ def _transformer(kind: str):
 def _scheduler(kind: str):
     from diffusers import FlowMatchEulerDiscreteScheduler
 
-    return FlowMatchEulerDiscreteScheduler(num_train_timesteps=1000, shift=3.0 if kind == "t2i" else 10.0)
+    return FlowMatchEulerDiscreteScheduler(num_train_timesteps=1000, shift=3.0 if kind in IMAGE_KINDS else 10.0)
 
 
 def _model_index(kind: str) -> dict:
@@ -220,7 +222,7 @@ def _model_index(kind: str) -> dict:
         "tokenizer": ["transformers", "Qwen2Tokenizer"],
         "tokenizer_2": ["transformers", "CLIPTokenizer"],
         "transformer": ["diffusers", "Kandinsky5Transformer3DModel"],
-        "vae": ["diffusers", "AutoencoderKL" if kind == "t2i" else "AutoencoderKLHunyuanVideo"],
+        "vae": ["diffusers", "AutoencoderKL" if kind in IMAGE_KINDS else "AutoencoderKLHunyuanVideo"],
     }
 
 
@@ -255,7 +257,7 @@ def _write(root: Path, kind: str, seed: int) -> None:
 
 
 def build_tiny_pipeline(out_dir: str | os.PathLike, kind: str = "t2v", seed: int = 0) -> Path:
-    """Write a tiny random diffusers Kandinsky 5 pipeline folder of ``kind`` ("t2v", "i2v", "t2i") to ``out_dir``.
+    """Write a tiny random diffusers Kandinsky 5 pipeline folder of ``kind`` (``KINDS``) to ``out_dir``.
 
     Built in a temporary sibling folder and renamed into place, so ``out_dir`` is either absent or complete; calling
     again on a complete folder of the same kind and seed is a no-op. Returns ``out_dir``.
