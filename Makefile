@@ -18,6 +18,11 @@ SBS_DEMO := $(K5_HOME)/sbs/video_lite_mr_10s_vs_video_lite_t2i_lr
 
 # pytest's own options for `make test` / `make test-fast`, e.g. PYTEST_ARGS="-x tests/test_sbs_plan.py".
 PYTEST_ARGS ?=
+# Test files run in this many worker processes (pytest-xdist; a file's tests stay in one worker, so module fixtures are
+# shared as before). The suite is mostly single-threaded subprocess and server start-up, so 2 workers use 2 cores.
+# TEST_WORKERS=1 runs everything in one process.
+TEST_WORKERS ?= 2
+XDIST := $(if $(filter-out 0 1,$(TEST_WORKERS)),-n $(TEST_WORKERS) --dist loadfile,)
 
 .PHONY: help venv demo test test-fast browser postgres lint ui clean up prod-local
 
@@ -60,10 +65,10 @@ define run_pytest
 endef
 
 test: venv browser postgres
-	$(call run_pytest,)
+	$(call run_pytest,$(XDIST))
 
 test-fast: venv
-	$(call run_pytest,-m "not slow")
+	$(call run_pytest,$(XDIST) -m "not slow")
 
 # The annotation-app browser test drives Debian's Chromium through Playwright (Playwright's own browser download
 # cannot work offline or behind the registry-only proxy CI has), so `make test` finds or installs it first.
