@@ -134,6 +134,7 @@ def generate(
 def _register_subcommands() -> None:
     # These modules import only click at load time, so `k5 --help` stays fast.
     from k5cli.curate import curate
+    from k5cli.edit_pairs import edit_pairs
     from k5cli.latents import latents
     from k5cli.rl import rl
     from k5cli.sbs import sbs
@@ -142,6 +143,7 @@ def _register_subcommands() -> None:
     from k5cli.train import plan_cmd, stages, train
 
     main.add_command(curate)  # k5 curate SRC OUT
+    main.add_command(edit_pairs)  # k5 edit-pairs CURATED OUT [--config YAML] (report §4.3)
     main.add_command(latents)  # k5 latents DATASET STORE --video-vae PATH
     main.add_command(rl)  # k5 rl reward|draft (report §6.6)
     main.add_command(sbs)  # k5 sbs score JUDGMENTS

@@ -7,6 +7,7 @@ from __future__ import annotations
 import json
 import os
 
+import dagster as dg
 import numpy as np
 import pandas as pd
 import pytest
@@ -14,6 +15,7 @@ import torch
 
 from k5model.rl.jobs import DraftTrainJob, RewardTrainJob, read_pairs
 from k5model.rl.reward import build_tiny_reward_model, select_checkpoint_by_kde_sigma
+from orchestration.resources import MLflowResource, TrainingJobResource
 from orchestration.rl_runs import PairSettings, build_reward_pairs, export_rl_pipeline, split_items
 
 pytestmark = pytest.mark.usefixtures("one_thread")
@@ -126,3 +128,48 @@ def test_job_specs_round_trip_and_refuse_bad_input(tmp_path):
     pd.DataFrame({"item_id": ["a"]}).to_parquet(tmp_path / "bad.parquet")
     with pytest.raises(ValueError, match="lacks reward pair columns"):
         read_pairs(tmp_path / "bad.parquet")
+
+
+@pytest.mark.slow  # a subprocess importing torch, transformers and MLflow, plus a fresh MLflow SQLite store
+def test_reward_job_through_pipes_logs_an_mlflow_run(chain, tmp_path):
+    """The reward job as the asset runs it: orchestration.pipes_rl in a subprocess, Dagster Pipes, an MLflow run under
+    the rl lineage run with the evaluation metrics per step."""
+    from mlflow.tracking import MlflowClient
+
+    from orchestration.rl_runs import run_tracked, work_dir
+
+    final = tmp_path / "reward_model"
+    job = RewardTrainJob(pairs=str(chain["pairs_path"]), base_model=str(chain["base"]), out=str(work_dir(final)),
+                         steps=2, batch=2, eval_every=1)
+    uri = f"sqlite:///{tmp_path / 'mlflow.db'}"
+
+    @dg.asset
+    def reward_model(context, mlflow: MLflowResource, training_job: TrainingJobResource):
+        summary, _ = run_tracked(context, mlflow, training_job, "reward", job, final, {})
+        return dg.MaterializeResult(metadata={"selected_step": summary["selected_step"],
+                                              "run": summary["mlflow_run_id"], "dir": summary["selected_dir"]})
+
+    result = dg.materialize([reward_model], resources={
+        "mlflow": MLflowResource(tracking_uri=uri, artifact_location=str(tmp_path / "art")),
+        "training_job": TrainingJobResource(backend="subprocess")})
+    meta = result.asset_materializations_for_node("reward_model")[0].metadata
+    assert meta["dir"].value == str(final / "selected") and (final / "selected" / "config.json").is_file()
+    assert not work_dir(final).exists()  # swapped in whole
+    run = MlflowClient(uri).get_run(meta["run"].value)
+    assert run.info.status == "FINISHED" and run.data.tags["k5_selected_step"] == str(meta["selected_step"].value)
+    history = MlflowClient(uri).get_metric_history(run.info.run_id, "val_score_kde_sigma")
+    assert [m.step for m in history] == [1, 2]
+    assert {"loss", "val_loss", "val_accuracy", "swap_agreement"} <= set(run.data.metrics)
+
+
+def test_k5_rl_cli_runs_the_same_spec(chain, tmp_path):
+    from click.testing import CliRunner
+
+    from k5cli.main import main as k5
+
+    out = CliRunner().invoke(k5, ["rl", "reward", "--pairs", str(chain["pairs_path"]), "--base-model",
+                                  str(chain["base"]), "--out", str(tmp_path / "cli"), "--steps", "1", "--batch", "1"])
+    assert out.exit_code == 0, out.output
+    assert json.loads((tmp_path / "cli" / "summary.json").read_text())["selected_step"] == 1
+    bad = CliRunner().invoke(k5, ["rl", "draft", "--pairs", "x.parquet"])
+    assert bad.exit_code == 2 and "--policy" in bad.output

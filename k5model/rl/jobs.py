@@ -15,8 +15,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-import numpy as np
-import torch
+# torch, numpy and PIL are imported where used, so the CLI's option generation from these specs stays light
 
 # pretrain < sft < real (report §6.6: the heuristic order, no human labels)
 SOURCES_WORST_TO_BEST = ("pretrain", "sft", "real")
@@ -145,8 +144,10 @@ def better_worse(rows: list[dict[str, Any]], split: str) -> list[dict[str, Any]]
     return [r for r in rows if r["split"] == split and int(r["label"]) == 1]
 
 
-def load_image_tensor(path: str | os.PathLike) -> torch.Tensor:
-    """An image file -> (3, H, W) float32 in [-1, 1]."""
+def load_image_tensor(path: str | os.PathLike):
+    """An image file -> (3, H, W) float32 tensor in [-1, 1]."""
+    import numpy as np
+    import torch
     from PIL import Image
 
     with Image.open(path) as im:
@@ -154,8 +155,8 @@ def load_image_tensor(path: str | os.PathLike) -> torch.Tensor:
     return torch.from_numpy(arr / 127.5 - 1.0).permute(2, 0, 1).contiguous()
 
 
-def save_image_tensor(img: torch.Tensor, path: str | os.PathLike) -> Path:
-    """(3, H, W) in [-1, 1] -> PNG."""
+def save_image_tensor(img, path: str | os.PathLike) -> Path:
+    """(3, H, W) tensor in [-1, 1] -> PNG."""
     from PIL import Image
 
     arr = ((img.detach().float().clamp(-1, 1) + 1) * 127.5).round().byte().permute(1, 2, 0).cpu().numpy()
