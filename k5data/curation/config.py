@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import copy
 import os
+import re
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
@@ -13,6 +14,29 @@ if TYPE_CHECKING:
     from k5data.object_store import RetryPolicy
 
 DEFAULT_CONFIG = Path(__file__).with_name("configs") / "curation.yaml"
+PRODUCTION_CONFIG = Path(__file__).with_name("configs") / "production.yaml"
+_VAR = re.compile(r"\$\{(\w+)(?::-([^}]*))?\}")
+
+
+def expand_vars(node: Any) -> Any:
+    """``${NAME}`` / ``${NAME:-default}`` in string values, from the environment (model folders under
+    ``$K5_MODELS``); an unset variable without a default is an error naming it."""
+    if isinstance(node, dict):
+        return {k: expand_vars(v) for k, v in node.items()}
+    if isinstance(node, list):
+        return [expand_vars(v) for v in node]
+    if not isinstance(node, str) or "${" not in node:
+        return node
+
+    def value(m: re.Match) -> str:
+        if m.group(1) in os.environ:
+            return os.environ[m.group(1)]
+        if m.group(2) is None:
+            raise KeyError(f"curation config uses ${{{m.group(1)}}}, which is not set; export it or write "
+                           f"${{{m.group(1)}:-default}}")
+        return m.group(2)
+
+    return _VAR.sub(value, node)
 
 
 def _merge(base: dict, extra: dict) -> dict:
@@ -56,4 +80,4 @@ def load_config(path: str | os.PathLike | None = None, overrides: dict | None = 
         data = _merge(data, yaml.safe_load(Path(path).read_text()) or {})
     if overrides:
         data = _merge(data, overrides)
-    return CurationConfig(data)
+    return CurationConfig(expand_vars(data))

@@ -38,7 +38,12 @@ COLUMNS = (["media_id", "source_uri", "source", "kind", "scene_index", "start_s"
            + [f"{f}_{s}" for f in FILTERS for s in ("score", "backend", "passed")]
            + ["text_boxes", "quality_technical", "quality_aesthetic", "complexity_edges", "complexity_regions",
               "camera_motion", "object_motion", "dup_of", "caption", "caption_backend", "domain", "domain_backend",
-              "cluster", "bucket", "passed", "reject_reason"])
+              "cluster", "bucket", "passed", "reject_reason"]
+           # model-backed columns (null on the heuristic default): the watermark pair, Q-Align, light dynamics,
+           # object and scene classes (report §4.1)
+           + ["watermark_classifier", "watermark_detector", "quality_qalign", "quality_qalign_aesthetic",
+              "light_motion", "objects", "objects_backend", "scene_location", "scene_style", "scene_subject",
+              "scene_place", "scene_backend"])
 QUARANTINE_COLUMNS = ["source_uri", "reason", "error_class"]
 POINTER = "CURRENT.json"
 VERSIONS = "versions/"

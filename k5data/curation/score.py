@@ -9,9 +9,18 @@ from typing import Any
 
 import numpy as np
 
-from k5data.curation.backends import ClipEmbedder, HFImageClassifier, Sam2Counter, cached
+from k5data.curation.backends import (
+    ClipEmbedder,
+    ClipZeroShot,
+    HFImageClassifier,
+    HFObjectDetector,
+    HFVideoRegressor,
+    Sam2Counter,
+    cached,
+)
 from k5data.curation.captions import Captioner, parse_sidecar, sidecar_key
 from k5data.curation.catalog import Catalog
+from k5data.curation.classes import SCENE_KEYS, classify
 from k5data.curation.config import CurationConfig
 from k5data.curation.domains import DomainClassifier, thumbnail_embedding
 from k5data.curation.filters import Item, resize_long
@@ -24,25 +33,65 @@ from k5data.curation.filters.resolution import score_resolution
 from k5data.curation.filters.text_area import score_text_area
 from k5data.curation.filters.watermark import score_watermark
 from k5data.curation.scenes import decode_frames, segment
+from k5data.curation.vlm import load_vlm
 from k5data.sources import Source, SourceObject
 
 
 class Scorers:
-    """Backends chosen by the config, loaded once per process."""
+    """Backends chosen by the config, loaded once per process (``backends.cached``); the heuristic defaults load
+    no model."""
 
     def __init__(self, cfg: CurationConfig) -> None:
         self.cfg = cfg
-        f = cfg.section("filters")
+        f, dev = cfg.section("filters"), cfg.get("device", "cpu")
         self.captioner = Captioner(cfg.section("captions"))
         self.domains = DomainClassifier(cfg.section("domains"))
         wm, q, cx, cl = f["watermark"], f["quality"], f["complexity"], cfg.section("clusters")
-        self.watermark = (cached(HFImageClassifier, wm["model_path"], wm["positive_label"])
-                          if wm["backend"] == "hf-image-classifier" else None)
-        self.quality = ({"technical": cached(HFImageClassifier, q["technical_model_path"], q["positive_label"]),
-                         "aesthetic": cached(HFImageClassifier, q["aesthetic_model_path"], q["positive_label"])}
-                        if q["backend"] == "hf-image-classifier" else None)
-        self.segmenter = cached(Sam2Counter, cx["model_path"]) if cx["backend"] == "sam2" else None
-        self.embedder = cached(ClipEmbedder, cl["model_path"]) if cl["embedding"] == "clip" else None
+        models = wm["backend"] in ("hf-image-classifier", "models")
+        self.watermark = (cached(HFImageClassifier, wm["model_path"], wm["positive_label"], device=dev)
+                          if models and wm.get("model_path") else None)
+        self.watermark_detector = (cached(HFObjectDetector, wm["detector_path"], device=dev)
+                                   if wm["backend"] == "models" and wm.get("detector_path") else None)
+        self.quality = self._quality(q, dev) if q["backend"] in ("hf-image-classifier", "models") else None
+        sam = cx.get("sam2", {})
+        self.segmenter = cached(Sam2Counter, cx["model_path"], device=dev, **sam) if cx["backend"] == "sam2" else None
+        mo = f["motion"]
+        self.motion = cached(HFVideoRegressor, mo["model_path"], device=dev) if mo["backend"] == "videomae" else None
+        self.detector, self.zero_shot = self._classes(cfg.get("classes", {}), dev)
+        self.embedder = None
+        if cl["embedding"] == "clip":
+            scene_path = cfg.get("classes", {}).get("scene", {}).get("model_path")
+            # one CLIP load serves the scene classes and the cluster embeddings when they name the same folder
+            same = self.zero_shot is not None and scene_path == cl["model_path"]
+            self.embedder = self.zero_shot if same else cached(ClipEmbedder, cl["model_path"], device=dev)
+
+    @staticmethod
+    def _quality(q: dict[str, Any], dev: str) -> dict[str, Any]:
+        label = q["positive_label"]
+        out = {"technical": cached(HFImageClassifier, q["technical_model_path"], label, device=dev),
+               "aesthetic": cached(HFImageClassifier, q["aesthetic_model_path"], label, device=dev)}
+        if q.get("video_model_path"):
+            out["video"] = cached(HFVideoRegressor, q["video_model_path"], device=dev)
+        if (q.get("qalign") or {}).get("model_path"):
+            out["qalign"] = load_vlm(q["qalign"]["model_path"])
+        return out
+
+    @staticmethod
+    def _classes(c: dict[str, Any], dev: str) -> tuple[Any, Any]:
+        obj, scene = c.get("objects", {"backend": "none"}), c.get("scene", {"backend": "none"})
+        detector = zero_shot = None
+        if obj["backend"] == "hf-object-detector":
+            detector = cached(HFObjectDetector, obj["model_path"], device=dev)
+        elif obj["backend"] != "none":
+            raise ValueError(f"unknown classes.objects backend {obj['backend']!r} (none | hf-object-detector)")
+        if scene["backend"] == "clip":
+            unknown = set(scene["labels"]) - set(SCENE_KEYS)
+            if unknown:
+                raise ValueError(f"classes.scene.labels has unknown sets {sorted(unknown)} (allowed: {SCENE_KEYS})")
+            zero_shot = cached(ClipZeroShot, scene["model_path"], scene["labels"], scene["template"], device=dev)
+        elif scene["backend"] != "none":
+            raise ValueError(f"unknown classes.scene backend {scene['backend']!r} (none | clip)")
+        return detector, zero_shot
 
     def embed(self, frame: np.ndarray) -> tuple[list[float], str]:
         if self.embedder is not None:
@@ -95,15 +144,17 @@ def score_item(meta: dict[str, Any], item: Item, cfg: CurationConfig, scorers: S
         row["skipped"] = "cascade"
         return row
     # Text area and the watermark heuristic share one detector run per frame, with these settings.
-    item.cache["text_det"] = (f["text_area"]["limit_side_len"], f["text_area"]["box_thresh"])
+    item.cache["text_det"] = (f["text_area"]["limit_side_len"], f["text_area"]["box_thresh"],
+                              f["text_area"].get("model_path"))
     row.update(score_dynamics(item, f["dynamics"]))
     row.update(score_text_area(item, f["text_area"]))
-    row.update(score_watermark(item, f["watermark"], scorers.watermark))
+    row.update(score_watermark(item, f["watermark"], scorers.watermark, scorers.watermark_detector))
     row.update(score_complexity(item, f["complexity"], scorers.segmenter))
-    row.update(score_motion(item, f["motion"]))
+    row.update(score_motion(item, f["motion"], scorers.motion))
     caption, raw, backend = scorers.captioner.caption(item.kind, item.middle, sidecar, meta["scene_index"])
     row.update(caption=caption, caption_raw=raw, caption_backend=backend)
     row["domain"], row["domain_backend"] = scorers.domains.classify(item.kind, item.middle, caption)
+    row.update(classify(item, cfg.get("classes", {}), scorers.detector, scorers.zero_shot))
     row["embedding"], row["embedding_backend"] = scorers.embed(item.middle)
     return row
 

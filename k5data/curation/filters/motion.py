@@ -2,7 +2,10 @@
 
 Camera motion = magnitude of the median flow vector (the global shift), object motion = mean magnitude of the
 flow left after removing it; both in fractions of the frame diagonal per second. The report's production model
-is a VideoMAE regressor (§4.4); these flow scores are the offline default ("farneback-median-v1")."""
+is a VideoMAE regressor (§4.4) predicting camera movement, object movement and light/colour dynamics: backend
+``videomae`` runs such a model (``HFVideoRegressor``, outputs ``camera``, ``object``, ``light``) over the scene's
+sampled frames, with thresholds on its scale; these flow scores are the offline default ("farneback-median-v1",
+no light term)."""
 
 from __future__ import annotations
 
@@ -28,18 +31,31 @@ def flow_motion(frames: list[np.ndarray], dt: float, side: int) -> tuple[float, 
     return float(np.mean(camera) * scale), float(np.mean(objects) * scale)
 
 
-def score_motion(item: Item, cfg: dict[str, Any]) -> dict[str, Any]:
+def _decide(cfg: dict[str, Any], camera: float, objects: float, light: float | None) -> tuple[bool, str | None]:
+    if cfg.get("max_camera") is not None and camera > cfg["max_camera"]:
+        return False, "camera_motion"
+    if cfg.get("min_object") is not None and objects < cfg["min_object"]:
+        return False, "no_object_motion"
+    if light is not None and cfg.get("max_light") is not None and light > cfg["max_light"]:
+        return False, "light_change"
+    return True, None
+
+
+def score_motion(item: Item, cfg: dict[str, Any], model: Any = None) -> dict[str, Any]:
+    backend = model.name if cfg["backend"] == "videomae" else "farneback-median-v1"
+    if cfg["backend"] not in ("farneback", "videomae"):
+        raise ValueError(f"unknown motion backend {cfg['backend']!r} (farneback | videomae)")
     if item.kind != "video":
-        return result("motion", None, "n/a-image", True, camera_motion=None, object_motion=None)
+        return result("motion", None, "n/a-image", True, camera_motion=None, object_motion=None, light_motion=None)
     frames = item.get(item.dyn)
     if len(frames) < 2:
-        return result("motion", None, "farneback-median-v1", True, camera_motion=None, object_motion=None)
-    dt = (item.dyn[1] - item.dyn[0]) / (item.fps or 1.0)
-    camera, objects = flow_motion(frames, dt, cfg["side"])
-    ok, reason = True, None
-    if cfg.get("max_camera") is not None and camera > cfg["max_camera"]:
-        ok, reason = False, "camera_motion"
-    if cfg.get("min_object") is not None and objects < cfg["min_object"]:
-        ok, reason = False, "no_object_motion"
-    return result("motion", camera + objects, "farneback-median-v1", ok, reason,
-                  camera_motion=camera, object_motion=objects)
+        return result("motion", None, backend, True, camera_motion=None, object_motion=None, light_motion=None)
+    if cfg["backend"] == "videomae":
+        out = model.scores(frames)
+        camera, objects, light = out["camera"], out["object"], out.get("light")
+    else:
+        dt = (item.dyn[1] - item.dyn[0]) / (item.fps or 1.0)
+        (camera, objects), light = flow_motion(frames, dt, cfg["side"]), None
+    ok, reason = _decide(cfg, camera, objects, light)
+    return result("motion", camera + objects, backend, ok, reason, camera_motion=camera, object_motion=objects,
+                  light_motion=light)

@@ -7,6 +7,12 @@ exports, ``hf-image-classifier``); the offline default is a documented heuristic
   the score; an arithmetic mean gave such frames 0.6 from the three intact terms and never crossed the threshold;
 * aesthetic ("heuristic-aesthetic-v1"): colourfulness (Hasler & Suesstrunk), global contrast and exposure balance.
 Overall = w * technical + (1 - w) * aesthetic, as DOVER's weighted sum (report §4.4). Video: mean over frames.
+
+``models`` (production): images through two image classifiers (TOPIQ-class technical and aesthetic heads, the
+probability of their positive label), video scenes through a DOVER-class clip regressor (outputs ``technical`` and
+``aesthetic``, squashed with a sigmoid so the same thresholds apply), and, when ``qalign.model_path`` is set, the
+Q-Align readout of a Qwen2.5-VL (1..5) with its own thresholds and reasons (``low_qalign_quality``,
+``low_qalign_aesthetic``).
 """
 
 from __future__ import annotations
@@ -51,19 +57,45 @@ def aesthetic(rgb: np.ndarray) -> float:
                  + 0.3 * (1.0 - abs(g.mean() - 128.0) / 128.0))
 
 
+def _model_scores(item: Item, frames: list[np.ndarray], models: dict[str, Any]) -> tuple[float, float, str]:
+    video = models.get("video")
+    if item.kind == "video" and video is not None:
+        out = video.scores([item.frames[i] for i in sorted(item.frames)])
+        tech, aes = (1.0 / (1.0 + np.exp(-out[k])) for k in ("technical", "aesthetic"))
+        return float(tech), float(aes), video.name
+    tech = float(np.mean(models["technical"].probabilities(frames)))
+    aes = float(np.mean(models["aesthetic"].probabilities(frames)))
+    return tech, aes, f"{models['technical'].name}+{models['aesthetic'].name}"
+
+
 def score_quality(item: Item, cfg: dict[str, Any], models: dict[str, Any] | None = None) -> dict[str, Any]:
     frames = item.get(item.wm)
     models = models or {}
+    extra: dict[str, Any] = {}
     if cfg["backend"] == "heuristic":
         tech = float(np.mean([technical(f) for f in frames]))
         aes = float(np.mean([aesthetic(f) for f in frames]))
         backend = "heuristic-technical-v1+heuristic-aesthetic-v1"
+    elif cfg["backend"] in ("hf-image-classifier", "models"):
+        tech, aes, backend = _model_scores(item, frames, models)
     else:
-        tech = float(np.mean([models["technical"].probability(f) for f in frames]))
-        aes = float(np.mean([models["aesthetic"].probability(f) for f in frames]))
-        backend = f"{models['technical'].name}+{models['aesthetic'].name}"
+        raise ValueError(f"unknown quality backend {cfg['backend']!r} (heuristic | hf-image-classifier | models)")
     w = cfg["technical_weight"]
     overall = w * tech + (1 - w) * aes
-    reason = "low_technical_quality" if tech < cfg["min_technical"] else "low_aesthetic_quality"
-    ok = tech >= cfg["min_technical"] and aes >= cfg["min_aesthetic"]
-    return result("quality", overall, backend, ok, reason, quality_technical=tech, quality_aesthetic=aes)
+    failed = []
+    if tech < cfg["min_technical"]:
+        failed.append("low_technical_quality")
+    if aes < cfg["min_aesthetic"]:
+        failed.append("low_aesthetic_quality")
+    if models.get("qalign") is not None:
+        from k5data.curation.vlm import qalign_scores
+
+        qa, qcfg = qalign_scores(models["qalign"], frames), cfg["qalign"]
+        extra = {"quality_qalign": qa["quality"], "quality_qalign_aesthetic": qa["aesthetic"]}
+        backend += f"+qalign:{models['qalign'].name}"
+        if qa["quality"] < qcfg["min_quality"]:
+            failed.append("low_qalign_quality")
+        if qa["aesthetic"] < qcfg["min_aesthetic"]:
+            failed.append("low_qalign_aesthetic")
+    return result("quality", overall, backend, not failed, failed[0] if failed else None, quality_technical=tech,
+                  quality_aesthetic=aes, **extra)
