@@ -190,5 +190,40 @@ def index_check(store: Any, meta: dict[str, Any], df: Any) -> dg.AssetCheckResul
         "extra": len(extra), "duplicates": duplicates, "archives": len(shards), "decoded_sample": decoded or ""})
 
 
+EDIT_PREFIX = "latents_edit"  # the editing pairs' shards (image VAE latent space, like image_latent_shards)
+
+
+@dg.asset(deps=["edit_pairs", curated_dataset, "tiny_image_bundle"], group_name="latents",
+          kinds={"pytorch", "parquet"}, owners=["team:k5-lifecycle"], op_tags=gpu_op_tags(1),
+          description="Kept instruct-editing pairs of edit_pairs VAE-encoded (image VAE) into tar shards: the target's "
+          "latent, the source's latent as the condition, the instruction as caption, the source image for the Qwen "
+          "edit prompt and the target's description for the 20 % T2I; what the Image Editing stages train on.")
+def edit_latent_shards(context: dg.AssetExecutionContext, config: LatentShardsConfig, curation: CurationResource,
+                       object_store: ObjectStoreResource) -> dg.MaterializeResult:
+    from k5data.editing.pairs import read_edit_pairs
+    from k5data.latents.edit import encode_edit_pairs
+    from k5data.latents.encode import LatentEncoders
+    from k5data.latents.shards import index_uri
+    from k5data.leases import LeaseHeld
+
+    cfg = _latent_config(config)
+    image_vae = config.image_vae or str(upstream_path(context, "tiny_image_bundle"))
+    store, prefix = object_store.store(), (config.prefix or EDIT_PREFIX).strip("/")
+    pairs = read_edit_pairs(store, str(latest_metadata(context, "edit_pairs")["path"]))
+    try:
+        summary = encode_edit_pairs(pairs, _curated_rows(context, curation, ("image",)), store, prefix,
+                                    LatentEncoders.from_pretrained(None, image_vae, cfg),
+                                    cfg, curation.config().endpoint_url,
+                                    holder=f"Dagster run {context.run_id} (edit_latent_shards)")
+    except LeaseHeld as err:
+        raise dg.Failure(str(err)) from None
+    return dg.MaterializeResult(metadata={
+        "prefix": prefix, "index_uri": index_uri(store, prefix), "pairs": summary["pairs"],
+        "pairs_kept": summary["pairs_kept"], "samples": summary["index_samples"], "encoded": summary["encoded"],
+        "already_encoded": summary["already_encoded"], "skipped": dg.MetadataValue.json(summary["skipped"]),
+        "seconds": summary["seconds"], "image_vae": image_vae, "dataset_snapshot": dataset_snapshot(context),
+        **index_summary(store, prefix)})
+
+
 latent_assets = [build_latent_asset(name, spec) for name, spec in LATENT_SETS.items()]
 latent_checks = [build_latent_check(name, spec) for name, spec in LATENT_SETS.items()]

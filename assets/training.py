@@ -41,21 +41,28 @@ class StageRunConfig(dg.Config):
     system_metrics_interval_s: float = 1.0  # MLflow system metrics sampling (demo stages last seconds)
 
 
+IMAGE_PRESETS = ("image_lite", "image_lite_edit")
+
+
 def base_bundle(stage: str) -> str:
-    """The asset whose pipeline folder a stage trains and exports with: image stages the T2I bundle."""
-    return "tiny_image_bundle" if get_table_stage(stage).preset == "image_lite" else "tiny_model_bundle"
+    """The asset whose pipeline folder a stage trains and exports with: image stages (editing too) the T2I bundle."""
+    return "tiny_image_bundle" if get_table_stage(stage).preset in IMAGE_PRESETS else "tiny_model_bundle"
 
 
 def latent_set(stage: str) -> str:
-    """The latent shards a stage trains on: Image Lite in its image VAE's latent space, video models in theirs."""
-    return "image_latent_shards" if get_table_stage(stage).preset == "image_lite" else "latent_shards"
+    """The latent shards a stage trains on: Image Lite in its image VAE's latent space, the Image Editing stages on
+    the mined editing pairs (same latent space), video models in theirs."""
+    preset = get_table_stage(stage).preset
+    if preset == "image_lite_edit":
+        return "edit_latent_shards"
+    return "image_latent_shards" if preset == "image_lite" else "latent_shards"
 
 
 def write_validation_prompts(k5_home: K5HomeResource, stage: str, limit: int) -> str:
     """The fixed validation prompts of a stage (MovieGen for video stages, PartiPrompts for image-only ones)."""
     from evaluation.prompts import load_moviegen, load_parti
 
-    video = set(get_table_stage(stage).tasks) != {"t2i"}
+    video = bool({"t2v", "i2v"} & set(get_table_stage(stage).tasks))  # t2i and editing stages: PartiPrompts
     records = load_moviegen(limit=limit) if video else load_parti(limit=limit)
     path = k5_home.paths.home / "cache" / "validation_prompts" / f"{stage}.txt"
     path.parent.mkdir(parents=True, exist_ok=True)

@@ -116,14 +116,17 @@ class LatentEncoders:
                 vae.vae.encoder = torch.compile(vae.vae.encoder, dynamic=False)
 
     @classmethod
-    def from_pretrained(cls, video_vae: str | os.PathLike, image_vae: str | os.PathLike | None,
+    def from_pretrained(cls, video_vae: str | os.PathLike | None, image_vae: str | os.PathLike | None,
                         cfg: LatentConfig) -> LatentEncoders:
-        """Load from VAE folders or pipeline folders (their ``vae/``); tiling is set per batch from the table."""
+        """Load from VAE folders or pipeline folders (their ``vae/``); tiling is set per batch from the table.
+        ``video_vae`` None: images only, through ``image_vae`` (the editing pairs' shards)."""
+        if video_vae is None and image_vae is None:
+            raise ValueError("LatentEncoders needs a video VAE, an image VAE or both; got neither")
         from k5model.encoders.vae import ImageVAE, VideoVAE
 
         dtype = getattr(torch, cfg.vae_dtype)
         video = _load_vae(lambda: VideoVAE.from_pretrained(video_vae, device=cfg.device, dtype=dtype, tiling=False),
-                          video_vae, "video VAE (HunyuanVideo)")
+                          video_vae, "video VAE (HunyuanVideo)") if video_vae else None
         image = _load_vae(lambda: ImageVAE.from_pretrained(image_vae, device=cfg.device, dtype=dtype),
                           image_vae, "image VAE (FLUX)") if image_vae else None
         return cls(video, image, cfg)
@@ -137,6 +140,8 @@ class LatentEncoders:
         pixels = _to_tensor(frames)
         if kind == "image" and self.image_vae is not None:
             z = self.image_vae.encode(pixels[:, :, 0])
+        elif self.video_vae is None:
+            raise ValueError(f"{kind} samples need a video VAE; this run loaded only the image VAE")
         else:
             tile_plan(*frames.shape[2:4], self.cfg.tiling).configure(self.video_vae, *frames.shape[2:4])
             z = self.video_vae.encode(pixels)
