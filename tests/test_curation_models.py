@@ -15,21 +15,16 @@ from k5data.curation.domains import CATEGORIES, DomainClassifier
 from k5data.curation.filters import Item
 from k5data.curation.filters.watermark import score_watermark
 
+_TINY_VLM: dict[str, Path] = {}  # one build per session: other test modules import this fixture
+
 
 @pytest.fixture(scope="module")
 def tiny_vlm(tmp_path_factory: pytest.TempPathFactory) -> Path:
-    import torch
-    from transformers.models.qwen2_vl.image_processing_pil_qwen2_vl import Qwen2VLImageProcessorPil
+    from k5data.curation.random_models import qwen_vl
 
-    from k5model.tiny import _qwen_model, _qwen_tokenizer
-
-    out = tmp_path_factory.mktemp("tiny_qwen_vl")
-    torch.manual_seed(0)
-    tok = _qwen_tokenizer()
-    tok.save_pretrained(out)
-    _qwen_model(tok).save_pretrained(out)
-    Qwen2VLImageProcessorPil(min_pixels=56 * 56, max_pixels=112 * 112).save_pretrained(out)
-    return out
+    if "path" not in _TINY_VLM:  # the folder lives under the session's basetemp, read-only to the tests
+        _TINY_VLM["path"] = qwen_vl(tmp_path_factory.mktemp("tiny_qwen_vl"))
+    return _TINY_VLM["path"]
 
 
 @pytest.fixture(scope="module")

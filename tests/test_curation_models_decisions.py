@@ -116,7 +116,8 @@ def test_quality_image_classifiers_reject_a_heavy_reencode(tmp_path: Path, astro
     _decides(score_quality(_image(hard), cfg, models), "quality", False, "low_technical_quality")
 
 
-def test_quality_qalign_readout_rejects_a_degraded_photo(tiny_vlm: Path, astronaut: np.ndarray) -> None:  # noqa: F811
+def test_quality_qalign_readout_rejects_a_degraded_photo(tmp_path: Path, tiny_vlm: Path,  # noqa: F811
+                                                         astronaut: np.ndarray) -> None:
     import cv2
 
     from k5data.curation.vlm import load_vlm, qalign_scores
@@ -129,7 +130,7 @@ def test_quality_qalign_readout_rejects_a_degraded_photo(tiny_vlm: Path, astrona
     scored = sorted(((qalign_scores(vlm, [h])["quality"], i) for i, h in enumerate(hards)))
     low, i = scored[0]
     assert low < real["quality"], (real, scored)
-    tiny_clf = HFImageClassifier(rm.image_classifier(tiny_vlm.parent / "qa_clf", ["bad", "good"]), "good")
+    tiny_clf = HFImageClassifier(rm.image_classifier(tmp_path / "qa_clf", ["bad", "good"]), "good")
     models = {"technical": tiny_clf, "aesthetic": tiny_clf, "qalign": vlm}
     cfg = _cfg("quality", backend="models", min_technical=0.0, min_aesthetic=0.0,
                qalign={"min_quality": _mid(real["quality"], low), "min_aesthetic": 1.0})
