@@ -15,7 +15,8 @@ import click
 @click.argument("src")
 @click.argument("out")
 @click.option("--config", "config_path", type=click.Path(exists=True, dir_okay=False), default=None,
-              help="YAML merged over k5data/curation/configs/curation.yaml (thresholds, backends, model paths).")
+              help="YAML merged over k5data/curation/configs/curation.yaml (thresholds, backends, model paths); "
+                   "k5data/curation/configs/production.yaml runs every filter on a local model (docs/curation.md).")
 @click.option("--catalog", "catalog_path", default=None, help="DuckDB catalog file (default: OUT/catalog.duckdb).")
 @click.option("--endpoint-url", default=None, help="S3-compatible endpoint for s3:// SRC/OUT (overrides config).")
 @click.option("--captioner", "captioner_path", type=click.Path(exists=True, file_okay=False), default=None,
