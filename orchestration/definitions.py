@@ -6,6 +6,7 @@ import dagster as dg
 
 import assets.curation
 import assets.distill
+import assets.editing
 import assets.generation
 import assets.latents
 import assets.models
@@ -21,7 +22,7 @@ from orchestration.resources import default_resources
 # New asset modules go here: assets and asset checks are collected from each module.
 ASSET_MODULES = [assets.models, assets.generation, assets.curation, assets.latents, assets.sbs, assets.training,
                  assets.release, assets.sft_data, assets.sft_models, assets.distill,
-                 assets.rl]
+                 assets.rl, assets.editing]
 
 all_assets = dg.load_assets_from_modules(ASSET_MODULES)
 all_asset_checks = dg.load_asset_checks_from_modules(ASSET_MODULES)

@@ -117,7 +117,7 @@ def test_rerun_adds_nothing(local_run: dict) -> None:
     before = local_run["df"].drop(columns=["name"])
     result = CliRunner().invoke(curate, [str(local_run["corpus"]), str(local_run["out"]), "--no-progress"])
     assert result.exit_code == 0, result.output
-    assert "registered: 0 new media, 0 new copies, 23 unchanged, 0 quarantined" in result.output
+    assert "registered: 0 new media, 0 new copies, 28 unchanged, 0 quarantined" in result.output  # 5 editing cases
     assert "scored: 0 media -> 0 rows" in result.output
     after = read_dataset(str(local_run["out"]), load_config())
     pd.testing.assert_frame_equal(before.reset_index(drop=True), after)

@@ -48,7 +48,7 @@ def test_dataset_metadata_and_checks(materialized: dict) -> None:
     assert result.success
     (mat,) = result.asset_materializations_for_node("curated_dataset")
     meta = {k: v.value for k, v in mat.metadata.items()}
-    assert meta["rows"] == 11 and meta["images"] == 11 and meta["quarantined"] == 4
+    assert meta["rows"] == 16 and meta["images"] == 16 and meta["quarantined"] == 4  # 11 photos + 5 editing cases
     assert meta["reject_histogram"]["duplicate"] >= 2  # re-encoded coffee, resized china (+ overlay astronaut)
     assert "| duplicate |" in meta["reject_reasons"]
     checks = {e.check_name: e.passed for e in result.get_asset_check_evaluations()}

@@ -92,7 +92,7 @@ def test_prod_local_runs_the_curation_through_postgres_s3_mlflow_and_ray(tmp_pat
     assert summary["shard_runs"] == {str(i): True for i in range(4)} and summary["dataset_run"]
     assert summary["checks"] == {"no_duplicate_hashes": True, "passed_rows_captioned": True,
                                  "bucket_counts_sane": True}
-    assert summary["path"] == "s3://k5-objects/curation" and summary["rows"] == 11
+    assert summary["path"] == "s3://k5-objects/curation" and summary["rows"] == 16  # 5 editing cases
     keys = summary["object_keys"]  # under the store's curation/ prefix
     assert any(k.endswith("/quarantine.parquet") for k in keys), keys
     assert any("/dataset/" in k and k.endswith(".parquet") for k in keys), keys

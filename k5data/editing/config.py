@@ -118,3 +118,16 @@ class EditMiningConfig:
         if "include_rejected" in values:
             values["include_rejected"] = tuple(values["include_rejected"])
         return cls(**values)
+
+
+def load_mining_config(path: str | None) -> EditMiningConfig:
+    """The defaults, or a YAML file of ``EditMiningConfig`` fields (``rules:`` a mapping of ``RuleThresholds``)."""
+    if not path:
+        return EditMiningConfig()
+    import yaml
+
+    with open(path) as f:
+        values = yaml.safe_load(f) or {}
+    if not isinstance(values, dict):
+        raise ValueError(f"{path}: expected a mapping of editing-mining settings, got {type(values).__name__}")
+    return EditMiningConfig.from_dict(values)

@@ -21,7 +21,7 @@ from typing import Any, Protocol
 
 import numpy as np
 
-from k5data.curation.backends import ClipEmbedder, _require, cached
+from k5data.curation.backends import ClipEmbedder, Dinov2Embedder, _require, cached
 
 
 class Embedder(Protocol):
@@ -82,7 +82,8 @@ class HogFace:
 
 
 class HFImageEmbedder:
-    """Any transformers vision backbone folder (DINOv2, a ViT face model): the pooled output, else the CLS token."""
+    """Any transformers vision backbone folder (e.g. a ViT face-recognition export): the pooled output, else the CLS
+    token. CLIP and DINOv2 come from ``k5data.curation.backends`` (the curation's own loaders)."""
 
     def __init__(self, model_path: str | os.PathLike, what: str) -> None:
         import torch
@@ -102,6 +103,16 @@ class HFImageEmbedder:
         return _unit(vec.numpy())
 
 
+class OneImage:
+    """One image at a time through a curation backend's batched ``embed_many`` (the same loaded model)."""
+
+    def __init__(self, backend: Any, name: str) -> None:
+        self.backend, self.name = backend, name
+
+    def embed(self, rgb: np.ndarray) -> np.ndarray:
+        return self.backend.embed_many([rgb])[0]
+
+
 def clip_embedder(backend: str, model_path: str | None) -> Embedder:
     if backend == "thumbnail":
         return ColourThumbnail()
@@ -114,7 +125,7 @@ def dino_embedder(backend: str, model_path: str | None) -> Embedder:
     if backend == "thumbnail":
         return LabThumbnail()
     if backend == "dinov2":
-        return cached(HFImageEmbedder, model_path, "dinov2")
+        return OneImage(cached(Dinov2Embedder, model_path), "dinov2")
     raise ValueError(f"dino_backend {backend!r} is not one of thumbnail, dinov2")
 
 

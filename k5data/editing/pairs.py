@@ -209,6 +209,9 @@ def read_edit_pairs(store: ObjectStore, path: str = PAIRS_KEY) -> pd.DataFrame:
 def mine_candidates(curated: pd.DataFrame, store: ObjectStore, cfg: EditMiningConfig,
                     endpoint_url: str | None = None) -> dict[str, Any]:
     """Stage 1 into ``store``: returns the summary with ``path`` (key) and ``uri`` of the candidates table."""
+    if curated.empty:
+        raise ValueError("the curated dataset has no rows (wrong path, or not curated yet): run `k5 curate` or "
+                         "materialize curated_dataset first")
     candidates, summary = find_candidates(curated, cfg, endpoint_url)
     uri = write_table(store, CANDIDATES_KEY, candidates)
     return {"path": CANDIDATES_KEY, "uri": uri, **summary}
