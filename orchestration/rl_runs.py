@@ -44,8 +44,10 @@ class PairSettings:
     """Share of the items held out (reward validation, DRaFT held-out prompts); at least one each side."""
     max_items: int | None = None
     """Use at most this many SFT items (None: all)."""
+    seeds_per_item: int = 1
+    """Generations per item and model (each gives its own three pairs against the same real image)."""
     seed: int = 0
-    """Item k is generated with seed + k by both models."""
+    """Generation j of item k uses seed + k * seeds_per_item + j, the same for both models."""
 
 
 def _real_image(row: Mapping[str, Any], height: int, width: int):
@@ -78,33 +80,37 @@ def build_reward_pairs(rows: list[dict[str, Any]], pretrain_dir: str | Path, sft
     split = split_items([str(r["item_id"]) for r in rows], settings.val_fraction)
     images = out / "images"
     images.mkdir(parents=True, exist_ok=True)
-    paths: dict[str, dict[str, str]] = {str(r["item_id"]): {} for r in rows}
+    n = settings.seeds_per_item
+    paths: dict[tuple[str, int], dict[str, str]] = {(str(r["item_id"]), j): {} for r in rows for j in range(n)}
     for source, folder in (("pretrain", pretrain_dir), ("sft", sft_dir)):
         pipe = K5Pipeline.from_pretrained(folder)
         for k, r in enumerate(rows):
-            res = pipe.generate(str(r["caption"]), height=settings.height, width=settings.width,
-                                num_frames=1 if pipe.is_video else None, num_steps=settings.num_steps,
-                                guidance_scale=settings.guidance_scale, seed=settings.seed + k, progress=False)
-            path = images / f"{r['item_id']}.{source}.png"
-            Image.fromarray(res.frames[0]).save(path)
-            paths[str(r["item_id"])][source] = str(path)
-        log(f"reward pairs: {len(rows)} images from {source} ({folder})")
+            for j in range(n):
+                res = pipe.generate(str(r["caption"]), height=settings.height, width=settings.width,
+                                    num_frames=1 if pipe.is_video else None, num_steps=settings.num_steps,
+                                    guidance_scale=settings.guidance_scale, seed=settings.seed + k * n + j,
+                                    progress=False)
+                path = images / f"{r['item_id']}.{j}.{source}.png"
+                Image.fromarray(res.frames[0]).save(path)
+                paths[str(r["item_id"]), j][source] = str(path)
+        log(f"reward pairs: {len(rows) * n} images from {source} ({folder})")
     for r in rows:
         path = images / f"{r['item_id']}.real.png"
         Image.fromarray(_real_image(r, settings.height, settings.width)).save(path)
-        paths[str(r["item_id"])]["real"] = str(path)
+        for j in range(n):
+            paths[str(r["item_id"]), j]["real"] = str(path)
     table = []
-    for r in rows:
-        item = str(r["item_id"])
+    for (item, j), p in paths.items():
+        r = next(x for x in rows if str(x["item_id"]) == item)
         for hi in range(len(SOURCES_WORST_TO_BEST)):
             for lo in range(hi):
                 better, worse = SOURCES_WORST_TO_BEST[hi], SOURCES_WORST_TO_BEST[lo]
                 for first, second, label in ((better, worse, 1), (worse, better, 0)):
                     table.append({"item_id": item, "prompt": str(r["caption"]), "split": split[item],
-                                  "first_path": paths[item][first], "second_path": paths[item][second],
-                                  "first_source": first, "second_source": second, "label": label,
+                                  "first_path": p[first], "second_path": p[second], "first_source": first,
+                                  "second_source": second, "label": label, "seed_index": j,
                                   "kind": str(r["kind"]), "domain": str(r.get("domain") or "")})
-    frame = pd.DataFrame(table, columns=[*PAIR_COLUMNS, "kind", "domain"])
+    frame = pd.DataFrame(table, columns=[*PAIR_COLUMNS, "seed_index", "kind", "domain"])
     frame.to_parquet(out / "pairs.parquet", index=False)
     summary = {"items": len(rows), "pairs": len(frame), "train_items": sum(v == "train" for v in split.values()),
                "val_items": sum(v == "val" for v in split.values()), "order": " < ".join(SOURCES_WORST_TO_BEST),

@@ -173,3 +173,18 @@ def test_k5_rl_cli_runs_the_same_spec(chain, tmp_path):
     assert json.loads((tmp_path / "cli" / "summary.json").read_text())["selected_step"] == 1
     bad = CliRunner().invoke(k5, ["rl", "draft", "--pairs", "x.parquet"])
     assert bad.exit_code == 2 and "--policy" in bad.output
+
+
+@pytest.mark.slow  # a subprocess importing torch, diffusers and transformers
+def test_rl_step_bench_smoke():
+    """bench.rl_step's CPU smoke mode: the GPU benchmark's code path (draft_k_loss with per-block activation
+    checkpointing, VAE decoder and reward model in the graph, AdamW step) on tiny shapes."""
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    proc = subprocess.run([sys.executable, "-m", "bench.rl_step", "--smoke"], cwd=Path(__file__).resolve().parents[1],
+                          capture_output=True, text=True, timeout=300, env={**os.environ, "OMP_NUM_THREADS": "1"})
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    res = json.loads(proc.stdout[proc.stdout.index("{"):])
+    assert res["ok"] and 0 < res["reward"] < 1 and res["k"] == 2 and res["step_s"] > 0
