@@ -31,15 +31,16 @@ class RewardPairsConfig(dg.Config):
     guidance_scale: float = Field(5.0, description="CFG weight of both generations")
     val_fraction: float = Field(0.4, description="share of SFT items held out (reward validation, RL held-out)")
     max_items: int | None = Field(None, description="use at most this many SFT items; None: all")
+    seeds_per_item: int = Field(2, description="generations per item and model (each gives its own pairs)")
 
 
 class RewardModelConfig(dg.Config):
     base_model: str = Field("tiny", description="Qwen2.5-VL folder (relative to K5_HOME or absolute; production: "
                             "Qwen2.5-VL-7B-Instruct); 'tiny': a tiny random Qwen2.5-VL (demo)")
-    steps: int = Field(12, description="optimizer steps")
+    steps: int = Field(16, description="optimizer steps")
     batch: int = Field(4, description="(better, worse) pairs per step, each trained in both orders")
-    lr: float = Field(1e-3, description="AdamW learning rate")
-    eval_every: int = Field(3, description="steps between validations (each a checkpoint candidate)")
+    lr: float = Field(3e-3, description="AdamW learning rate")
+    eval_every: int = Field(4, description="steps between validations (each a checkpoint candidate)")
     device: str = Field("cpu", description="torch device")
     dtype: str = Field("float32", description="float32 or bfloat16 weights")
 
