@@ -8,6 +8,7 @@ recorded by the upstream assets (``train_<stage>`` and ``sbs_report`` materializ
 """
 
 # No `from __future__ import annotations`: Dagster resolves the Config classes from live annotations.
+import dataclasses
 import json
 import warnings
 from pathlib import Path
@@ -38,6 +39,11 @@ class ReleaseConfig(dg.Config):
     latency_device: str = Field("cpu", description="torch device of the latency measurement")
     sft_soup: bool = Field(False, description="release the family's SFT soup (sft_soup, report §6.4) instead of a "
                            "stage; gated by 'soup_vs_pretrain' unless `comparison` is set")
+    distilled: str | None = Field(None, description="release a distilled model instead of a stage: 'flash' (the "
+                                  "flash asset, report §6.5), gated by 'flash_vs_<teacher stage>' unless `comparison` "
+                                  "is set")
+    rl_model: bool = Field(False, description="release the RL model (rl_model, DRaFT-K, report §6.6) instead of a "
+                           "stage; gated by 'rl_vs_soup' unless `comparison` is set")
 
 
 def stage_and_comparison(family: str, config: ReleaseConfig) -> tuple[str, str]:
@@ -95,6 +101,49 @@ def soup_lineage(context: Context, home: K5HomeResource, family: str,
                            dagster_run_id=context.run_id), Path(str(meta["pipeline_dir"])), comparison)
 
 
+def distilled_lineage(context: Context, home: K5HomeResource, family: str,
+                      config: ReleaseConfig) -> tuple[ReleaseLineage, Path, str]:
+    """A distilled model's lineage (its teacher stage's chain + the distillation assets down to it), pipeline folder
+    (with its own ``sampling_config.json``) and gating comparison."""
+    from evaluation.sbs.comparisons import DISTILL_REFS
+
+    asset = str(config.distilled)
+    if asset not in DISTILL_REFS:
+        raise dg.Failure(f"distilled {asset!r} is not one of {list(DISTILL_REFS)}")
+    meta = latest_metadata(context, asset)
+    teacher = str(meta["teacher_stage"]).removeprefix("train_")
+    if teacher not in CHAINS[family]:
+        raise dg.Failure(f"{asset}'s teacher {teacher} is not in the {family} chain")
+    comparison = config.comparison or f"{asset}_vs_{teacher}"
+    base, _ = release_lineage(context, home, family, teacher, comparison)
+    chain = DISTILL_REFS[:DISTILL_REFS.index(asset) + 1]
+    runs = dict(base.training_run_ids)
+    for step in chain:
+        run_id = latest_metadata(context, step).get("mlflow_run_id")
+        if run_id:
+            runs[step] = str(run_id)
+    return (ReleaseLineage(family=family, stage=asset, stages=(*lineage(teacher), *chain), training_run_ids=runs,
+                           dataset_snapshot=base.dataset_snapshot, shard_index_uri=base.shard_index_uri,
+                           data=base.data, comparison=comparison, dagster_run_id=context.run_id),
+            Path(str(meta["pipeline_dir"])), comparison)
+
+
+def rl_lineage(context: Context, home: K5HomeResource, family: str,
+               config: ReleaseConfig) -> tuple[ReleaseLineage, Path, str]:
+    """The RL model's lineage (the SFT soup's lineage + ``reward_model`` + ``rl_model``), its pipeline folder and
+    gating comparison."""
+    meta = latest_metadata(context, "rl_model")
+    if meta.get("family") != family:
+        raise dg.Failure(f"the latest rl_model is of family {meta.get('family')!r}, not {family!r}")
+    comparison = config.comparison or "rl_vs_soup"
+    soup, _, _ = soup_lineage(context, home, family, config)
+    runs = {**soup.training_run_ids, "reward_model": str(latest_metadata(context, "reward_model")["mlflow_run_id"]),
+            "rl_model": str(meta["mlflow_run_id"])}
+    return (dataclasses.replace(soup, stage="rl_model", stages=(*soup.stages, "reward_model", "rl_model"),
+                                training_run_ids=runs, comparison=comparison), Path(str(meta["pipeline_dir"])),
+            comparison)
+
+
 def sbs_summary(context: Context, home: K5HomeResource, comparison: str) -> tuple[dict, Path]:
     """The SBS summary the comparison's latest ``sbs_report`` wrote."""
     meta = latest_metadata(context, "sbs_report", partition=comparison)
@@ -110,7 +159,7 @@ def sbs_summary(context: Context, home: K5HomeResource, comparison: str) -> tupl
     partitions_def=FAMILIES,
     group_name="release",
     deps=[*(dg.AssetDep(f"train_{stages[-1]}") for stages in CHAINS.values()),
-          dg.AssetDep("sbs_report", partition_mapping=dg.AllPartitionMapping()), "sft_soup"],
+          dg.AssetDep("sbs_report", partition_mapping=dg.AllPartitionMapping()), "sft_soup", "flash", "rl_model"],
     kinds={"mlflow"},
     owners=["team:k5-lifecycle"],
     description="Registers a trained stage's complete pipeline folder as a new version of `k5-<family>` in the MLflow "
@@ -124,8 +173,10 @@ def release(context: dg.AssetExecutionContext, config: ReleaseConfig, k5_home: K
     from orchestration.registry import CANDIDATE, model_name, register_release
 
     family = context.partition_key
-    if config.sft_soup:
-        lineage_, folder, comparison = soup_lineage(context, k5_home, family, config)
+    special = soup_lineage if config.sft_soup else rl_lineage if config.rl_model else \
+        distilled_lineage if config.distilled else None
+    if special is not None:
+        lineage_, folder, comparison = special(context, k5_home, family, config)
         stage = lineage_.stage
     else:
         stage, comparison = stage_and_comparison(family, config)

@@ -30,6 +30,8 @@ sbs_partitions = dg.StaticPartitionsDefinition(offered(REGISTRY.values()))
 SBS_STAGE_DEPS = [f"train_{stage}" for stage in stages_referenced(REGISTRY.values())]
 if any(m.asset_key == "sft_soup" for c in REGISTRY.values() for m in c.models):
     SBS_STAGE_DEPS.append("sft_soup")  # soup_vs_pretrain, soup_vs_best_single_domain (report §6.4)
+SBS_STAGE_DEPS += sorted({m.asset_key for c in REGISTRY.values() for m in c.models
+                          if m.kind in ("distill", "rl")})  # flash, rl_model
 # What `make demo` runs: sbs_job for DEMO_COMPARISON with this run config (simulated judgments, labelled as such).
 DEMO_SBS_RUN_CONFIG = {"ops": {"sbs_report": {"config": {"simulate": True}}}}
 
@@ -82,8 +84,11 @@ def resolve_models(context: dg.AssetExecutionContext, home: K5HomeResource, comp
         meta = latest_metadata(context, "sft_soup")
         return Path(str(meta[{"soup": "pipeline_dir", "pretrain": "start_pipeline"}.get(ref, f"{ref}_pipeline")]))
 
+    def asset_pipeline(asset: str) -> Path:  # a distilled model (flash_vs_<teacher>), the RL model (rl_vs_soup)
+        return Path(str(latest_metadata(context, asset)["pipeline_dir"]))
+
     try:
-        return tuple(resolve_model(m, stage_pipeline, sft_pipeline) for m in comparison.models)
+        return tuple(resolve_model(m, stage_pipeline, sft_pipeline, asset_pipeline) for m in comparison.models)
     except FileNotFoundError as exc:
         raise dg.Failure(str(exc)) from exc
 

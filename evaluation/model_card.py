@@ -45,8 +45,11 @@ class ReleaseLineage:
 
     @property
     def lineage_name(self) -> str:
-        # the SFT soup is the SBS registry's ``sft:soup`` model (evaluation.sbs.comparisons)
-        return "sft:soup" if self.stage == "sft_soup" else f"stage:{self.stage}"
+        # the SFT soup and the distilled models are the SBS registry's ``sft:soup`` / ``distill:<asset>`` models
+        # (evaluation.sbs.comparisons)
+        named = {"sft_soup": "sft:soup", "rl_model": "rl:rl",
+                 **{a: f"distill:{a}" for a in ("cfg_distilled", "tscd_16nfe", "flash")}}
+        return named.get(self.stage, f"stage:{self.stage}")
 
 
 def _fmt(x: Any) -> str:

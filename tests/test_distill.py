@@ -146,21 +146,23 @@ def test_demo_scale_acceptance():
 
 @pytest.mark.slow
 def test_distill_assets_export_loadable_folders_with_their_settings(tmp_path, tiny_t2v_dir):
-    """The four assets from a recorded last Video Lite stage export folders K5Pipeline samples with their own
-    settings (Flash: 16 steps on its boundaries, guidance 1; the calibration: cached sampling) and log MLflow runs."""
+    """The four assets from a recorded last Video Lite stage run as TrainJobs through the stages' Pipes path (a
+    subprocess each), publish folders K5Pipeline samples with their own settings (Flash: 16 steps on its boundaries,
+    guidance 1; the calibration: cached sampling) and log one MLflow run each under the distillation lineage run."""
     import dagster as dg
     from mlflow.tracking import MlflowClient
 
     import assets.distill as distill
     from k5model.pipeline import K5Pipeline
-    from orchestration.resources import K5HomeResource, MLflowResource
+    from orchestration.resources import K5HomeResource, MLflowResource, TrainingJobResource
 
     instance = dg.DagsterInstance.ephemeral()
     instance.report_runless_asset_event(dg.AssetMaterialization(distill.BASE_STAGE, metadata={
         "pipeline_dir": str(tiny_t2v_dir)}))
     uri = f"sqlite:///{tmp_path / 'mlflow.db'}"
     resources = {"k5_home": K5HomeResource(home=str(tmp_path / "home")),
-                 "mlflow": MLflowResource(tracking_uri=uri, artifact_location=str(tmp_path / "mlartifacts"))}
+                 "mlflow": MLflowResource(tracking_uri=uri, artifact_location=str(tmp_path / "mlartifacts")),
+                 "training_job": TrainingJobResource()}
     run_config = {"ops": {name: {"config": {"train_steps": 2, "reference_steps": 8, "latent_frames": 1}}
                           for name in ("cfg_distilled", "tscd_16nfe", "flash", "magcache_calibration")}}
     result = dg.materialize([distill.cfg_distilled, distill.tscd_16nfe, distill.flash, distill.magcache_calibration],
@@ -169,6 +171,9 @@ def test_distill_assets_export_loadable_folders_with_their_settings(tmp_path, ti
     meta = {k: instance.get_latest_materialization_event(dg.AssetKey(k)).asset_materialization.metadata
             for k in ("cfg_distilled", "tscd_16nfe", "flash", "magcache_calibration")}
     assert meta["cfg_distilled"]["nfe"].value == 50 and meta["flash"]["nfe"].value == 16
+    assert meta["tscd_16nfe"]["upstream_pipeline"].value == meta["cfg_distilled"]["pipeline_dir"].value
+    assert meta["flash"]["steps"].value == 2 and "mse_to_guided_reference" in meta["flash"]
+    assert not list((tmp_path / "home" / "models" / "distill").glob(".*.partial"))  # published: work folders gone
     flash = K5Pipeline.from_pretrained(meta["flash"]["pipeline_dir"].value)
     assert flash.sampling.kind == "flash" and flash.sampling.guidance_scale == 1.0 and flash.sampling.magcache is None
     assert len(flash.sampling.timesteps) == 17
@@ -178,7 +183,10 @@ def test_distill_assets_export_loadable_folders_with_their_settings(tmp_path, ti
     assert out.timings["magcache_skipped"] > 0
     runs = MlflowClient(uri).search_runs([MlflowClient(uri).get_experiment_by_name(
         MLflowResource().experiment_name).experiment_id])
-    assert {r.data.tags["k5_kind"] for r in runs} == {"cfg_distilled", "tscd", "flash", "magcache_calibration"}
+    by_kind = {r.data.tags["k5_kind"]: r for r in runs if "k5_kind" in r.data.tags}
+    assert set(by_kind) == {"cfg_distilled", "tscd", "flash", "magcache_calibration"}
+    assert by_kind["tscd"].info.status == "FINISHED" and "mse_to_guided_reference" in by_kind["tscd"].data.metrics
+    assert "loss" in by_kind["tscd"].data.metrics  # logged live by the job, step by step
 
 
 def test_k5_generate_samples_a_distilled_folder_with_its_own_settings(tmp_path, tiny_t2v_dir):

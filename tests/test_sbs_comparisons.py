@@ -30,8 +30,10 @@ def test_registry_names_table4_stages_only() -> None:
     demo = COMPARISONS[DEMO_COMPARISON]
     assert (str(demo.model_a), str(demo.model_b)) == ("stage:video_lite_mr_10s", "stage:video_lite_t2i_lr")
     for key, c in COMPARISONS.items():
-        # stages of Table 4, or the SFT models recorded by sft_soup (report §6.4)
-        assert key == c.key and all((m.kind == "stage" and m.ref in TABLE4) or m.kind == "sft" for m in c.models)
+        # stages of Table 4, the SFT models recorded by sft_soup (report §6.4), a distilled model (report §6.5) or
+        # the RL model (report §6.6)
+        assert key == c.key and all((m.kind == "stage" and m.ref in TABLE4) or m.kind in ("sft", "distill", "rl")
+                                    for m in c.models)
     assert set(stages_referenced()) <= set(TABLE4)
     assert stage_comparison("image_lite_hr", "image_lite_mr").prompt_set == "parti"
     assert demo.prompt_set == "moviegen"

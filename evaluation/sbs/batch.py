@@ -43,7 +43,10 @@ class BatchSettings:
     num_frames: int = 9
     """Frames per clip (4k+1) for video models."""
     num_steps: int = 4
-    """Sampler steps."""
+    """Sampler steps of a model without its own sampling settings."""
+    own_sampling: bool = True
+    """A folder with ``sampling_config.json`` (a distilled model: Flash's 16 NFE on its segment boundaries at
+    guidance 1) samples with its own steps, guidance, grid and MagCache instead of ``num_steps``."""
     seed: int = 0
     """Seed of prompt k is ``seed + k`` for both models; also seeds the plan."""
     device: str = "cpu"
@@ -120,9 +123,14 @@ def generate_side(model_dir: Path, prompts: Sequence, settings: BatchSettings, s
     kind, ext = ("video", ".mp4") if pipe.is_video else ("image", ".png")
     paths: dict[int, str] = {}
     frames: dict[int, np.ndarray] = {}
+    own = settings.own_sampling and pipe.sampling is not None
+    steps = None if own else settings.num_steps  # None: the folder's own step count, grid and guidance
+    if own:
+        log(f"{tag}: sampling with the folder's own settings ({pipe.sampling.kind}, {pipe.sampling.num_steps} steps, "
+            f"guidance {pipe.sampling.guidance_scale:g})")
     for k, rec in enumerate(prompts):
         res = pipe.generate(rec.prompt, height=size[0], width=size[1],
-                            num_frames=settings.num_frames if pipe.is_video else None, num_steps=settings.num_steps,
+                            num_frames=settings.num_frames if pipe.is_video else None, num_steps=steps,
                             seed=settings.seed + k, progress=False)
         rel = f"p{k:04d}_{tag}{ext}"
         save_media(res.frames if pipe.is_video else res.frames[0], out / rel)

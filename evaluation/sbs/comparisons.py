@@ -25,6 +25,11 @@ STAGE = "stage"
 FOLDER = "folder"
 SFT = "sft"  # a model recorded by the sft_soup asset (report §6.4): the soup, its start stage, its best member
 SFT_REFS = ("soup", "pretrain", "best_single_domain")
+DISTILL = "distill"  # a distilled model recorded by its asset (report §6.5): ``distill:flash``
+DISTILL_REFS = ("cfg_distilled", "tscd_16nfe", "flash")
+RL = "rl"  # the DRaFT-K model of the rl_model asset (report §6.6): ``rl:rl``
+RL_ASSET = "rl_model"
+FLASH_TEACHER_STAGE = CHAINS["video_lite"][-1]  # the teacher of the distillation assets (assets.distill)
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -46,6 +51,12 @@ class LineageModel:
         elif self.kind == SFT:
             if self.ref not in SFT_REFS:
                 raise ValueError(f"sft:{self.ref} is not one of {', '.join(SFT_REFS)}")
+        elif self.kind == DISTILL:
+            if self.ref not in DISTILL_REFS:
+                raise ValueError(f"distill:{self.ref} is not one of {', '.join(DISTILL_REFS)}")
+        elif self.kind == RL:
+            if self.ref != RL:
+                raise ValueError(f"rl:{self.ref} is not a model of the rl_model asset; write 'rl:rl'")
         else:
             raise ValueError(f"unknown lineage model kind {self.kind!r}: use 'stage:<stage>', 'folder:<path>' or "
                              f"'sft:<{'|'.join(SFT_REFS)}>'")
@@ -61,13 +72,17 @@ class LineageModel:
     @property
     def name(self) -> str:
         """Short name used in comparison keys, plots and MLflow: the stage, or the folder's base name."""
-        if self.kind in (STAGE, SFT):
+        if self.kind in (STAGE, SFT, DISTILL, RL):
             return self.ref
         return re.sub(r"[^A-Za-z0-9_]+", "_", Path(self.ref).name).strip("_") or "folder"
 
     @property
     def asset_key(self) -> str | None:
         """Dagster asset that produces the model (stages, and ``sft_soup`` for the SFT models)."""
+        if self.kind == DISTILL:
+            return self.ref
+        if self.kind == RL:
+            return RL_ASSET
         return f"train_{self.ref}" if self.kind == STAGE else "sft_soup" if self.kind == SFT else None
 
     def __str__(self) -> str:
@@ -104,7 +119,8 @@ class Comparison:
     def can_run(self) -> bool:
         """False only for a ``folder:`` model whose folder is not a pipeline (stages and SFT models are produced by
         their assets)."""
-        return all(m.kind in (STAGE, SFT) or (Path(m.ref) / "model_index.json").is_file() for m in self.models)
+        return all(m.kind in (STAGE, SFT, DISTILL, RL) or (Path(m.ref) / "model_index.json").is_file()
+                   for m in self.models)
 
 
 def _prompt_set_of_chain(chain: str) -> str:
@@ -134,6 +150,13 @@ def _registry() -> list[Comparison]:
                        description=f"SFT soup (sft_soup) against {what}")
             for ref, what in (("pretrain", "the pre-trained stage it started from"),
                               ("best_single_domain", "its member with the lowest validation loss"))]
+    # Distillation (report §6.5): the 16-NFE Flash model (its own sampling settings) against its teacher
+    out.append(Comparison(model_a=LineageModel(kind=DISTILL, ref="flash"),
+                          model_b=LineageModel(kind=STAGE, ref=FLASH_TEACHER_STAGE), prompt_set="moviegen",
+                          description=f"Flash (16 NFE, guidance 1) against its teacher {FLASH_TEACHER_STAGE}"))
+    # RL (report §6.6): the DRaFT-K model against the SFT soup it started from
+    out.append(Comparison(model_a=LineageModel(kind=RL, ref=RL), model_b=soup, prompt_set="moviegen",
+                          description="RL model (rl_model, DRaFT-K) against the SFT soup it started from"))
     return out
 
 
@@ -202,14 +225,19 @@ def stages_referenced(comparisons: Iterable[Comparison] | None = None) -> list[s
 
 
 def resolve_model(model: LineageModel, stage_pipeline: Callable[[str], Path],
-                  sft_pipeline: Callable[[str], Path] | None = None) -> Path:
+                  sft_pipeline: Callable[[str], Path] | None = None,
+                  asset_pipeline: Callable[[str], Path] | None = None) -> Path:
     """The pipeline folder of a lineage model. ``stage_pipeline(stage)`` says where a stage published its pipeline
     (the orchestration layer reads it from the stage asset's materialization), ``sft_pipeline(ref)`` where the
-    ``sft_soup`` asset recorded an SFT model. Raises FileNotFoundError naming what to materialize or fix when the
+    ``sft_soup`` asset recorded an SFT model, ``asset_pipeline(asset)`` where a distillation asset recorded its
+    export. Raises FileNotFoundError naming what to materialize or fix when the
     folder is not a complete pipeline."""
     if model.kind == SFT and sft_pipeline is None:
         raise FileNotFoundError(f"{model}: no sft_soup materialization to read it from; materialize sft_soup first")
+    if model.kind in (DISTILL, RL) and asset_pipeline is None:
+        raise FileNotFoundError(f"{model}: no {model.ref} materialization to read it from; materialize it first")
     path = (Path(model.ref) if model.kind == FOLDER else Path(sft_pipeline(model.ref)) if model.kind == SFT  # type: ignore[misc]
+            else Path(asset_pipeline(str(model.asset_key))) if model.kind in (DISTILL, RL)  # type: ignore[misc]
             else Path(stage_pipeline(model.ref)))
     if not (path / "model_index.json").is_file():
         fix = f"materialize {model.asset_key} first" if model.asset_key else "point it at a pipeline folder"

@@ -48,6 +48,14 @@ class SamplingSettings:
         config = MagCacheConfig(**self.magcache.get("config", {}))
         return MagCache(num_steps or self.num_steps, ratios=self.magcache["mag_ratios"], config=config)
 
+    def diffusers_call_kwargs(self) -> dict[str, Any]:
+        """Arguments of diffusers' ``Kandinsky5T2VPipeline.__call__`` that sample this checkpoint with its own step
+        count and guidance (diffusers reads only ``model_index.json`` and the components, not this file). Its
+        FlowMatchEuler scheduler builds the shifted grid itself (same shift, from the folder's scheduler config) but
+        ends its linear ramp at σ=1/1000, so its points differ slightly from the saved segment boundaries that
+        ``K5Pipeline`` / ``k5 generate`` visit exactly; it has no MagCache."""
+        return {"num_inference_steps": self.num_steps, "guidance_scale": self.guidance_scale}
+
     def to_json(self) -> dict[str, Any]:
         d = asdict(self)
         d["timesteps"] = None if self.timesteps is None else list(self.timesteps)

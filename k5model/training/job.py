@@ -195,8 +195,41 @@ class InitSpec:
     single file (ignored when resuming from a checkpoint)."""
 
 
+DISTILL_KINDS = ("cfg_distilled", "tscd", "flash", "magcache_calibration")  # k5model.distill.export.KINDS
+
+
+@dataclass(kw_only=True)
+class DistillSpec:
+    """A distillation stage instead of pre-training (report §6.5, §7.2; ``k5model.distill``): the job trains
+    ``steps`` optimiser steps at ``lr`` and exports ``out/pipeline`` with its ``sampling_config.json``."""
+
+    distill: str | None = None
+    """Distillation stage to run: cfg_distilled | tscd | flash | magcache_calibration (unset: pre-training)."""
+    distill_teacher: str | None = None
+    """Pipeline folder of the guided base model: the reference, the CFG teacher and the adversarial features."""
+    distill_from: str | None = None
+    """Pipeline folder the student starts from (tscd: the CFG-distilled export; flash: the TSCD export); default:
+    the teacher."""
+    distill_reference_steps: int = 100
+    """NFE per branch of the guided reference (and of the MagCache calibration)."""
+    distill_seeds: int = 4
+    """Teacher samples per prompt in the distillation set."""
+    distill_latent_frames: int = 2
+    """Latent frames T of the distillation latents (T x 16 x 16: whole NABLA tiles)."""
+
+    def __post_init__(self) -> None:
+        if self.distill is None:
+            return
+        if self.distill not in DISTILL_KINDS:
+            raise ValueError(f"distill {self.distill!r} is not one of {', '.join(DISTILL_KINDS)}")
+        if not self.distill_teacher:
+            raise ValueError("distill needs distill_teacher (the guided base model's pipeline folder)")
+        if min(self.distill_reference_steps, self.distill_seeds, self.distill_latent_frames) < 1:
+            raise ValueError("distill_reference_steps, distill_seeds and distill_latent_frames must be >= 1")
+
+
 SECTIONS = {"stage": StageSpec, "data": DataSpec, "parallel": ParallelSpec, "checkpoint": CheckpointSpec,
-            "samples": SampleSpec, "init": InitSpec}
+            "samples": SampleSpec, "init": InitSpec, "distill": DistillSpec}
 
 
 @dataclass(kw_only=True)
@@ -209,6 +242,7 @@ class TrainJob:
     checkpoint: CheckpointSpec
     samples: SampleSpec = field(default_factory=SampleSpec)
     init: InitSpec = field(default_factory=InitSpec)
+    distill: DistillSpec = field(default_factory=DistillSpec)
 
     # replicate is checked against the real world size when the mesh is built (parallel.training_mesh): under a
     # torchrun started by hand the launcher, not nproc, decides how many ranks there are.
@@ -233,7 +267,9 @@ class TrainJob:
         return TrainJob.from_flat(**{**self.flat(), **changes})
 
     def to_json(self) -> str:
-        return json.dumps({s: dataclasses.asdict(getattr(self, s)) for s in SECTIONS}, sort_keys=True)
+        # a pre-training job leaves the unset distill section out (its JSON, e.g. in the k8s templates, is unchanged)
+        return json.dumps({s: dataclasses.asdict(getattr(self, s)) for s in SECTIONS
+                           if s != "distill" or self.distill.distill is not None}, sort_keys=True)
 
     @classmethod
     def from_json(cls, text: str) -> TrainJob:
