@@ -52,8 +52,8 @@ class _CachedTextPipeline(K5Pipeline):
         super().__init__(transformer, None, None, vae, task=task, device=device)
         self.conditions = conditions
 
-    def encode_text(self, prompt: str) -> TextCondition:
-        return self.conditions[prompt]
+    def encode_text(self, prompt: str, source: Any = None) -> TextCondition:
+        return self.conditions[prompt]  # text-to-video validation prompts: no source image (K5Pipeline passes None)
 
 
 class SampleGenerator:
