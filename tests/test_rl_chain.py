@@ -188,3 +188,34 @@ def test_rl_step_bench_smoke():
     assert proc.returncode == 0, proc.stderr[-3000:]
     res = json.loads(proc.stdout[proc.stdout.index("{"):])
     assert res["ok"] and 0 < res["reward"] < 1 and res["k"] == 2 and res["step_s"] > 0
+
+
+def test_rl_vs_soup_is_a_comparison_and_the_gate_decides_both_ways(tmp_path):
+    from evaluation.model_card import ReleaseLineage
+    from evaluation.release_gate import OVERALL_GROUPS, decide
+    from evaluation.sbs.comparisons import COMPARISONS, LineageModel, resolve_model
+
+    c = COMPARISONS["rl_vs_soup"]
+    assert (str(c.model_a), str(c.model_b)) == ("rl:rl", "sft:soup") and c.model_a.asset_key == "rl_model"
+    with pytest.raises(ValueError, match="rl:rl"):
+        LineageModel(kind="rl", ref="policy")
+    folder = tmp_path / "rl_model"
+    folder.mkdir()
+
+    def where(asset: str):
+        return folder if asset == "rl_model" else tmp_path / "elsewhere"
+
+    with pytest.raises(FileNotFoundError, match="materialize rl_model"):
+        resolve_model(c.model_a, lambda s: tmp_path, None, where)
+    (folder / "model_index.json").write_text("{}")
+    assert resolve_model(c.model_a, lambda s: tmp_path, None, where) == folder
+    assert ReleaseLineage(family="video_lite", stage="rl_model", stages=("rl_model",)).lineage_name == "rl:rl"
+
+    def summary(low: float) -> dict:
+        return {"model_a": "rl:rl", "model_b": "sft:soup", "comparison": "rl_vs_soup",
+                **{g: {"model1": 0.6, "model2": 0.4} for g in OVERALL_GROUPS},
+                "ci95_diff": {g: [low, low + 0.3] for g in OVERALL_GROUPS}}
+
+    assert decide(summary(0.05), candidate="rl:rl", champion="sft:soup", margin=0.0).promote
+    kept = decide(summary(-0.05), candidate="rl:rl", champion="sft:soup", margin=0.0)
+    assert not kept.promote and "does not beat the champion sft:soup" in kept.reason
