@@ -93,7 +93,8 @@ def sft_partitions(context: dg.AssetExecutionContext, config: SftPartitionsConfi
         "plan_path": dg.MetadataValue.path(str(home / "sft" / "partitions" / f"{config.family}.json")),
         "items_path": dg.MetadataValue.path(str(home / "sft" / "partitions" / f"{config.family}.items.parquet")),
         "subdomains": dg.MetadataValue.json(plan["subdomains"]), "skipped": dg.MetadataValue.json(plan["skipped"]),
-        "variant_sources": dg.MetadataValue.json(plan["variant_sources"]), "rewriter": plan["rewriter"]})
+        "variant_sources": dg.MetadataValue.json(plan["variant_sources"]), "rewriter": plan["rewriter"],
+        "example_variants": dg.MetadataValue.json(plan["example_variants"])})
 
 
 @dg.asset(group_name="sft", partitions_def=SFT_PARTITIONS, kinds={"pytorch", "mlflow"}, owners=["team:k5-lifecycle"],
@@ -109,10 +110,14 @@ def sft_models(context: dg.AssetExecutionContext, config: SftModelsConfig, k5_ho
     from orchestration.sft_runs import SftRunSettings, run_partition
 
     key = context.partition_key
-    plan = json.loads(Path(str(latest_metadata(context, "sft_partitions")["plan_path"])).read_text())
+    # each family has its own plan file beside the latest one: a later image_lite plan keeps video keys valid
+    plan_path = Path(str(latest_metadata(context, "sft_partitions")["plan_path"])).with_name(
+        f"{key.split('.', 1)[0]}.json")
+    plan = json.loads(plan_path.read_text()) if plan_path.is_file() else {"partitions": []}
     layout = next((p for p in plan["partitions"] if p["key"] == key), None)
     if layout is None:
-        raise dg.Failure(f"partition {key} is not in the latest sft_partitions plan; materialize sft_partitions")
+        raise dg.Failure(f"partition {key} is not in the sft_partitions plan {plan_path}; materialize sft_partitions "
+                         "for its family")
     stage = config.start_stage or START_STAGES[plan["family"]]
     start = str(latest_metadata(context, f"train_{stage}").get("transformer_dir")
                 or stage_dir(k5_home.paths, stage) / "ema" / "transformer")
@@ -145,6 +150,7 @@ def sft_soup(context: dg.AssetExecutionContext, config: SftSoupConfig, k5_home: 
         "pipeline_dir": str(out / "pipeline"), "transformer_dir": str(out / "transformer"), "family": config.family,
         "recipe": dg.MetadataValue.json(result["recipe"]), "weights": dg.MetadataValue.json(result["weights"]),
         "soup_val_loss": result["soup_val_loss"], "members_mean_val_loss": result["members_mean_val_loss"],
+        "weighted_members_val_loss": result["weighted_members_val_loss"],
         "member_val_loss": dg.MetadataValue.json(result["member_val_loss"]), "mlflow_run": dg.MetadataValue.url(url),
         "mlflow_run_id": run_id, "best_single_domain": result["best_single_domain"],
         "best_single_domain_pipeline": result["best_single_domain_pipeline"],

@@ -157,9 +157,13 @@ def make_soup(members: list[dict[str, Any]], *, hierarchical: bool, domain_schem
                    for m in members}
     soup_loss = validation_loss(out / "transformer", base_pipeline, store, union, text=text)
     best = min(member_loss, key=member_loss.__getitem__)
-    result = {"recipe": recipe.to_dict(), "weights": dict(zip(member_loss, recipe.leaf_weights())),
+    weights = dict(zip(member_loss, recipe.leaf_weights()))
+    # the soup matches the members' weighted mean to first order in the members' differences (docs/sft.md), so that
+    # mean is the fair reference of a non-uniform soup; the plain mean is the acceptance figure
+    result = {"recipe": recipe.to_dict(), "weights": weights,
               "soup_val_loss": soup_loss, "member_val_loss": member_loss,
               "members_mean_val_loss": sum(member_loss.values()) / len(member_loss),
+              "weighted_members_val_loss": sum(weights[k] * v for k, v in member_loss.items()),
               "best_single_domain": best,
               "best_single_domain_pipeline": next(m["pipeline_dir"] for m in members if m["partition"] == best)}
     (out / "soup.json").write_text(json.dumps(result, indent=2))

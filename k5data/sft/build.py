@@ -49,8 +49,10 @@ def build_partitions(rows: list[dict[str, Any]], store: Store, src_prefix: str, 
     for v in variants.values():
         for k, n in v.counts().items():
             sources[k] = sources.get(k, 0) + n
+    # one item's variants for people to read (an item with Russian variants when there is one)
+    example = next((v for v in variants.values() if "ru" in v.texts), next(iter(variants.values())))
     plan = {"family": cfg.family, "partitions": layouts, **report, "variant_sources": sources,
-            "rewriter": lm.name, "items": len(variants)}
+            "rewriter": lm.name, "items": len(variants), "example_variants": example.texts}
     plan_path.parent.mkdir(parents=True, exist_ok=True)
     plan_path.write_text(json.dumps(plan, indent=2, default=str))
     items_table(parts).to_parquet(plan_path.with_suffix(".items.parquet"), index=False)

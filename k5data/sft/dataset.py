@@ -70,7 +70,12 @@ class SftPartition:
     @property
     def size(self) -> int:
         """Items of the partition (train + validation): the soup's size weight."""
-        return len(self.train_ids) + len(self.val_ids)
+        return len(set(self.train_ids) | set(self.val_ids))  # a one-item partition lists its item in both
+
+    @property
+    def val_held_out(self) -> bool:
+        """False for a one-item partition, which validates on its training item (nothing to hold out)."""
+        return not set(self.val_ids) & set(self.train_ids)
 
 
 def partition_key(family: str, domain: str, subdomain: str | None = None) -> str:
@@ -167,7 +172,7 @@ def write_partition_shards(store: Store, src_prefix: str, dst_prefix: str, part:
                                              index.column("res_class").to_pylist())})
     return {"key": part.key, "prefix": f"{dst_prefix}/train", "val_prefix": f"{dst_prefix}/val",
             "classes": [list(c) for c in classes], "train_samples": index.num_rows, **asdict(part),
-            "size": part.size}
+            "size": part.size, "val_held_out": part.val_held_out}
 
 
 def item_embeddings(store: Store, prefix: str, ids: set[str]) -> dict[str, np.ndarray]:
