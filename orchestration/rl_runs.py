@@ -6,7 +6,7 @@ Reward pairs (no human labels): for each SFT item, its caption is the prompt; th
 soup started from) and the SFT soup each generate one image with the same seed, and the real SFT image (a video item:
 its first frame) is resized to the same size. Order: pretrain < sft < real; the three (better, worse) pairs are stored
 in both positions, (A, B) with label 1 and (B, A) with label 0, with which model made each side. Items are split into
-train and val by a hash of their id (held-out prompts of DRaFT-K are the val items).
+train and val by a hash of their source media id (held-out prompts of DRaFT-K are the val items).
 """
 
 from __future__ import annotations
@@ -59,9 +59,10 @@ def _real_image(row: Mapping[str, Any], height: int, width: int):
 
 
 def split_items(item_ids: list[str], val_fraction: float) -> dict[str, str]:
-    """train/val per item by a hash of its id (stable across re-runs); at least one of each."""
+    """train/val per key (an item's source media) by a hash of it (stable across re-runs); at least one of each."""
     if len(item_ids) < 2:
-        raise ValueError(f"reward pairs need at least 2 SFT items (one train, one val), got {len(item_ids)}")
+        raise ValueError(f"reward pairs need SFT items from at least 2 media (one train, one val), got "
+                         f"{len(item_ids)}")
     ranked = sorted(item_ids, key=lambda i: hashlib.sha256(str(i).encode()).hexdigest())
     n_val = min(len(ranked) - 1, max(1, round(len(ranked) * val_fraction)))
     return {i: "val" if k < n_val else "train" for k, i in enumerate(ranked)}
@@ -77,7 +78,9 @@ def build_reward_pairs(rows: list[dict[str, Any]], pretrain_dir: str | Path, sft
 
     rows = sorted((r for r in rows if str(r.get("caption") or "").strip()), key=lambda r: str(r["item_id"]))
     rows = rows[:settings.max_items] if settings.max_items else rows
-    split = split_items([str(r["item_id"]) for r in rows], settings.val_fraction)
+    # split by source media: two scenes of one video share their look, so they stay on the same side
+    by_media = split_items(sorted({str(r.get("media_id") or r["item_id"]) for r in rows}), settings.val_fraction)
+    split = {str(r["item_id"]): by_media[str(r.get("media_id") or r["item_id"])] for r in rows}
     images = out / "images"
     images.mkdir(parents=True, exist_ok=True)
     n = settings.seeds_per_item
@@ -180,6 +183,7 @@ def run_tracked(context: dg.AssetExecutionContext, mlflow: Any, training_job: An
     summary = json.loads((Path(job.out) / "summary.json").read_text())
     replace_dir(job.out, final)
     summary = {k: v.replace(str(job.out), str(final)) if isinstance(v, str) else v for k, v in summary.items()}
+    (final / "summary.json").write_text(json.dumps(summary, indent=2))
     url = mlflow.end_stage_run(run_id, tags={f"k5_{k}": str(v)[:5000] for k, v in summary.items()
                                              if k.startswith(("selected", "heldout"))})
     return {**summary, "mlflow_run_id": run_id}, url
