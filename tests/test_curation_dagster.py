@@ -39,8 +39,9 @@ def test_shards_register_every_file_once(materialized: dict) -> None:
         listed += mat.metadata["listed"].value
         new += mat.metadata["new_media"].value
         quarantined += mat.metadata["quarantined"].value
-    # 8 photos + 3 derived images; empty, truncated, mislabelled and unsupported files are quarantined.
-    assert (listed, new, quarantined) == (15, 11, 4)
+    # 8 photos + 3 derived images + 5 editing cases; empty, truncated, mislabelled and unsupported files are
+    # quarantined.
+    assert (listed, new, quarantined) == (20, 16, 4)
 
 
 def test_dataset_metadata_and_checks(materialized: dict) -> None:
