@@ -21,7 +21,7 @@ from typing import Any, Protocol
 
 import numpy as np
 
-from k5data.curation.backends import ClipEmbedder, Dinov2Embedder, _require, cached
+from k5data.curation.backends import Dinov2Embedder, _require, cached
 
 
 class Embedder(Protocol):
@@ -103,6 +103,31 @@ class HFImageEmbedder:
         return _unit(vec.numpy())
 
 
+class ClipVision:
+    """CLIP image embeddings (``image_embeds``) from the vision tower and projection only: loads a full CLIP folder
+    (the curation's scene classifier's) or a vision-only export, without the text tower and tokenizer that
+    ``k5data.curation.backends.ClipEmbedder`` loads for zero-shot labels, which mining never uses."""
+
+    def __init__(self, model_path: str | os.PathLike) -> None:
+        import torch
+        from transformers import AutoConfig, CLIPImageProcessor, CLIPVisionModelWithProjection
+
+        path = _require(model_path, "CLIP embedder")
+        config = AutoConfig.from_pretrained(path, local_files_only=True)
+        if hasattr(config, "vision_config"):  # a full CLIP folder: its projection width is the top-level one
+            config.vision_config.projection_dim = config.projection_dim
+            config = config.vision_config
+        self.processor = CLIPImageProcessor.from_pretrained(path, local_files_only=True)
+        self.model = CLIPVisionModelWithProjection.from_pretrained(path, config=config, local_files_only=True).eval()
+        self.name = f"clip:{path.name}"
+        self._torch = torch
+
+    def embed(self, rgb: np.ndarray) -> np.ndarray:
+        with self._torch.no_grad():
+            out = self.model(**self.processor(images=[rgb], return_tensors="pt"))
+        return _unit(out.image_embeds[0].numpy())
+
+
 class OneImage:
     """One image at a time through a curation backend's batched ``embed_many`` (the same loaded model)."""
 
@@ -117,7 +142,7 @@ def clip_embedder(backend: str, model_path: str | None) -> Embedder:
     if backend == "thumbnail":
         return ColourThumbnail()
     if backend == "clip":
-        return cached(ClipEmbedder, model_path)
+        return cached(ClipVision, model_path)
     raise ValueError(f"clip_backend {backend!r} is not one of thumbnail, clip")
 
 
