@@ -80,6 +80,16 @@ def test_sft_subset_on_the_qalign_scale() -> None:
     assert not sft_subset(0.75, 0.9, cfg) and not sft_subset(0.9, 0.25, cfg) and not sft_subset(None, 0.9, cfg)
 
 
+def test_mined_rows_are_passed_images_or_rejected_only_as_duplicates() -> None:
+    from k5data.editing.pairs import mining_rows
+
+    df = pd.DataFrame({"media_id": list("abcdef"), "kind": ["image"] * 5 + ["video"],
+                       "bucket": [256, 256, 256, 0, 512, 256], "passed": [True, False, False, False, False, True],
+                       "reject_reason": [None, "duplicate", "duplicate;watermark", "duplicate", "watermark", None]})
+    assert mining_rows(df, EditMiningConfig())["media_id"].tolist() == ["a", "b"]  # d: under 256 px, f: video
+    assert mining_rows(df, EditMiningConfig(include_rejected=()))["media_id"].tolist() == ["a"]
+
+
 def test_candidate_search_goes_through_the_index_with_subquadratic_work() -> None:
     rng = np.random.default_rng(0)
 

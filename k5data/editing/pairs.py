@@ -48,7 +48,8 @@ def mining_rows(curated: pd.DataFrame, cfg: EditMiningConfig) -> pd.DataFrame:
     def eligible(row: pd.Series) -> bool:
         if bool(row["passed"]):
             return True
-        reasons = set(str(row["reject_reason"] or "").split(";")) - {""}
+        reason = row["reject_reason"]
+        reasons = set(str(reason).split(";")) - {""} if isinstance(reason, str) else set()
         return bool(reasons) and reasons <= allowed
 
     return images[images.apply(eligible, axis=1)].reset_index(drop=True) if len(images) else images
