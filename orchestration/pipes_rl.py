@@ -16,8 +16,7 @@ from dagster_pipes import open_dagster_pipes
 
 def main(argv: list[str]) -> int:
     from k5model.rl.jobs import DraftTrainJob, RewardTrainJob
-    from orchestration.mlflow_tracking import MLflowStepLogger
-    from orchestration.pipes_train import PipesStepReporter
+    from orchestration.pipes_train import run_reported
 
     if len(argv) != 4 or argv[0] != "--kind" or argv[2] != "--job" or argv[1] not in ("reward", "draft"):
         raise SystemExit("usage: python -m orchestration.pipes_rl --kind reward|draft --job JOB.json|'{...}'")
@@ -30,16 +29,7 @@ def main(argv: list[str]) -> int:
 
         job = DraftTrainJob.from_json(argv[3])
     with open_dagster_pipes() as pipes:
-        reporter = PipesStepReporter(pipes)
-        tracker = MLflowStepLogger.from_env(Path(job.out))
-        try:
-            summary = train(job, callbacks=[reporter, *([tracker] if tracker else [])])
-        except BaseException:
-            if tracker is not None:
-                tracker.finish(failed=True)
-            raise
-        if tracker is not None:
-            tracker.finish()
+        summary, reporter, _ = run_reported(pipes, Path(job.out), lambda callbacks: train(job, callbacks=callbacks))
         meta = {k: v for k, v in summary.items() if isinstance(v, int | float | str)}
         pipes.report_asset_materialization(metadata={**meta, "seconds": reporter.summary()["seconds"]})
     return 0

@@ -15,6 +15,7 @@ import os
 import statistics
 import sys
 import time
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -52,6 +53,26 @@ class PipesStepReporter:
                 "peak_mem_gib": float(self.last.get("peak_mem_gib", math.nan))}
 
 
+def run_reported(pipes: PipesContext, out_dir: Path,
+                 train: Callable[[list[Any]], Any]) -> tuple[Any, PipesStepReporter, Any]:
+    """``train(callbacks)`` with the Pipes step reporter and, when ``K5_MLFLOW_RUN_ID`` names a run, the MLflow step
+    logger (ended FAILED if training raises, FINISHED otherwise). Returns (train's result, reporter, logger or None);
+    the RL jobs (``orchestration.pipes_rl``) report the same way."""
+    from orchestration.mlflow_tracking import MLflowStepLogger
+
+    reporter = PipesStepReporter(pipes)
+    tracker = MLflowStepLogger.from_env(out_dir)
+    try:
+        result = train([reporter, *([tracker] if tracker else [])])
+    except BaseException:
+        if tracker is not None:
+            tracker.finish(failed=True)
+        raise
+    if tracker is not None:
+        tracker.finish()
+    return result, reporter, tracker
+
+
 def main(argv: list[str]) -> int:
     from k5cli.train_run import load_job, run_training
 
@@ -61,19 +82,9 @@ def main(argv: list[str]) -> int:
     if os.environ.get("RANK", "0") != "0":  # torchrun worker other than rank 0: train only
         run_training(job)
         return 0
-    from orchestration.mlflow_tracking import MLflowStepLogger
-
     with open_dagster_pipes() as pipes:
-        reporter = PipesStepReporter(pipes)
-        tracker = MLflowStepLogger.from_env(Path(job.checkpoint.out))
-        try:
-            result = run_training(job, callbacks=[reporter, *([tracker] if tracker else [])])
-        except BaseException:
-            if tracker is not None:
-                tracker.finish(failed=True)
-            raise
-        if tracker is not None:
-            tracker.finish()
+        result, reporter, tracker = run_reported(pipes, Path(job.checkpoint.out),
+                                                 lambda callbacks: run_training(job, callbacks=callbacks))
         meta = {**reporter.summary(), "stage": result["stage"], "step": result["step"],
                 "world_size": result["world_size"], "resumed_from": result["resumed_from"] or 0,
                 # damaged checkpoints the resume passed over, newest first ("" when none)
