@@ -54,6 +54,9 @@ def test_one_connected_lineage_from_raw_sources_to_release() -> None:
             up = _ancestors(dg.AssetKey(f"train_{stage}"), parents)
             latents = "image_latent_shards" if chain == "image_lite" else "latent_shards"
             assert dg.AssetKey(latents) in up and dg.AssetKey("raw_sources") in up, stage
+            if stage.startswith("image_edit"):  # issue 15: the editing stages train on the mined pairs
+                mined = ("curated_dataset", "edit_candidates", "edit_pairs", "edit_latent_shards")
+                assert {dg.AssetKey(k) for k in mined} <= up, stage
         assert dg.AssetKey(f"train_{stages[-1]}") in release, chain
 
 
