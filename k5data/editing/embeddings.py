@@ -178,7 +178,8 @@ class FaceEmbedder:
         h, w = rgb.shape[:2]
         s = min(1.0, self.detect_side / max(h, w))
         g = cv2.cvtColor(cv2.resize(rgb, (round(w * s), round(h * s))), cv2.COLOR_RGB2GRAY)
-        found = self.detector.detect_multi_scale(g, scale_factor=1.2, step_ratio=1, min_size=(24, 24),
+        least = max(24, self.detect_side // 8)  # faces under 1/8 of the long side are too small to match (and slow)
+        found = self.detector.detect_multi_scale(g, scale_factor=1.2, step_ratio=1, min_size=(least, least),
                                                  max_size=(g.shape[0], g.shape[1]), min_neighbor_number=4)
         return [(round(d["r"] / s), round(d["c"] / s), round(d["height"] / s), round(d["width"] / s))
                 for d in found]
