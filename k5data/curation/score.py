@@ -44,8 +44,8 @@ class Scorers:
     def __init__(self, cfg: CurationConfig) -> None:
         self.cfg = cfg
         f, dev = cfg.section("filters"), cfg.get("device", "cpu")
-        self.captioner = Captioner(cfg.section("captions"))
-        self.domains = DomainClassifier(cfg.section("domains"))
+        self.captioner = Captioner({"device": dev, **cfg.section("captions")})
+        self.domains = DomainClassifier({"device": dev, **cfg.section("domains")})
         wm, q, cx, cl = f["watermark"], f["quality"], f["complexity"], cfg.section("clusters")
         models = wm["backend"] in ("hf-image-classifier", "models")
         self.watermark = (cached(HFImageClassifier, wm["model_path"], wm["positive_label"], device=dev)
@@ -73,7 +73,7 @@ class Scorers:
         if q.get("video_model_path"):
             out["video"] = cached(HFVideoRegressor, q["video_model_path"], device=dev)
         if (q.get("qalign") or {}).get("model_path"):
-            out["qalign"] = load_vlm(q["qalign"]["model_path"])
+            out["qalign"] = load_vlm(q["qalign"]["model_path"], device=dev)  # the captioner's model when same folder
         return out
 
     @staticmethod
