@@ -66,10 +66,11 @@ def test_only_comparisons_that_can_succeed_are_offered() -> None:
     assert DEMO_COMPARISON == f"{CHAINS['video_lite'][-1]}_vs_{CHAINS['video_lite'][0]}" and DEMO_COMPARISON in keys
     assert "sft_soup_vs_pretrain" not in keys and "demo_tiny_seed0_vs_seed1" not in keys
     for key in keys:
-        # stages, or the SFT models the sft_soup asset records (soup_vs_pretrain, soup_vs_best_single_domain)
+        # stages, the SFT models the sft_soup asset records (soup_vs_pretrain, soup_vs_best_single_domain), or a
+        # model recorded by its own asset (flash_vs_<teacher>: flash; rl_vs_soup: rl_model)
         assert all((m.kind == "stage" and m.ref in TABLE4) or (m.kind == "sft" and m.asset_key == "sft_soup")
-                   for m in COMPARISONS[key].models)
-    assert {"soup_vs_pretrain", "soup_vs_best_single_domain"} <= set(keys)
+                   or (m.kind in ("distill", "rl") and m.asset_key in SBS_STAGE_DEPS) for m in COMPARISONS[key].models)
+    assert {"soup_vs_pretrain", "soup_vs_best_single_domain", f"flash_vs_{CHAINS['video_lite'][-1]}"} <= set(keys)
     # the graph: sbs_batch depends on exactly the stage assets its comparisons use, and they exist
     graph_keys = {k.to_user_string() for k in defs.resolve_asset_graph().get_all_asset_keys()}
     deps = {d.asset_key.to_user_string() for d in sbs_batch.specs_by_key[dg.AssetKey("sbs_batch")].deps}
