@@ -86,6 +86,18 @@ def _print_sft(parts: Any, soup: Any, sbs: Any, release: Any) -> None:
     print(f"  soup release: version {release.metadata('release').get('version')} (candidate); gate: {gate}")
 
 
+def _print_editing(main_run: Any) -> None:
+    """The Image Editing chain of main_job: mined pairs -> edit latent shards -> the editing stages (report §6.3.1)."""
+    cands, pairs = main_run.metadata("edit_candidates"), main_run.metadata("edit_pairs")
+    shards = main_run.metadata("edit_latent_shards")
+    print(f"\nImage editing: edit_candidates {cands.get('candidates')} of {cands.get('all_pairs')} possible pairs -> "
+          f"edit_pairs kept {pairs.get('kept')}, dropped {pairs.get('dropped')} {pairs.get('drop_histogram')} -> "
+          f"edit_latent_shards {shards.get('samples')} edit samples -> train_image_edit_mr -> train_image_edit_hr")
+    for stage in ("image_edit_mr", "image_edit_hr"):
+        meta = main_run.metadata(f"train_{stage}")
+        print(f"  {stage}: edit 80% / t2i 20% on the mined pairs, pipeline {meta.get('pipeline_dir')}")
+
+
 def main() -> int:
     offline_env()
     paths = K5Paths.from_env().ensure()
@@ -152,6 +164,7 @@ def main() -> int:
         print(f"\nRelease with margin {margin}: version {meta.get('version')} -> {meta.get('source_uri')}")
         for line in decisions:
             print(f"  {line}")
+    _print_editing(main_run)
     _print_sft(*sft_runs)
     print("\nRegistry now:")
     for line in release_status(paths.mlflow_tracking_uri, FAMILY):
