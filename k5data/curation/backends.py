@@ -291,19 +291,25 @@ class Sam2Counter:
         return int(len(self.masks(rgb)))
 
 
-def _dedupe(masks: Any, scores: Any, iou: float) -> Any:
-    """Greedy non-maximum suppression on mask IoU (best predicted IoU first)."""
+def _dedupe(masks: Any, scores: Any, iou: float, side: int = 64) -> Any:
+    """Greedy non-maximum suppression on mask IoU (best predicted IoU first), IoU measured on ``side``-px copies
+    of the masks; one vectorised suppression step per kept mask."""
+    import torch
+
     if not len(masks):
         return masks
     masks = masks[scores.argsort(descending=True)]
-    flat = masks.flatten(1).float()
-    inter = flat @ flat.T
-    areas = flat.sum(1)
-    ious = inter / (areas[:, None] + areas[None, :] - inter).clamp(min=1)
-    keep: list[int] = []
+    small = torch.nn.functional.interpolate(masks[:, None].float(), size=(side, side), mode="area").flatten(1)
+    small = (small > 0.5).float()
+    areas = small.sum(1)
+    suppressed = torch.zeros(len(masks), dtype=torch.bool, device=masks.device)
+    keep = []
     for i in range(len(masks)):
-        if all(float(ious[i, j]) <= iou for j in keep):
-            keep.append(i)
+        if suppressed[i]:
+            continue
+        keep.append(i)
+        inter = small @ small[i]
+        suppressed |= inter / (areas + areas[i] - inter).clamp(min=1) > iou
     return masks[keep]
 
 
