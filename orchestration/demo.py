@@ -2,9 +2,11 @@
 
 Raw media -> curation shards -> curated dataset -> latent shards -> the Table 4 stages (demo scale) -> SBS of the last
 Video Lite stage against the first -> a release in the MLflow registry, gated twice: once with a strict margin and once
-with none, so both of the gate's outcomes show, each with its reason. Runs are launched the way the Dagster UI launches
-them (``orchestration.launch``), so they appear in the job's history and the Overview timeline. Exit status 0 only if
-every run and check that should pass did.
+with none, so both of the gate's outcomes show, each with its reason; then the SFT chain and the distillation chain
+(CFG-distilled -> TSCD 16 NFE -> Flash, MagCache calibration; Flash SBS against its teacher; Flash release candidate)
+and the RL chain (reward pairs -> reward model -> DRaFT-K from the soup; SBS rl_vs_soup; RL release candidate).
+Runs are launched the way the Dagster UI launches them (``orchestration.launch``), so they appear in the job's history
+and the Overview timeline. Exit status 0 only if every run and check that should pass did.
 """
 
 from __future__ import annotations
@@ -20,11 +22,18 @@ LOGS = {"loggers": {"console": {"config": {"log_level": "INFO"}}}, "execution": 
 FAMILY = "video_lite"
 STRICT_MARGIN = 0.5  # overall-score advantage a candidate must show before it becomes champion (strict gate)
 SIMULATED_PREFERENCE = 0.85  # the demo's simulated raters prefer the later stage (model A) on this share of votes
-# SFT at demo scale: one training step per round, at most two rounds per partition (a tiny model learns fast)
-SFT_MODELS_CONFIG = {"ops": {"sft_models": {"config": {"steps_per_round": 1, "max_rounds": 2, "lr": 1e-3}}}}
+# SFT at demo scale: 12 steps per round, at most two rounds per partition. Shorter fine-tunes stay where the loss is
+# concave along the members' differences and their soup lands above the members' mean (docs/sft.md, figures)
+SFT_MODELS_CONFIG = {"ops": {"sft_models": {"config": {"steps_per_round": 12, "max_rounds": 2, "lr": 1e-3}}}}
 # the demo's simulated annotators pass a handful of items: one item per domain is a partition (validated on itself)
 SFT_PARTITIONS_CONFIG = {"ops": {"sft_partitions": {"config": {"min_items": 1, "max_new_tokens": 8}}}}
 SFT_COMPARISON = "soup_vs_pretrain"
+RL_COMPARISON = "rl_vs_soup"  # RL at demo scale: the rl group's defaults (assets.rl), then this SBS and a release
+# Distillation at demo scale (report §6.5, §7.2): 2 optimiser steps a stage, 8-NFE guided reference, 1x16x16 latents
+DISTILL_CONFIG = {"ops": {name: {"config": {"train_steps": 2, "reference_steps": 8, "train_seeds": 1,
+                                            "latent_frames": 1}}
+                          for name in ("cfg_distilled", "tscd_16nfe", "flash", "magcache_calibration")}}
+FLASH_COMPARISON = "flash_vs_video_lite_mr_10s"
 
 
 def _report(name: str, result: Any, gate_may_keep: bool = False) -> bool:
@@ -42,6 +51,12 @@ def _report(name: str, result: Any, gate_may_keep: bool = False) -> bool:
     if result.run_failure:
         print(result.run_failure, file=sys.stderr)
     return False
+
+
+def _gate(release: Any) -> list[str]:
+    """The champion_gate decision and reason of a release run."""
+    return [f"{c.metadata['decision'].value} - {c.metadata['reason'].value}" for c in release.check_evaluations
+            if c.check_name == "champion_gate"]
 
 
 def _scalars(meta: dict[str, Any]) -> str:
@@ -71,18 +86,86 @@ def _sft_chain(run: Any, sbs_config: dict) -> tuple[Any, Any, Any, Any] | None:
     return parts, soup, sbs, release
 
 
+def _sbs_and_release(run: Any, comparison: str, sbs_config: dict, release_config: dict,
+                     label: str) -> tuple[Any, Any] | None:
+    """A candidate's SBS at demo scale (2 prompts, simulated judgments) and its release through the gate."""
+    sbs = run("sbs_job", comparison, {"ops": {"sbs_batch": {"config": {"subset_size": 2}},
+                                              "sbs_report": {"config": {**sbs_config, "p_a": SIMULATED_PREFERENCE}}}})
+    if not _report(f"sbs_job {comparison}", sbs):
+        return None
+    release = run("release_job", FAMILY, {"ops": {"release": {"config": release_config}}})
+    if not _report(f"release_job {FAMILY} ({label})", release, gate_may_keep=True):
+        return None
+    return sbs, release
+
+
+def _distill_chain(run: Any, sbs_config: dict) -> tuple[Any, Any, Any] | None:
+    """Distillation at demo scale: cfg_distilled -> tscd_16nfe -> flash and magcache_calibration (each a Pipes job)
+    -> SBS of Flash (its own 16 NFE, guidance 1) against its teacher (simulated judgments) -> Flash as a release
+    candidate through the gate."""
+    distill = run("distill_job", config=DISTILL_CONFIG)
+    if not _report("distill_job", distill):
+        return None
+    gated = _sbs_and_release(run, FLASH_COMPARISON, sbs_config, {"distilled": "flash", "margin": 0.0,
+                                                                 "latency_steps": 16}, "Flash")
+    return None if gated is None else (distill, *gated)
+
+
+def _print_distill(distill: Any, sbs: Any, release: Any) -> None:
+    print("\nDistillation (latent MSE to the teacher's guided reference at demo scale):")
+    for name in ("cfg_distilled", "tscd_16nfe", "flash", "magcache_calibration"):
+        meta = distill.metadata(name)
+        print(f"  {name}: {meta.get('nfe')} NFE, guidance {meta.get('guidance_scale')}, MSE "
+              f"{meta.get('mse_to_guided_reference'):.6f}; pipeline {meta.get('pipeline_dir')}")
+    report = sbs.metadata("sbs_report")
+    print(f"  SBS {FLASH_COMPARISON}: {report.get('judgments')} SIMULATED judgments; overall "
+          f"{report.get('overall_visual_quality')}")
+    gate = _gate(release)
+    print(f"  Flash release: version {release.metadata('release').get('version')} (candidate); gate: {gate}")
+
+
+def _rl_chain(run: Any, sbs_config: dict) -> tuple[Any, Any, Any] | None:
+    """RL at demo scale (report §6.6): reward pairs from the pre-trained stage, the SFT soup and the real SFT images ->
+    the tiny reward model (σ-chosen checkpoint) -> DRaFT-K from the soup (each a Pipes job with an MLflow run) -> SBS
+    of the RL model against the soup (simulated judgments) -> the RL model as a release candidate."""
+    rl = run("rl_job")
+    if not _report("rl_job", rl):
+        return None
+    gated = _sbs_and_release(run, RL_COMPARISON, sbs_config, {"rl_model": True, "margin": 0.0}, "RL model")
+    return None if gated is None else (rl, *gated)
+
+
+def _print_rl(rl: Any, sbs: Any, release: Any) -> None:
+    pairs, rm, pol = (rl.metadata(k) for k in ("reward_pairs", "reward_model", "rl_model"))
+    print(f"\nRL: {pairs.get('items')} SFT items -> {pairs.get('pairs')} reward pairs ({pairs.get('order')}, both "
+          f"orders; {pairs.get('val_items')} items held out)")
+    print(f"  reward model: val accuracy {rm.get('val_accuracy'):.3f} (chance 0.5), KDE sigma "
+          f"{rm.get('val_score_kde_sigma'):.4f}, swap agreement {rm.get('swap_agreement'):.3f}; kept "
+          f"{rm.get('selected_reason')}")
+    print(f"  DRaFT-K (K={pol.get('k')} of {pol.get('num_steps')} steps, {pol.get('steps')} updates): held-out reward "
+          f"{pol.get('heldout_reward_start'):.4f} -> {pol.get('heldout_reward_end'):.4f}, KL to the soup at most "
+          f"{pol.get('max_heldout_kl'):.5f}; pipeline {pol.get('pipeline_dir')}")
+    report = sbs.metadata("sbs_report")
+    print(f"  SBS {RL_COMPARISON}: {report.get('judgments')} SIMULATED judgments; overall "
+          f"{report.get('overall_visual_quality')}")
+    gate = _gate(release)
+    print(f"  RL release: version {release.metadata('release').get('version')} (candidate); gate: {gate}")
+
+
 def _print_sft(parts: Any, soup: Any, sbs: Any, release: Any) -> None:
     meta, plan = soup.metadata("sft_soup"), parts.metadata("sft_partitions")
     print(f"\nSFT: {plan.get('items')} items -> partitions {plan.get('partitions')} (caption variants by "
           f"{plan.get('rewriter')}: {plan.get('variant_sources')})")
+    example = plan.get("example_variants") or {}
+    print(f"  variants of one item (the trainer draws one (language, length) pair per step): "
+          f"{ {lang: [by_len.get(k) for k in ('short', 'very_short')] for lang, by_len in example.items()} }")
     print(f"  soup weights {meta.get('weights')}; validation loss on the union of the partitions' validation items: "
-          f"soup {meta.get('soup_val_loss'):.5f} vs members' mean {meta.get('members_mean_val_loss'):.5f} "
+          f"soup {meta.get('soup_val_loss'):.6f} vs members' mean {meta.get('members_mean_val_loss'):.6f} "
           f"(members {meta.get('member_val_loss')}); pipeline {meta.get('pipeline_dir')}")
     report = sbs.metadata("sbs_report")
     print(f"  SBS {SFT_COMPARISON}: {report.get('judgments')} SIMULATED judgments; overall "
           f"{report.get('overall_visual_quality')}")
-    gate = [f"{c.metadata['decision'].value} - {c.metadata['reason'].value}" for c in release.check_evaluations
-            if c.check_name == "champion_gate"]
+    gate = _gate(release)
     print(f"  soup release: version {release.metadata('release').get('version')} (candidate); gate: {gate}")
 
 
@@ -140,6 +223,12 @@ def main() -> int:
         sft_runs = _sft_chain(run, sbs_config)
         if sft_runs is None:
             return 1
+        distill_runs = _distill_chain(run, sbs_config)
+        if distill_runs is None:
+            return 1
+        rl_runs = _rl_chain(run, sbs_config)
+        if rl_runs is None:
+            return 1
         elapsed = time.perf_counter() - t0
 
     print(f"\nThe lineage ran in {elapsed:.1f} s; runs are in the Dagster UI (job history and Overview timeline).")
@@ -166,6 +255,8 @@ def main() -> int:
             print(f"  {line}")
     _print_editing(main_run)
     _print_sft(*sft_runs)
+    _print_distill(*distill_runs)
+    _print_rl(*rl_runs)
     print("\nRegistry now:")
     for line in release_status(paths.mlflow_tracking_uri, FAMILY):
         print(f"  {line}")
