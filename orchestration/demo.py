@@ -22,8 +22,8 @@ LOGS = {"loggers": {"console": {"config": {"log_level": "INFO"}}}, "execution": 
 FAMILY = "video_lite"
 STRICT_MARGIN = 0.5  # overall-score advantage a candidate must show before it becomes champion (strict gate)
 SIMULATED_PREFERENCE = 0.85  # the demo's simulated raters prefer the later stage (model A) on this share of votes
-# SFT at demo scale: 12 steps per round, at most two rounds per partition. Shorter fine-tunes stay where the loss is
-# concave along the members' differences and their soup lands above the members' mean (docs/sft.md, figures)
+# SFT at demo scale: 12 steps per round, at most two rounds per partition, so the members move measurably apart
+# (at 1-2 steps the soup-vs-members gap was at float-noise level; docs/sft.md has the figures)
 SFT_MODELS_CONFIG = {"ops": {"sft_models": {"config": {"steps_per_round": 12, "max_rounds": 2, "lr": 1e-3}}}}
 # the demo's simulated annotators pass a handful of items: one item per domain is a partition (validated on itself)
 SFT_PARTITIONS_CONFIG = {"ops": {"sft_partitions": {"config": {"min_items": 1, "max_new_tokens": 8}}}}
