@@ -88,7 +88,7 @@ def test_definitions_jobs_cover_everything() -> None:
     # main_job holds no partitioned asset (it runs without a partition key).
     jobs = {name: set(defs.resolve_job_def(name).asset_layer.executable_asset_keys)
             for name in ("main_job", "curation_shards_job", "sbs_job", "release_job", "sft_partitions_job",
-                         "sft_models_job", "sft_soup_job", "distill_job")}
+                         "sft_models_job", "sft_soup_job", "distill_job", "rl_job")}
     assert set().union(*jobs.values()) == set(graph.materializable_asset_keys)
     assert not any(graph.get(key).is_partitioned for key in jobs["main_job"])
     assert set(defs.resources) >= {"k5_home", "mlflow", "object_store"}
