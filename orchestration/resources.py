@@ -317,8 +317,10 @@ class TrainingJobResource(dg.ConfigurableResource):
 
     def pod_spec(self, job: TrainJob, env: Mapping[str, str]) -> dict[str, Any]:
         """The Kubernetes pod spec this resource would launch for ``job`` (see ``build_training_pod_spec``)."""
-        return build_training_pod_spec(command=training_command(job, python="python"),
-                                       env={**env, "K5_HOME": self._home()}, gpus=job.parallel.nproc,
+        return self._pod_spec(training_command(job, python="python"), env, job.parallel.nproc)
+
+    def _pod_spec(self, command: list[str], env: Mapping[str, str], gpus: int) -> dict[str, Any]:
+        return build_training_pod_spec(command=command, env={**env, "K5_HOME": self._home()}, gpus=gpus,
                                        **self._pod_settings())
 
     def pytorchjob(self, job: TrainJob, env: Mapping[str, str], name: str) -> dict[str, Any]:
@@ -372,22 +374,28 @@ class TrainingJobResource(dg.ConfigurableResource):
     def run(self, context: dg.AssetExecutionContext, job: TrainJob,
             env: Mapping[str, str]) -> dg.PipesClientCompletedInvocation:
         """Run one stage; blocks until the job ends (raises if it fails), streaming its Pipes messages meanwhile."""
-        if self.backend == "subprocess":
-            cmd = training_command(job)
-            context.log.info(f"training job (subprocess): {shlex.join(cmd)}")
-            return dg.PipesSubprocessClient().run(context=context, command=cmd, env=dict(env))
         if self.backend == "k8s" and self.nodes > 1:
             return self.run_pytorchjob(context, job, env)
+        return self.run_command(context, training_command, job, env, gpus=job.parallel.nproc, label="k5-train")
+
+    def run_command(self, context: dg.AssetExecutionContext, command: Callable[..., list[str]], job: Any,
+                    env: Mapping[str, str], *, gpus: int, label: str) -> dg.PipesClientCompletedInvocation:
+        """Run ``command(job, python=...)`` once through Pipes on this backend: a local subprocess, or one pod with
+        ``gpus`` GPUs and this resource's pod settings. Stages and the RL jobs launch through here."""
+        if self.backend == "subprocess":
+            cmd = command(job)
+            context.log.info(f"training job (subprocess): {shlex.join(cmd)}")
+            return dg.PipesSubprocessClient().run(context=context, command=cmd, env=dict(env))
         if self.backend == "k8s":
             from dagster_k8s import PipesK8sClient
 
-            spec = self.pod_spec(job, env)
+            spec = self._pod_spec(command(job, python="python"), env, gpus)
             context.log.info(f"training job (k8s, namespace {self.namespace}): "
                              f"{shlex.join(spec['containers'][0]['command'])}")
             client = PipesK8sClient(load_incluster_config=self.load_incluster_config,
                                     kubeconfig_file=self.kubeconfig_file)
             return client.run(context=context, namespace=self.namespace, base_pod_spec=spec,
-                              base_pod_meta={"labels": {"app.kubernetes.io/name": "k5-train"}},
+                              base_pod_meta={"labels": {"app.kubernetes.io/name": label}},
                               pod_wait_timeout=self.pod_wait_timeout_s)
         raise ValueError(f"TrainingJobResource.backend={self.backend!r} is not one of {BACKENDS}")
 

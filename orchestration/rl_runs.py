@@ -11,9 +11,9 @@ train and val by a hash of their source media id (held-out prompts of DRaFT-K ar
 
 from __future__ import annotations
 
+import functools
 import hashlib
 import json
-import shlex
 import sys
 from collections.abc import Callable, Mapping
 from dataclasses import asdict, dataclass
@@ -102,9 +102,9 @@ def build_reward_pairs(rows: list[dict[str, Any]], pretrain_dir: str | Path, sft
         Image.fromarray(_real_image(r, settings.height, settings.width)).save(path)
         for j in range(n):
             paths[str(r["item_id"]), j]["real"] = str(path)
-    table = []
+    table, by_item = [], {str(r["item_id"]): r for r in rows}
     for (item, j), p in paths.items():
-        r = next(x for x in rows if str(x["item_id"]) == item)
+        r = by_item[item]
         for hi in range(len(SOURCES_WORST_TO_BEST)):
             for lo in range(hi):
                 better, worse = SOURCES_WORST_TO_BEST[hi], SOURCES_WORST_TO_BEST[lo]
@@ -131,27 +131,10 @@ def rl_command(kind: str, job: RewardTrainJob | DraftTrainJob, python: str = sys
 
 def run_rl_job(context: dg.AssetExecutionContext, training_job: Any, kind: str, job: RewardTrainJob | DraftTrainJob,
                env: Mapping[str, str]) -> dict[str, Any]:
-    """Run one RL job through Pipes on the training resource's backend; returns the job's reported metadata."""
-    from orchestration.training_jobs import build_training_pod_spec
-
-    if training_job.backend == "subprocess":
-        cmd = rl_command(kind, job)
-        context.log.info(f"RL job (subprocess): {shlex.join(cmd)}")
-        done = dg.PipesSubprocessClient().run(context=context, command=cmd, env=dict(env))
-    elif training_job.backend == "k8s":
-        from dagster_k8s import PipesK8sClient
-
-        # One GPU: image_lite DRaFT-K and the 7B reward model fit one H200 (docs/rl.md has the memory plan).
-        spec = build_training_pod_spec(command=rl_command(kind, job, python="python"),
-                                       env={**env, "K5_HOME": training_job._home()}, gpus=1,
-                                       **training_job._pod_settings())
-        done = PipesK8sClient(load_incluster_config=training_job.load_incluster_config,
-                              kubeconfig_file=training_job.kubeconfig_file).run(
-            context=context, namespace=training_job.namespace, base_pod_spec=spec,
-            base_pod_meta={"labels": {"app.kubernetes.io/name": "k5-rl"}},
-            pod_wait_timeout=training_job.pod_wait_timeout_s)
-    else:
-        raise ValueError(f"TrainingJobResource.backend={training_job.backend!r} is not subprocess or k8s")
+    """Run one RL job through Pipes on the training resource's backend (a subprocess, or one pod with one GPU:
+    image_lite DRaFT-K and the 7B reward model fit one H200, docs/rl.md); returns the job's reported metadata."""
+    command = functools.partial(rl_command, kind)
+    done = training_job.run_command(context, command, job, env, gpus=1, label="k5-rl")
     reported = done.get_materialize_result().metadata
     return {k: getattr(v, "value", v) for k, v in reported.items()}
 
