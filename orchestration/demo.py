@@ -111,17 +111,21 @@ def _distill_chain(run: Any, sbs_config: dict) -> tuple[Any, Any, Any] | None:
     return None if gated is None else (distill, *gated)
 
 
+def _print_gated(comparison: str, label: str, sbs: Any, release: Any) -> None:
+    """A candidate chain's last two lines: its SBS result and what the release gate decided."""
+    report = sbs.metadata("sbs_report")
+    print(f"  SBS {comparison}: {report.get('judgments')} SIMULATED judgments; overall "
+          f"{report.get('overall_visual_quality')}")
+    print(f"  {label}: version {release.metadata('release').get('version')} (candidate); gate: {_gate(release)}")
+
+
 def _print_distill(distill: Any, sbs: Any, release: Any) -> None:
     print("\nDistillation (latent MSE to the teacher's guided reference at demo scale):")
     for name in ("cfg_distilled", "tscd_16nfe", "flash", "magcache_calibration"):
         meta = distill.metadata(name)
         print(f"  {name}: {meta.get('nfe')} NFE, guidance {meta.get('guidance_scale')}, MSE "
               f"{meta.get('mse_to_guided_reference'):.6f}; pipeline {meta.get('pipeline_dir')}")
-    report = sbs.metadata("sbs_report")
-    print(f"  SBS {FLASH_COMPARISON}: {report.get('judgments')} SIMULATED judgments; overall "
-          f"{report.get('overall_visual_quality')}")
-    gate = _gate(release)
-    print(f"  Flash release: version {release.metadata('release').get('version')} (candidate); gate: {gate}")
+    _print_gated(FLASH_COMPARISON, "Flash release", sbs, release)
 
 
 def _rl_chain(run: Any, sbs_config: dict) -> tuple[Any, Any, Any] | None:
@@ -145,11 +149,7 @@ def _print_rl(rl: Any, sbs: Any, release: Any) -> None:
     print(f"  DRaFT-K (K={pol.get('k')} of {pol.get('num_steps')} steps, {pol.get('steps')} updates): held-out reward "
           f"{pol.get('heldout_reward_start'):.4f} -> {pol.get('heldout_reward_end'):.4f}, KL to the soup at most "
           f"{pol.get('max_heldout_kl'):.5f}; pipeline {pol.get('pipeline_dir')}")
-    report = sbs.metadata("sbs_report")
-    print(f"  SBS {RL_COMPARISON}: {report.get('judgments')} SIMULATED judgments; overall "
-          f"{report.get('overall_visual_quality')}")
-    gate = _gate(release)
-    print(f"  RL release: version {release.metadata('release').get('version')} (candidate); gate: {gate}")
+    _print_gated(RL_COMPARISON, "RL release", sbs, release)
 
 
 def _print_sft(parts: Any, soup: Any, sbs: Any, release: Any) -> None:
@@ -162,11 +162,7 @@ def _print_sft(parts: Any, soup: Any, sbs: Any, release: Any) -> None:
     print(f"  soup weights {meta.get('weights')}; validation loss on the union of the partitions' validation items: "
           f"soup {meta.get('soup_val_loss'):.6f} vs members' mean {meta.get('members_mean_val_loss'):.6f} "
           f"(members {meta.get('member_val_loss')}); pipeline {meta.get('pipeline_dir')}")
-    report = sbs.metadata("sbs_report")
-    print(f"  SBS {SFT_COMPARISON}: {report.get('judgments')} SIMULATED judgments; overall "
-          f"{report.get('overall_visual_quality')}")
-    gate = _gate(release)
-    print(f"  soup release: version {release.metadata('release').get('version')} (candidate); gate: {gate}")
+    _print_gated(SFT_COMPARISON, "soup release", sbs, release)
 
 
 def _print_editing(main_run: Any) -> None:
