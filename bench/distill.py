@@ -97,6 +97,8 @@ def diffusers_magcache(model: CrossDiT, cfg: Any, settings: SamplingSettings, co
     from bench.generation_speed import diffusers_loop
 
     ref = diffusers_twin(cfg, model, device, dtype)
+    backend = "_native_cudnn" if device.type == "cuda" else "native"  # the anchor at its best attention on GPU
+    ref.set_attention_backend(backend)
     knobs = settings.magcache.get("config", {}) if settings.magcache else {}
     ratios = settings.magcache["mag_ratios"]["cond"] if settings.magcache else None
     apply_mag_cache(ref, MagCacheConfig(mag_ratios=ratios, num_inference_steps=settings.num_steps,
@@ -118,7 +120,8 @@ def diffusers_magcache(model: CrossDiT, cfg: Any, settings: SamplingSettings, co
     return torch.cat(outs).float(), {"seconds_per_sample": (time.perf_counter() - t0) / n,
                                      "transformer_calls_per_sample": 2 * settings.num_steps,
                                      "visual_stack_computed_per_sample": blocks.calls / n,
-                                     "num_steps": settings.num_steps, "guidance_scale": settings.guidance_scale}
+                                     "num_steps": settings.num_steps, "guidance_scale": settings.guidance_scale,
+                                     "attention_backend": backend}
 
 
 def _tuple(cond: Any) -> tuple:

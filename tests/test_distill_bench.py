@@ -23,5 +23,6 @@ def test_distill_bench_smoke_counts_calls_and_deviation(monkeypatch):
     assert mag["visual_stack_computed_per_sample"] + mag["visual_stack_skipped_per_sample"] == 8
     anchor = res["diffusers_magcache100"]
     assert 0 < anchor["visual_stack_computed_per_sample"] <= 8
+    assert anchor["attention_backend"] == "native"  # on a GPU the anchor runs _native_cudnn, its best backend
     for name in ("cfg_distilled50", "flash16", "magcache100", "diffusers_magcache100"):
         assert math.isfinite(res[name]["latent_mse_to_cfg100"]) and res[name]["seconds_per_sample"] > 0
