@@ -126,13 +126,16 @@ def read_versioned(store: ObjectStore, key: str) -> Versioned | None:
         return Versioned(data, _local_version(data))
     client, bucket, full = _s3_target(store, key)
     try:
-        got = _s3_call(store, key, "get", lambda: client.get_object(Bucket=bucket, Key=full))
-        data = got["Body"].read()
+        def get() -> tuple[bytes, str]:  # why: the body is read inside the retry; a cut stream is tried again
+            got = client.get_object(Bucket=bucket, Key=full)
+            return got["Body"].read(), got["ETag"]
+
+        data, etag = _s3_call(store, key, "get", get)
     except Exception as err:
         if _s3_code(err)[0] in ("NoSuchKey", "404"):
             return None
         raise
-    return Versioned(data, got["ETag"].strip('"'))
+    return Versioned(data, etag.strip('"'))
 
 
 def put_if_absent(store: ObjectStore, key: str, data: bytes) -> str | None:

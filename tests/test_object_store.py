@@ -46,6 +46,27 @@ def test_bytes_round_trip_and_missing_keys(store: ObjectStore, tmp_path: Path) -
     assert not store.exists("missing.bin") and not store.exists("a/b")  # a key prefix is not an object
 
 
+def test_s3_download_small_objects_in_one_get_and_large_ones_in_ranged_parts(
+        s3_endpoint: str, tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    from s3_faults import fault_proxy
+
+    for k, v in {"AWS_ACCESS_KEY_ID": "x", "AWS_SECRET_ACCESS_KEY": "x", "AWS_DEFAULT_REGION": "us-east-1"}.items():
+        monkeypatch.setenv(k, v)
+    big = bytes(range(256)) * (6 * 4096 + 7)  # 6 MiB and a bit: above a 5 MiB threshold, two ranged parts
+    with fault_proxy(s3_endpoint) as proxy:
+        store = S3Store("downloads", "p", endpoint_url=proxy.url, multipart_threshold=5 * 1024 * 1024)
+        store.client.create_bucket(Bucket="downloads")
+        store.put_bytes("small.bin", b"tiny")
+        store.put_bytes("big.bin", big)
+        proxy.requests.clear()
+        assert store.get_file("small.bin", tmp_path / "small.bin").read_bytes() == b"tiny"
+        assert proxy.requests == {"list": 1, "read": 1}  # the existence listing and ONE GET (no HEAD)
+        proxy.requests.clear()
+        assert store.get_file("big.bin", tmp_path / "big.bin").read_bytes() == big
+        assert proxy.requests["read"] >= 3  # HEAD, then a GET per part
+        assert not list(tmp_path.glob("*.partial"))
+
+
 def test_list_info_sizes_and_versions(store: ObjectStore) -> None:
     store.put_bytes("d/x.bin", b"12345")
     store.put_bytes("d/y/z.bin", b"1")

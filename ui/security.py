@@ -166,6 +166,7 @@ class LoginGuard:
         self._dummy = hash_password(os.urandom(16).hex())  # verified for unknown names: the same scrypt work
         self._next_slot = 0.0  # pacing of password checks (a virtual-time token bucket)
         self.checks = 0  # password checks run (tests and the bench read it)
+        self.pads = 0  # answers held back to failure_min_s (tests read it)
 
     def _check(self, name: str, password: str) -> bool:
         stored = self.lookup(name)
@@ -208,6 +209,7 @@ class LoginGuard:
     async def _pad(self, started: float) -> None:
         remaining = self.policy.failure_min_s - (self.clock() - started)
         if remaining > 0:
+            self.pads += 1
             await asyncio.sleep(remaining)
 
     async def login(self, name: str, password: str) -> bool:
