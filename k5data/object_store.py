@@ -311,8 +311,8 @@ class S3Store:
         local = Path(local)
         local.parent.mkdir(parents=True, exist_ok=True)
         if int(listed[0]["Size"]) >= self.multipart_threshold:  # ranged parts in parallel (HEAD first)
-            self._retried("download", key, lambda: self._s3.download_file(self.bucket, self._k(key), str(local),
-                                                                                Config=self._cfg))
+            self._retried("download", key, lambda: self._s3.download_file(
+                self.bucket, self._k(key), str(local), Config=self._cfg))
             return local
 
         def fetch() -> None:  # why: one GET per small object, not download_file's HEAD + GET: half the requests
