@@ -89,7 +89,8 @@ def reward_pairs(context: dg.AssetExecutionContext, config: RewardPairsConfig,
 def reward_model(context: dg.AssetExecutionContext, config: RewardModelConfig, k5_home: K5HomeResource,
                  mlflow: MLflowResource, training_job: TrainingJobResource) -> dg.MaterializeResult:
     from k5model.rl.jobs import RewardTrainJob
-    from orchestration.rl_runs import run_tracked, tiny_reward_base, work_dir
+    from orchestration.rl_runs import run_tracked, tiny_reward_base
+    from orchestration.stage_runs import work_dir
 
     pairs = latest_metadata(context, "reward_pairs")
     base = tiny_reward_base(k5_home.paths, str(pairs["sft_pipeline"])) if config.base_model == "tiny" \
@@ -110,15 +111,17 @@ def reward_model(context: dg.AssetExecutionContext, config: RewardModelConfig, k
 def rl_model(context: dg.AssetExecutionContext, config: RlModelConfig, k5_home: K5HomeResource,
              mlflow: MLflowResource, training_job: TrainingJobResource) -> dg.MaterializeResult:
     from k5model.rl.jobs import DraftTrainJob
-    from orchestration.rl_runs import export_rl_pipeline, run_tracked, work_dir
+    from orchestration.rl_runs import export_rl_pipeline, run_tracked
+    from orchestration.stage_runs import work_dir
 
     soup, pairs = latest_metadata(context, "sft_soup"), latest_metadata(context, "reward_pairs")
     final = k5_home.paths.models / "rl" / "rl_model"
     job = DraftTrainJob(policy=str(soup["pipeline_dir"]), reward_model=str(latest_metadata(context, "reward_model")
                                                                             ["path"]),
                         pairs=str(pairs["path"]), out=str(work_dir(final)), **config.model_dump())
-    summary, url = run_tracked(context, mlflow, training_job, "draft", job, final, {"k5_policy": job.policy})
-    pipeline = export_rl_pipeline(final, soup["pipeline_dir"])
+    summary, url = run_tracked(context, mlflow, training_job, "draft", job, final, {"k5_policy": job.policy},
+                               finish=lambda work: export_rl_pipeline(work, soup["pipeline_dir"]))
+    pipeline = final / "pipeline"
     return dg.MaterializeResult(metadata={
         **summary, "pipeline_dir": str(pipeline), "transformer_dir": str(final / "transformer"),
         "family": str(soup["family"]), "start_pipeline": str(soup["pipeline_dir"]),

@@ -19,7 +19,7 @@ import dagster as dg
 
 from k5model.training.job import TrainJob
 from orchestration.settings import K5Paths
-from orchestration.stage_runs import hold_stage, prepare_work, publish, read_metrics
+from orchestration.stage_runs import hold_stage, prepare_work, publish, read_metrics, work_dir
 
 DISTILL_CHAIN = "distillation"  # MLflow lineage run the distillation runs nest under
 STAGE_KIND = {"cfg_distilled": "cfg_distilled", "tscd_16nfe": "tscd", "flash": "flash",
@@ -72,9 +72,9 @@ def run_distill(context: dg.AssetExecutionContext, inputs: DistillInputs, paths:
                 training_job: Any) -> dict[str, Any]:
     """Run one distillation stage through Pipes and publish it; returns the materialization metadata."""
     out = distill_dir(paths, inputs.asset)
-    work = out.with_name(f".{out.name}.partial")
+    work = work_dir(out)
     job = build_distill_job(inputs, work)
-    with hold_stage(out, f"Dagster run {context.run_id}") as lease:
+    with hold_stage(out, f"Dagster run {context.run_id}", asset=inputs.asset) as lease:
         prepare_work(work, job, context.log)
         params = {**{f"job.{k}": v for k, v in job.flat().items()}, "kind": inputs.kind,
                   "teacher_stage": inputs.teacher_stage}

@@ -23,6 +23,7 @@ from typing import Any
 import dagster as dg
 
 from k5model.rl.jobs import PAIR_COLUMNS, SOURCES_WORST_TO_BEST, DraftTrainJob, RewardTrainJob
+from orchestration.stage_runs import hold_stage, publish, work_dir
 
 RL_CHAIN = "rl"  # MLflow lineage run the reward and RL runs nest under
 KINDS = {"reward": RewardTrainJob, "draft": DraftTrainJob}
@@ -139,34 +140,36 @@ def run_rl_job(context: dg.AssetExecutionContext, training_job: Any, kind: str, 
     return {k: getattr(v, "value", v) for k, v in reported.items()}
 
 
-def work_dir(final: Path) -> Path:
-    """Where a job writes before its folder is swapped in whole (a failed re-run leaves the previous one)."""
-    return final.with_name(f".{final.name}.partial")
-
-
 def run_tracked(context: dg.AssetExecutionContext, mlflow: Any, training_job: Any, kind: str,
-                job: RewardTrainJob | DraftTrainJob, final: Path, tags: dict[str, str]) -> tuple[dict[str, Any], str]:
-    """The job (writing into ``job.out``, :func:`work_dir` of ``final``) under its MLflow run (params = the job spec;
-    metrics logged live by the job), then its folder swapped into ``final``: (summary, run link)."""
+                job: RewardTrainJob | DraftTrainJob, final: Path, tags: dict[str, str],
+                finish: Callable[[Path], None] | None = None) -> tuple[dict[str, Any], str]:
+    """The job (writing into ``job.out``, which must be ``stage_runs.work_dir(final)``) under its MLflow run (params =
+    the job spec; metrics logged live by the job), then ``finish(work)`` (e.g. a pipeline export), then the folder
+    published as ``final`` - all under the asset's one-writer lease: (summary, run link)."""
     import shutil
 
-    from k5model.checkpoint import replace_dir
-
-    shutil.rmtree(job.out, ignore_errors=True)
-    name = f"{RL_CHAIN}/{final.name}"
-    params = {f"job.{k}": v for k, v in asdict(job).items()}
-    run_id = mlflow.start_stage_run(RL_CHAIN, name, context.run_id, params, {"dagster_asset": context.asset_key
-                                                                             .to_user_string(), **tags})
-    env = {"MLFLOW_TRACKING_URI": mlflow.resolved_tracking_uri(), "K5_MLFLOW_RUN_ID": run_id}
-    try:
-        run_rl_job(context, training_job, kind, job, env)
-    except BaseException:
-        mlflow.end_stage_run(run_id, failed=True)
-        raise
-    summary = json.loads((Path(job.out) / "summary.json").read_text())
-    replace_dir(job.out, final)
-    summary = {k: v.replace(str(job.out), str(final)) if isinstance(v, str) else v for k, v in summary.items()}
-    (final / "summary.json").write_text(json.dumps(summary, indent=2))
+    work = Path(job.out)
+    if work != work_dir(final):
+        raise ValueError(f"an RL job must write into {work_dir(final)} (stage_runs.work_dir), not {work}")
+    asset = context.asset_key.to_user_string()
+    with hold_stage(final, f"Dagster run {context.run_id}", asset=asset) as lease:
+        shutil.rmtree(work, ignore_errors=True)  # RL jobs do not resume: each attempt starts afresh
+        params = {f"job.{k}": v for k, v in asdict(job).items()}
+        run_id = mlflow.start_stage_run(RL_CHAIN, f"{RL_CHAIN}/{final.name}", context.run_id, params,
+                                        {"dagster_asset": asset, **tags})
+        env = {"MLFLOW_TRACKING_URI": mlflow.resolved_tracking_uri(), "K5_MLFLOW_RUN_ID": run_id}
+        try:
+            run_rl_job(context, training_job, kind, job, env)
+            if finish is not None:
+                finish(work)
+        except BaseException:
+            mlflow.end_stage_run(run_id, failed=True)
+            raise
+        summary = json.loads((work / "summary.json").read_text())
+        summary = {k: v.replace(str(work), str(final)) if isinstance(v, str) else v for k, v in summary.items()}
+        (work / "summary.json").write_text(json.dumps(summary, indent=2))
+        lease.check()
+        publish(work, final)
     url = mlflow.end_stage_run(run_id, tags={f"k5_{k}": str(v)[:5000] for k, v in summary.items()
                                              if k.startswith(("selected", "heldout"))})
     return {**summary, "mlflow_run_id": run_id}, url

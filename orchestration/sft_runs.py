@@ -26,7 +26,7 @@ import dagster as dg
 from k5data.sft.validation import EarlyStop, artifact_score, human_verdict, read_sample_frames, validation_loss
 from k5model.soup import SoupIngredient, SoupRecipe
 from orchestration.settings import K5Paths
-from orchestration.stage_runs import StageInputs, build_job, prepare_work, publish, read_metrics
+from orchestration.stage_runs import StageInputs, build_job, hold_stage, prepare_work, publish, read_metrics, work_dir
 
 SFT_CHAIN = "sft"  # MLflow lineage run the partition runs nest under
 
@@ -62,14 +62,24 @@ def _artifact(folder: Path) -> float | None:
 
 def run_partition(context: dg.AssetExecutionContext, layout: dict[str, Any], s: SftRunSettings, paths: K5Paths,
                   mlflow: Any, training_job: Any, store: Any) -> dict[str, Any]:
-    """Fine-tune one partition in rounds until ``EarlyStop`` says stop; returns the materialization metadata."""
+    """Fine-tune one partition in rounds until ``EarlyStop`` says stop, under the partition's one-writer lease;
+    returns the materialization metadata."""
+    out = sft_dir(paths, layout["key"])
+    with hold_stage(out, f"Dagster run {context.run_id}", asset=f"sft_models[{layout['key']}]") as lease:
+        run_id, reason, stop, start_loss = _fine_tune(context, layout, s, paths, mlflow, training_job, store)
+        lease.check()
+        publish(work_dir(out), out)
+    return _published(out, layout, s, mlflow, run_id, reason, stop, start_loss)
+
+
+def _fine_tune(context: dg.AssetExecutionContext, layout: dict[str, Any], s: SftRunSettings, paths: K5Paths,
+               mlflow: Any, training_job: Any, store: Any) -> tuple[str, str, EarlyStop, float]:
+    """The rounds of one partition's fine-tune in its work folder: (MLflow run id, stop reason, stop rule, start
+    validation loss)."""
     from mlflow.tracking import MlflowClient
 
-    from k5model.checkpoint import assemble_pipeline_folder
-
     key = layout["key"]
-    out = sft_dir(paths, key)
-    work = out.with_name(f".{out.name}.partial")
+    work = work_dir(sft_dir(paths, key))
     shard_meta = {"prefix": layout["prefix"], "classes": layout["classes"]}
     inputs = StageInputs(stage=s.start_stage, chain=SFT_CHAIN, steps=s.steps_per_round, demo=s.demo, ckpt_every=0,
                          init=s.start_transformer, base_pipeline=s.base_pipeline, shard_meta=shard_meta,
@@ -112,13 +122,20 @@ def run_partition(context: dg.AssetExecutionContext, layout: dict[str, Any], s: 
         raise
     (work / "early_stop.json").write_text(json.dumps({"reason": reason, "history": stop.history,
                                                        "start_loss": start_loss}, indent=2))
-    publish(work, out)
+    return run_id, reason, stop, start_loss
+
+
+def _published(out: Path, layout: dict[str, Any], s: SftRunSettings, mlflow: Any, run_id: str, reason: str,
+               stop: EarlyStop, start_loss: float) -> dict[str, Any]:
+    """Export the published partition's best round as a pipeline, close its MLflow run; the metadata."""
+    from k5model.checkpoint import assemble_pipeline_folder
+
     best = stop.best()
     assemble_pipeline_folder(s.base_pipeline, out / "best" / "transformer", out / "pipeline")
     url = mlflow.end_stage_run(run_id, tags={"k5_stop_reason": reason, "k5_best_step": str(best["step"]),
                                              "k5_pipeline_uri": (out / "pipeline").as_uri()})
     metrics = read_metrics(out / "metrics.jsonl")
-    return {"partition": key, "domain": layout["domain"], "subdomain": layout["subdomain"] or "",
+    return {"partition": layout["key"], "domain": layout["domain"], "subdomain": layout["subdomain"] or "",
             "size": layout["size"], "weights_kind": "ema", "transformer_dir": str(out / "best" / "transformer"),
             "pipeline_dir": str(out / "pipeline"), "val_prefix": layout["val_prefix"], "mlflow_run_id": run_id,
             "mlflow_run": dg.MetadataValue.url(url), "start_stage": s.start_stage, "start_val_loss": start_loss,

@@ -101,17 +101,24 @@ def build_job(inputs: StageInputs, work: Path) -> tuple[TrainJob, str]:
 STAGE_LEASE_TTL_S = 120.0  # renewed every 40 s by the run worker; a dead worker's lease is taken over after this
 
 
+def work_dir(out: Path) -> Path:
+    """Where a job writes before it is published as ``out`` (a failed attempt never replaces the last good folder;
+    the next attempt may resume from it)."""
+    return out.with_name(f".{out.name}.partial")
+
+
 @contextlib.contextmanager
-def hold_stage(out: Path, holder: str, ttl_s: float = STAGE_LEASE_TTL_S) -> Iterator[Lease]:
-    """The one-materialization lease of the stage whose folder is ``out``; ``dg.Failure`` (not retried) when another
+def hold_stage(out: Path, holder: str, ttl_s: float = STAGE_LEASE_TTL_S, asset: str | None = None) -> Iterator[Lease]:
+    """The one-materialization lease of the folder ``out`` (a training stage, an SFT partition, a distillation or RL
+    asset; ``asset`` names it in the refusal, default ``train_<stage>``); ``dg.Failure`` (not retried) when another
     run holds it."""
-    stage = out.name
+    name = asset or f"train_{out.name}"
     try:
-        with acquire_lease(LocalStore(out.parent), f".{stage}.lock", holder=holder, ttl_s=ttl_s) as lease:
+        with acquire_lease(LocalStore(out.parent), f".{out.name}.lock", holder=holder, ttl_s=ttl_s) as lease:
             yield lease
     except LeaseHeld as err:
-        raise dg.Failure(f"train_{stage} is already being materialized by {err.record.describe()}: refusing to run "
-                         f"it twice at once (they would share {out.parent / f'.{stage}.partial'}). Wait for that run "
+        raise dg.Failure(f"{name} is already being materialized by {err.record.describe()}: refusing to run "
+                         f"it twice at once (they would share {work_dir(out)}). Wait for that run "
                          "to finish or cancel it, then materialize again", allow_retries=False) from None
 
 
@@ -177,7 +184,7 @@ def run_stage(context: dg.AssetExecutionContext, inputs: StageInputs, paths: K5P
               training_job: Any, system_metrics_interval_s: float) -> dict[str, Any]:
     """Train one stage through Pipes and publish it; returns the materialization metadata."""
     out = stage_dir(paths, inputs.stage)
-    work = out.with_name(f".{inputs.stage}.partial")  # a failed attempt never replaces the last good stage
+    work = work_dir(out)
     job, why = build_job(inputs, work)
     with hold_stage(out, f"Dagster run {context.run_id}") as lease:
         return _run_held(context, inputs, job, why, out, work, lease, mlflow, training_job, system_metrics_interval_s)

@@ -136,7 +136,8 @@ def test_reward_job_through_pipes_logs_an_mlflow_run(chain, tmp_path):
     the rl lineage run with the evaluation metrics per step."""
     from mlflow.tracking import MlflowClient
 
-    from orchestration.rl_runs import run_tracked, work_dir
+    from orchestration.rl_runs import run_tracked
+    from orchestration.stage_runs import work_dir
 
     final = tmp_path / "reward_model"
     job = RewardTrainJob(pairs=str(chain["pairs_path"]), base_model=str(chain["base"]), out=str(work_dir(final)),

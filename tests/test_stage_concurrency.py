@@ -101,3 +101,37 @@ def test_concurrent_materialization_of_one_stage_is_refused(tmp_path: Path, monk
     assert read_lease(LocalStore(out.parent), f".{STAGE}.lock") is None  # released after publishing
     with acquire_lease(LocalStore(out.parent), f".{STAGE}.lock", holder="next", ttl_s=5):
         pass  # free for the next materialization
+
+
+def test_rl_and_sft_materializations_are_refused_while_another_run_holds_their_folder(tmp_path: Path) -> None:
+    """The one-writer rule covers the post-training assets too: ``reward_model`` / ``rl_model`` (rl_runs.run_tracked)
+    and an SFT partition (sft_runs.run_partition) are refused, naming the holder, before anything is written."""
+    from k5model.rl.jobs import RewardTrainJob
+    from orchestration.rl_runs import run_tracked
+    from orchestration.sft_runs import run_partition, sft_dir
+    from orchestration.stage_runs import work_dir
+
+    final = tmp_path / "models" / "rl" / "reward_model"
+    job = RewardTrainJob(pairs="pairs.parquet", base_model="base", out=str(work_dir(final)))
+    paths = K5Paths(tmp_path)
+    sft_out = sft_dir(paths, "video_lite.people")
+
+    @dg.asset(name="reward_model")
+    def reward() -> None:
+        run_tracked(dg.AssetExecutionContext.get(), None, None, "reward", job, final, {})
+
+    @dg.asset(name="sft_models")
+    def sft() -> None:
+        run_partition(dg.AssetExecutionContext.get(), {"key": "video_lite.people"}, None, paths, None, None, None)
+
+    for asset, out, name in ((reward, final, "reward_model"), (sft, sft_out, "sft_models[video_lite.people]")):
+        with hold_stage(out, "Dagster run other-run-id"):
+            result = dg.materialize([asset], raise_on_error=False)
+        failure = result.failure_data_for_node(asset.op.name)
+        text = str(failure.error)
+        assert f"{name} is already being materialized by Dagster run other-run-id" in text, text
+        assert not work_dir(out).exists()
+
+    wrong = RewardTrainJob(pairs="pairs.parquet", base_model="base", out=str(tmp_path / "elsewhere"))
+    with pytest.raises(ValueError, match=r"must write into .*\.reward_model\.partial"):
+        run_tracked(dg.build_asset_context(), None, None, "reward", wrong, final, {})
