@@ -6,59 +6,48 @@
 ``rl_vs_soup`` reads ``rl_model``; ``release`` with ``rl_model: true`` registers it behind the gate. Both training
 jobs run through Pipes like the stages (``orchestration.rl_runs``), each with an MLflow run.
 
-Demo-scale defaults; ``PRODUCTION_RL`` holds the production settings (Image Lite at 1024², the 7B reward model).
+The Config classes are generated from the library specs (``PairSettings``, ``RewardTrainJob``, ``DraftTrainJob``:
+their fields, types and docstrings) less the fields each asset fills from the lineage; their defaults are demo scale
+(``DEMO_RL``), ``PRODUCTION_RL`` holds the production settings (Image Lite at 1024², the 7B reward model).
 """
 
 # No `from __future__ import annotations`: Dagster resolves the Config classes from live annotations.
 import dagster as dg
-from pydantic import Field
 
+from k5data.reward_pairs import PairSettings
+from k5model.rl.jobs import DraftTrainJob, RewardTrainJob
 from orchestration.lineage import latest_metadata
 from orchestration.resources import K5HomeResource, MLflowResource, TrainingJobResource
+from orchestration.rl_runs import config_from_spec
 
+# The assets' config defaults: demo scale, what `make demo` runs (64x64, 4 Euler steps, K = 2, a tiny random reward
+# VLM); fields not named here take their spec's default. base_model is the one asset-only field.
+DEMO_RL = {"reward_pairs": {"height": 64, "width": 64, "num_steps": 4, "guidance_scale": 5.0, "val_fraction": 0.4,
+                            "max_items": None, "seeds_per_item": 2},
+           "reward_model": {"base_model": "tiny", "steps": 16, "batch": 4, "lr": 3e-3, "eval_every": 4,
+                            "device": "cpu", "dtype": "float32"},
+           "rl_model": {"steps": 6, "batch": 1, "lr": 1e-3, "num_steps": 4, "k": 2, "beta_kl": 2e-2,
+                        "guidance_scale": 5.0, "height": 64, "width": 64, "eval_every": 2, "sample_every": 2,
+                        "offload_to_cpu": False, "device": "cpu"}}
 PRODUCTION_RL = {"reward_pairs": {"height": 1024, "width": 1024, "num_steps": 50, "guidance_scale": 3.5},
                  "reward_model": {"base_model": "models/Qwen2.5-VL-7B-Instruct", "dtype": "bfloat16", "device": "cuda",
                                   "steps": 2000, "batch": 16, "lr": 1e-6, "eval_every": 100},
                  "rl_model": {"height": 1024, "width": 1024, "num_steps": 50, "k": 10, "steps": 1000, "lr": 1e-6,
                               "guidance_scale": 3.5, "device": "cuda", "eval_every": 50, "sample_every": 50,
                               "offload_to_cpu": True}}
+# spec fields each asset fills from the lineage (not config)
+LINEAGE_FIELDS = {"reward_model": frozenset({"pairs", "base_model", "out"}),
+                  "rl_model": frozenset({"policy", "reward_model", "pairs", "out"})}
+BASE_MODEL_HELP = ("Qwen2.5-VL folder the reward model starts from, relative to K5_HOME or absolute (production: "
+                   "Qwen2.5-VL-7B-Instruct); 'tiny': a tiny random Qwen2.5-VL from the pipeline's tokenizer (demo)")
 
-
-class RewardPairsConfig(dg.Config):
-    height: int = Field(64, description="image height of the generations and the resized real images")
-    width: int = Field(64, description="image width")
-    num_steps: int = Field(4, description="sampler steps of both lineage models")
-    guidance_scale: float = Field(5.0, description="CFG weight of both generations")
-    val_fraction: float = Field(0.4, description="share of SFT items held out (reward validation, RL held-out)")
-    max_items: int | None = Field(None, description="use at most this many SFT items; None: all")
-    seeds_per_item: int = Field(2, description="generations per item and model (each gives its own pairs)")
-
-
-class RewardModelConfig(dg.Config):
-    base_model: str = Field("tiny", description="Qwen2.5-VL folder (relative to K5_HOME or absolute; production: "
-                            "Qwen2.5-VL-7B-Instruct); 'tiny': a tiny random Qwen2.5-VL (demo)")
-    steps: int = Field(16, description="optimizer steps")
-    batch: int = Field(4, description="(better, worse) pairs per step, each trained in both orders")
-    lr: float = Field(3e-3, description="AdamW learning rate")
-    eval_every: int = Field(4, description="steps between validations (each a checkpoint candidate)")
-    device: str = Field("cpu", description="torch device")
-    dtype: str = Field("float32", description="float32 or bfloat16 weights")
-
-
-class RlModelConfig(dg.Config):
-    steps: int = Field(6, description="DRaFT-K policy updates")
-    batch: int = Field(1, description="prompts per update")
-    lr: float = Field(1e-3, description="AdamW learning rate (production: 1e-6)")
-    num_steps: int = Field(4, description="sampler steps N")
-    k: int = Field(2, description="last steps back-propagated (report: 10 for images)")
-    beta_kl: float = Field(2e-2, description="KL anchor weight (report: 2e-2)")
-    guidance_scale: float = Field(5.0, description="CFG weight of the rollouts")
-    height: int = Field(64, description="generated height")
-    width: int = Field(64, description="generated width")
-    eval_every: int = Field(2, description="steps between held-out evaluations")
-    sample_every: int = Field(2, description="steps between sample grids")
-    offload_to_cpu: bool = Field(False, description="keep saved step inputs in host memory (GPU memory plan)")
-    device: str = Field("cpu", description="torch device")
+RewardPairsConfig = config_from_spec("RewardPairsConfig", PairSettings, module=__name__,
+                                     defaults=DEMO_RL["reward_pairs"])
+RewardModelConfig = config_from_spec("RewardModelConfig", RewardTrainJob, module=__name__,
+                                     defaults=DEMO_RL["reward_model"], exclude=LINEAGE_FIELDS["reward_model"],
+                                     extra={"base_model": (str, BASE_MODEL_HELP)})
+RlModelConfig = config_from_spec("RlModelConfig", DraftTrainJob, module=__name__, defaults=DEMO_RL["rl_model"],
+                                 exclude=LINEAGE_FIELDS["rl_model"])
 
 
 @dg.asset(group_name="rl", kinds={"pytorch"}, owners=["team:k5-lifecycle"], deps=["sft_soup", "sft_mix"],
@@ -66,12 +55,10 @@ class RlModelConfig(dg.Config):
           "the SFT soup < the real SFT image; all three pairs in both positions, with which model made each side.")
 def reward_pairs(context: dg.AssetExecutionContext, config: RewardPairsConfig,
                  k5_home: K5HomeResource) -> dg.MaterializeResult:
-    import pandas as pd
-
-    from orchestration.rl_runs import PairSettings, build_reward_pairs
+    from k5data.reward_pairs import build_reward_pairs, read_sft_items
 
     soup = latest_metadata(context, "sft_soup")
-    rows = pd.read_parquet(str(latest_metadata(context, "sft_mix")["path"])).to_dict("records")
+    rows = read_sft_items(str(latest_metadata(context, "sft_mix")["path"]))
     out = k5_home.paths.models / "rl" / "reward_pairs"
     summary = build_reward_pairs(rows, str(soup["start_pipeline"]), str(soup["pipeline_dir"]), out,
                                  PairSettings(**config.model_dump()), log=context.log.info)
@@ -88,7 +75,6 @@ def reward_pairs(context: dg.AssetExecutionContext, config: RewardPairsConfig,
           "per evaluation in MLflow; the checkpoint with the largest σ among the accurate ones is kept.")
 def reward_model(context: dg.AssetExecutionContext, config: RewardModelConfig, k5_home: K5HomeResource,
                  mlflow: MLflowResource, training_job: TrainingJobResource) -> dg.MaterializeResult:
-    from k5model.rl.jobs import RewardTrainJob
     from orchestration.rl_runs import run_tracked, tiny_reward_base
     from orchestration.stage_runs import work_dir
 
@@ -110,7 +96,6 @@ def reward_model(context: dg.AssetExecutionContext, config: RewardModelConfig, k
           "statistics and sample grids in MLflow; exported as a complete pipeline folder.")
 def rl_model(context: dg.AssetExecutionContext, config: RlModelConfig, k5_home: K5HomeResource,
              mlflow: MLflowResource, training_job: TrainingJobResource) -> dg.MaterializeResult:
-    from k5model.rl.jobs import DraftTrainJob
     from orchestration.rl_runs import export_rl_pipeline, run_tracked
     from orchestration.stage_runs import work_dir
 

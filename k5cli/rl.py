@@ -5,19 +5,41 @@ spec (options given on the command line override it).
     k5 rl reward --pairs .k5/models/rl/reward_pairs/pairs.parquet --base-model .k5/models/tiny_reward --out runs/rm
     k5 rl draft --policy .k5/models/sft/video_lite.soup/pipeline --reward-model runs/rm/selected \\
         --pairs .k5/models/rl/reward_pairs/pairs.parquet --out runs/rl --height 64 --width 64 --num-steps 4 --k 2
+
+``k5 rl pairs`` builds the heuristic reward pairs (``k5data.reward_pairs``, options from ``PairSettings``) from a
+Parquet of SFT items (the ``sft_mix`` asset's) and the two pipeline folders:
+
+    k5 rl pairs --items .k5/sft/mix/mix.parquet --pretrain .k5/models/video_lite/pretrain/pipeline \\
+        --sft .k5/models/sft/video_lite.soup/pipeline --out runs/pairs --seeds-per-item 2
 """
 
 from __future__ import annotations
 
 import dataclasses
 import json
+import typing
+from pathlib import Path
 from typing import Any
 
 import click
 
+from k5data.reward_pairs import PairSettings
 from k5model.rl.jobs import DraftTrainJob, RewardTrainJob
 
-CLICK_TYPES = {"str": str, "int": int, "float": float}
+CLICK_TYPES = {str: click.STRING, int: click.INT, float: click.FLOAT}
+
+
+def field_option_type(spec: type, name: str) -> Any:
+    """The click type of a spec field's option: ``int``, ``float`` or ``str``, also when optional (``int | None``: an
+    unset option leaves the spec's default, None); None for a ``bool`` (a ``--x/--no-x`` flag pair)."""
+    hint = typing.get_type_hints(spec)[name]
+    args = typing.get_args(hint)
+    base = next(a for a in args if a is not type(None)) if len(args) == 2 and type(None) in args else hint
+    if base is bool:
+        return None
+    if base not in CLICK_TYPES:
+        raise TypeError(f"{spec.__name__}.{name}: no command-line option for type {hint}")
+    return CLICK_TYPES[base]
 
 
 def spec_options(spec: type) -> Any:
@@ -31,10 +53,11 @@ def spec_options(spec: type) -> Any:
             flag = "--" + f.name.replace("_", "-")
             default = "required" if f.default is dataclasses.MISSING else f"default: {f.default}"
             text = f"{docs.get(f.name, '')} [{default}]"
-            if f.type == "bool":
+            kind = field_option_type(spec, f.name)
+            if kind is None:
                 command = click.option(f"{flag}/--no-{flag[2:]}", f.name, default=None, help=text)(command)
             else:
-                command = click.option(flag, f.name, type=CLICK_TYPES[str(f.type)], default=None, help=text)(command)
+                command = click.option(flag, f.name, type=kind, default=None, help=text)(command)
         return click.option("--job", "job_file", type=click.Path(exists=True, dir_okay=False), default=None,
                             help="a JSON spec to start from")(command)
 
@@ -61,7 +84,31 @@ class EchoSteps:
 
 @click.group()
 def rl() -> None:
-    """RL post-training (report §6.6): the relative reward model and DRaFT-K."""
+    """RL post-training (report §6.6): the heuristic reward pairs, the relative reward model and DRaFT-K."""
+
+
+@rl.command("pairs")
+@spec_options(PairSettings)
+@click.option("--items", "items_path", required=True, type=click.Path(exists=True, dir_okay=False, path_type=Path),
+              help="Parquet of SFT items (the sft_mix asset's): item_id, caption, media_path, kind; optional "
+              "media_id (train/val split key), domain")
+@click.option("--pretrain", required=True, type=click.Path(exists=True, file_okay=False, path_type=Path),
+              help="pipeline folder of the pre-trained model (the worse generated side)")
+@click.option("--sft", required=True, type=click.Path(exists=True, file_okay=False, path_type=Path),
+              help="pipeline folder of the SFT model (the better generated side)")
+@click.option("--out", required=True, type=click.Path(file_okay=False, path_type=Path),
+              help="output folder: pairs.parquet, pairs.json, images/")
+def pairs_cmd(job_file: str | None, items_path: Path, pretrain: Path, sft: Path, out: Path, **options: Any) -> None:
+    """Heuristic reward pairs (pretrain < sft < real, both orders) from SFT items and two pipeline folders."""
+    from k5data.reward_pairs import build_reward_pairs, read_sft_items
+
+    settings = build_spec(PairSettings, job_file, options)
+    try:
+        rows = read_sft_items(items_path)
+    except ValueError as exc:
+        raise click.BadParameter(str(exc), param_hint="--items") from exc
+    summary = build_reward_pairs(rows, pretrain, sft, out, settings, log=lambda m: click.echo(m, err=True))
+    click.echo(json.dumps(summary, indent=2))
 
 
 @rl.command("reward")

@@ -1,9 +1,11 @@
 """RL post-training chain on tiny models (issue 17): reward pairs -> reward model (σ-chosen checkpoint) -> DRaFT-K ->
 exported pipeline, through the library functions the assets and the Pipes job run; the Pipes job side itself
-(``orchestration.pipes_rl``) as a subprocess with an MLflow run."""
+(``orchestration.pipes_rl``) as a subprocess with an MLflow run; ``k5 rl``; the assets' Config classes generated from
+the specs."""
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import os
 
@@ -13,10 +15,11 @@ import pandas as pd
 import pytest
 import torch
 
+from k5data.reward_pairs import PairSettings, build_reward_pairs, split_items
 from k5model.rl.jobs import DraftTrainJob, RewardTrainJob, read_pairs
 from k5model.rl.reward import build_tiny_reward_model, select_checkpoint_by_kde_sigma
 from orchestration.resources import MLflowResource, TrainingJobResource
-from orchestration.rl_runs import PairSettings, build_reward_pairs, export_rl_pipeline, split_items
+from orchestration.rl_runs import export_rl_pipeline
 
 pytestmark = pytest.mark.usefixtures("one_thread")
 
@@ -41,11 +44,12 @@ def chain(tmp_path_factory, tiny_t2v_dir):
         Image.fromarray(_photo(k)).save(path)
         rows.append({"item_id": f"item{k}", "kind": "image", "media_path": str(path), "caption": caption,
                      "domain": "d"})
+    pd.DataFrame(rows).to_parquet(root / "items.parquet")  # the sft_mix table's columns the pairs read
     pairs = build_reward_pairs(rows, tiny_t2v_dir, tiny_t2v_dir, root / "pairs",
                                PairSettings(height=32, width=32, num_steps=2, val_fraction=0.5), log=lambda m: None)
     base = build_tiny_reward_model(root / "vlm", tokenizer_dir=tiny_t2v_dir / "tokenizer")
     return {"root": root, "pairs": pairs, "pairs_path": root / "pairs" / "pairs.parquet", "base": base,
-            "policy": tiny_t2v_dir}
+            "policy": tiny_t2v_dir, "items_path": root / "items.parquet"}
 
 
 def test_reward_pairs_hold_both_orders_and_their_sources(chain):
@@ -174,6 +178,73 @@ def test_k5_rl_cli_runs_the_same_spec(chain, tmp_path):
     assert json.loads((tmp_path / "cli" / "summary.json").read_text())["selected_step"] == 1
     bad = CliRunner().invoke(k5, ["rl", "draft", "--pairs", "x.parquet"])
     assert bad.exit_code == 2 and "--policy" in bad.output
+
+
+def test_k5_rl_pairs_builds_the_pairs_and_names_a_bad_items_table(chain, tmp_path):
+    from click.testing import CliRunner
+
+    from k5cli.main import main as k5
+
+    tiny, out = str(chain["policy"]), tmp_path / "pairs"
+    common = ["--pretrain", tiny, "--sft", tiny, "--out", str(out)]
+    res = CliRunner().invoke(k5, ["rl", "pairs", "--items", str(chain["items_path"]), *common, "--height", "32",
+                                  "--width", "32", "--num-steps", "2", "--val-fraction", "0.5", "--max-items", "2"])
+    assert res.exit_code == 0, res.output
+    summary = json.loads((out / "pairs.json").read_text())
+    assert summary["items"] == 2 and summary["settings"]["max_items"] == 2  # the optional int option reached the spec
+    rows = read_pairs(out / "pairs.parquet")
+    assert len(rows) == summary["pairs"] == 2 * 3 * 2 and {r["split"] for r in rows} == {"train", "val"}
+    missing = CliRunner().invoke(k5, ["rl", "pairs", "--items", str(tmp_path / "nope.parquet"), *common])
+    assert missing.exit_code == 2 and "--items" in missing.output and "does not exist" in missing.output
+    pd.read_parquet(chain["items_path"]).drop(columns=["caption"]).to_parquet(tmp_path / "nocap.parquet")
+    bad = CliRunner().invoke(k5, ["rl", "pairs", "--items", str(tmp_path / "nocap.parquet"), *common])
+    assert bad.exit_code == 2 and "--items" in bad.output and "['caption']" in bad.output
+
+
+def _spec_default(spec: type, name: str):
+    return next(f.default for f in dataclasses.fields(spec) if f.name == name)
+
+
+@pytest.mark.parametrize("config_name, spec, asset, lineage", [
+    ("RewardPairsConfig", PairSettings, "reward_pairs", set()),
+    ("RewardModelConfig", RewardTrainJob, "reward_model", {"pairs", "base_model", "out"}),
+    ("RlModelConfig", DraftTrainJob, "rl_model", {"policy", "reward_model", "pairs", "out"})])
+def test_rl_configs_are_generated_from_the_specs(config_name, spec, asset, lineage):
+    """Each asset's Config: exactly the spec's fields less those the asset fills from the lineage (+ the asset-only
+    base_model), the spec's type and docstring, DEMO_RL's default where given, else the spec's."""
+    import typing
+
+    import assets.rl as rl_assets
+    from k5model.training.job import field_docs
+
+    config, docs = getattr(rl_assets, config_name), field_docs(spec)
+    extra = {"base_model"} if asset == "reward_model" else set()
+    assert issubclass(config, dg.Config)
+    assert set(config.model_fields) == {f.name for f in dataclasses.fields(spec)} - lineage | extra
+    demo, hints = rl_assets.DEMO_RL[asset], typing.get_type_hints(spec)
+    for name, field in config.model_fields.items():
+        assert field.default == demo.get(name, _spec_default(spec, name) if name not in extra else None), name
+        if name not in extra:
+            assert field.description == docs[name] and field.annotation == hints[name], name
+    if extra:  # the one asset-only field: 'tiny' or a folder relative to K5_HOME
+        assert config.model_fields["base_model"].default == "tiny"
+        assert "K5_HOME" in config.model_fields["base_model"].description
+    # what the asset builds from the config: the spec accepts every field
+    lineage_values = {name: "x" for name in lineage}
+    assert spec(**lineage_values, **config().model_dump(exclude=extra))
+
+
+def test_config_from_spec_refuses_an_unknown_default_and_an_unfilled_required_field():
+    from orchestration.rl_runs import config_from_spec
+
+    made = config_from_spec("C", RewardTrainJob, module=__name__, defaults={"steps": 3},
+                            exclude=frozenset({"pairs", "base_model", "out"}))
+    assert made().steps == 3 and made(steps=5).steps == 5 and made().batch == 4
+    with pytest.raises(TypeError, match="stepz"):
+        config_from_spec("C", RewardTrainJob, module=__name__, defaults={"stepz": 3},
+                         exclude=frozenset({"pairs", "base_model", "out"}))
+    with pytest.raises(TypeError, match="RewardTrainJob.pairs is required"):
+        config_from_spec("C", RewardTrainJob, module=__name__, defaults={}, exclude=frozenset({"base_model", "out"}))
 
 
 @pytest.mark.slow  # a subprocess importing torch, diffusers and transformers
