@@ -16,9 +16,9 @@ import dagster as dg
 
 from k5data.reward_pairs import PairSettings
 from k5model.rl.jobs import DraftTrainJob, RewardTrainJob
+from orchestration.config_specs import config_from_spec
 from orchestration.lineage import latest_metadata
 from orchestration.resources import K5HomeResource, MLflowResource, TrainingJobResource
-from orchestration.rl_runs import config_from_spec
 
 # The assets' config defaults: demo scale, what `make demo` runs (64x64, 4 Euler steps, K = 2, a tiny random reward
 # VLM); fields not named here take their spec's default. base_model is the one asset-only field.

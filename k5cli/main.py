@@ -145,7 +145,7 @@ def _register_subcommands() -> None:
     main.add_command(curate)  # k5 curate SRC OUT
     main.add_command(edit_pairs)  # k5 edit-pairs CURATED OUT [--config YAML] (report §4.3)
     main.add_command(latents)  # k5 latents DATASET STORE --video-vae PATH
-    main.add_command(rl)  # k5 rl reward|draft (report §6.6)
+    main.add_command(rl)  # k5 rl pairs|reward|draft (report §6.6)
     main.add_command(sbs)  # k5 sbs score JUDGMENTS
     main.add_command(sft)  # k5 sft batch|simulate|build|status|annotator (report §4.6)
     main.add_command(soup)  # k5 soup OUT --member DOMAIN[/SUB]:SIZE:PATH ... | --recipe FILE

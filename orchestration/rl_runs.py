@@ -1,16 +1,14 @@
 """How the RL post-training assets run (report §6.6): the two training jobs (relative reward model, DRaFT-K) launched
 through Dagster Pipes the way the training stages are (a subprocess, or a GPU pod from ``TrainingJobResource``'s pod
-settings), each with an MLflow run under the ``rl`` lineage run, and the assets' Dagster Config classes generated from
-the library specs (:func:`config_from_spec`). The reward pairs themselves are library code: ``k5data.reward_pairs``.
+settings), each with an MLflow run under the ``rl`` lineage run. The assets' Config classes are generated from the
+library specs (``orchestration.config_specs``); the reward pairs themselves are library code (``k5data.reward_pairs``).
 """
 
 from __future__ import annotations
 
-import dataclasses
 import functools
 import json
 import sys
-import typing
 from collections.abc import Callable, Mapping
 from dataclasses import asdict
 from pathlib import Path
@@ -23,41 +21,6 @@ from orchestration.stage_runs import hold_stage, publish, work_dir
 
 RL_CHAIN = "rl"  # MLflow lineage run the reward and RL runs nest under
 KINDS = {"reward": RewardTrainJob, "draft": DraftTrainJob}
-
-
-def config_from_spec(name: str, spec: type, *, module: str, defaults: Mapping[str, Any],
-                     exclude: frozenset[str] = frozenset(),
-                     extra: Mapping[str, tuple[Any, str]] | None = None) -> type[dg.Config]:
-    """A Dagster Config class with one field per field of the dataclass ``spec`` (its type; its docstring as the
-    description) less ``exclude`` (what the asset fills from the lineage), so the spec stays the one source of truth.
-    ``defaults`` override the spec's defaults (e.g. demo scale); ``extra`` adds asset-only fields as name ->
-    (type, description), their defaults taken from ``defaults``. A required spec field must be excluded or given a
-    default; a default naming no field is refused (a typo would silently do nothing)."""
-    from pydantic import Field, create_model
-
-    from k5model.training.job import field_docs
-
-    hints, docs, extra = typing.get_type_hints(spec), field_docs(spec), extra or {}
-    fields: dict[str, Any] = {}
-    for f in dataclasses.fields(spec):
-        if f.name in exclude:
-            continue
-        if f.name not in docs:
-            raise TypeError(f"{spec.__name__}.{f.name} has no docstring to describe its config field")
-        default = defaults.get(f.name, f.default)
-        if default is dataclasses.MISSING:
-            raise TypeError(f"{spec.__name__}.{f.name} is required: exclude it ({name} fills it) or give a default")
-        fields[f.name] = (hints[f.name], Field(default, description=docs[f.name]))
-    for key, (kind, description) in extra.items():
-        if key in fields or key not in defaults:
-            raise TypeError(f"{name}.{key}: an extra field needs a default and must not shadow a field of "
-                            f"{spec.__name__}")
-        fields[key] = (kind, Field(defaults[key], description=description))
-    unknown = sorted(set(defaults) - set(fields))
-    if unknown:
-        raise TypeError(f"{name}: defaults {unknown} name no field of {spec.__name__} (excluded: {sorted(exclude)})")
-    return create_model(name, __base__=dg.Config, __module__=module,
-                        __doc__=f"Dagster config of {spec.__name__}: {spec.__doc__}", **fields)
 
 
 def rl_command(kind: str, job: RewardTrainJob | DraftTrainJob, python: str = sys.executable) -> list[str]:

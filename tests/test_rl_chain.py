@@ -235,7 +235,7 @@ def test_rl_configs_are_generated_from_the_specs(config_name, spec, asset, linea
 
 
 def test_config_from_spec_refuses_an_unknown_default_and_an_unfilled_required_field():
-    from orchestration.rl_runs import config_from_spec
+    from orchestration.config_specs import config_from_spec
 
     made = config_from_spec("C", RewardTrainJob, module=__name__, defaults={"steps": 3},
                             exclude=frozenset({"pairs", "base_model", "out"}))
