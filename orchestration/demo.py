@@ -76,20 +76,18 @@ def _sft_chain(run: Any, sbs_config: dict) -> tuple[Any, Any, Any, Any] | None:
     soup = run("sft_soup_job")
     if not _report("sft_soup_job", soup):
         return None
-    sbs = run("sbs_job", SFT_COMPARISON, {"ops": {"sbs_report": {"config": {**sbs_config,
-                                                                          "p_a": SIMULATED_PREFERENCE}}}})
-    if not _report(f"sbs_job {SFT_COMPARISON}", sbs):
-        return None
-    release = run("release_job", FAMILY, {"ops": {"release": {"config": {"sft_soup": True, "margin": 0.0}}}})
-    if not _report(f"release_job {FAMILY} (SFT soup)", release, gate_may_keep=True):
-        return None
-    return parts, soup, sbs, release
+    # the soup's SBS uses the demo's whole prompt subset (the batch default), the later chains two prompts
+    gated = _sbs_and_release(run, SFT_COMPARISON, sbs_config, {"sft_soup": True, "margin": 0.0}, "SFT soup",
+                             subset_size=None)
+    return None if gated is None else (parts, soup, *gated)
 
 
 def _sbs_and_release(run: Any, comparison: str, sbs_config: dict, release_config: dict,
-                     label: str) -> tuple[Any, Any] | None:
-    """A candidate's SBS at demo scale (2 prompts, simulated judgments) and its release through the gate."""
-    sbs = run("sbs_job", comparison, {"ops": {"sbs_batch": {"config": {"subset_size": 2}},
+                     label: str, subset_size: int | None = 2) -> tuple[Any, Any] | None:
+    """A candidate's SBS at demo scale (``subset_size`` prompts, None: the batch's default; simulated judgments) and
+    its release through the gate."""
+    batch = {} if subset_size is None else {"sbs_batch": {"config": {"subset_size": subset_size}}}
+    sbs = run("sbs_job", comparison, {"ops": {**batch,
                                               "sbs_report": {"config": {**sbs_config, "p_a": SIMULATED_PREFERENCE}}}})
     if not _report(f"sbs_job {comparison}", sbs):
         return None
