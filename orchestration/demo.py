@@ -141,9 +141,12 @@ def _print_rl(rl: Any, sbs: Any, release: Any) -> None:
     pairs, rm, pol = (rl.metadata(k) for k in ("reward_pairs", "reward_model", "rl_model"))
     print(f"\nRL: {pairs.get('items')} SFT items -> {pairs.get('pairs')} reward pairs ({pairs.get('order')}, both "
           f"orders; {pairs.get('val_items')} items held out)")
-    print(f"  reward model: val accuracy {rm.get('val_accuracy'):.3f} (chance 0.5), KDE sigma "
-          f"{rm.get('val_score_kde_sigma'):.4f}, swap agreement {rm.get('swap_agreement'):.3f}; kept "
-          f"{rm.get('selected_reason')}")
+    kinds = ", ".join(f"{k.removeprefix('val_accuracy_swap_averaged_').replace('_vs_', '>')} {v:.2f}"
+                      for k, v in sorted(rm.items()) if "_vs_" in k)
+    print(f"  reward model: val accuracy swap-averaged {rm.get('val_accuracy_swap_averaged'):.3f} (chance 0.5, "
+          f"binomial p {rm.get('val_accuracy_swap_averaged_p'):.3f}; {kinds}), each order alone "
+          f"{rm.get('val_accuracy'):.3f}, KDE sigma {rm.get('val_score_kde_sigma'):.4f}, swap agreement "
+          f"{rm.get('swap_agreement'):.3f}; kept {rm.get('selected_reason')}")
     print(f"  DRaFT-K (K={pol.get('k')} of {pol.get('num_steps')} steps, {pol.get('steps')} updates): held-out reward "
           f"{pol.get('heldout_reward_start'):.4f} -> {pol.get('heldout_reward_end'):.4f}, KL to the soup at most "
           f"{pol.get('max_heldout_kl'):.5f}; pipeline {pol.get('pipeline_dir')}")

@@ -3,6 +3,8 @@
 
 from __future__ import annotations
 
+import math
+
 import numpy as np
 import pytest
 import torch
@@ -13,6 +15,7 @@ from k5model.rl.reward import (
     RelativeRewardModel,
     answer_token_id,
     build_tiny_reward_model,
+    chance_p_value,
     kde_density,
     kde_sigma,
     pairwise_loss,
@@ -176,8 +179,24 @@ def test_validation_metrics_of_a_good_and_a_position_biased_judge():
     good = validation_metrics(torch.tensor([0.9, 0.7, 0.6, 0.4]), torch.tensor([0.1, 0.3, 0.4, 0.6]))
     assert good["val_accuracy"] == 0.75 and good["swap_agreement"] == 1.0
     assert good["val_score_kde_sigma"] == pytest.approx(kde_sigma(torch.tensor([0.9, 0.7, 0.6, 0.4])))
+    assert good["val_accuracy_swap_averaged"] == 0.75  # 0.4 vs 0.6: the one pair ranked the wrong way
     biased = validation_metrics(torch.tensor([0.9, 0.8, 0.9, 0.8]), torch.tensor([0.9, 0.8, 0.9, 0.8]))
     assert biased["val_accuracy"] == 0.5 and biased["swap_agreement"] == 0.0
+    assert biased["val_accuracy_swap_averaged"] == 0.5  # identical orders: ties, no information either way
+
+
+def test_swap_averaged_accuracy_sees_through_a_per_prompt_position_bias():
+    """A judge that says "Yes" on prompt 1 and "No" on prompt 2 whatever the order, nudged by the images: each order
+    decided against 0.5 is at chance, the swap-averaged decision ranks every pair; a judge whose nudge points the
+    wrong way is ranked wrong by it (0), and the p-value tells the two from chance."""
+    forward, swapped = torch.tensor([0.82, 0.83, 0.21, 0.22] * 3), torch.tensor([0.78, 0.79, 0.17, 0.18] * 3)
+    right = validation_metrics(forward, swapped)
+    assert right["val_accuracy"] == 0.5 and right["val_accuracy_swap_averaged"] == 1.0
+    assert right["val_accuracy_swap_averaged_p"] == pytest.approx(0.5 ** 12)
+    wrong = validation_metrics(swapped, forward)
+    assert wrong["val_accuracy"] == 0.5 and wrong["val_accuracy_swap_averaged"] == 0.0
+    assert wrong["val_accuracy_swap_averaged_p"] == 1.0
+    assert chance_p_value(6, 12) == pytest.approx(sum(math.comb(12, j) for j in range(6, 13)) / 4096)
 
 
 def test_kde_sigma_and_density_match_scipy():

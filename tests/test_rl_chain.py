@@ -83,10 +83,13 @@ def test_reward_training_keeps_the_sigma_checkpoint(chain):
                                  callbacks=[Recorder()])
     evals = json.loads((out / "evals.json").read_text())
     assert [e["step"] for e in evals] == [2, 4] and [s for s, _ in seen] == [1, 2, 3, 4]
-    assert {"val_loss", "val_accuracy", "val_score_kde_sigma", "swap_agreement"} <= set(seen[1][1])
+    assert {"val_loss", "val_accuracy", "val_accuracy_swap_averaged", "val_score_kde_sigma",
+            "swap_agreement"} <= set(seen[1][1])
+    per_kind = {k for k in seen[1][1] if k.startswith("val_accuracy_swap_averaged_") and k.endswith("_vs_pretrain")}
+    assert per_kind == {"val_accuracy_swap_averaged_sft_vs_pretrain", "val_accuracy_swap_averaged_real_vs_pretrain"}
     expected = select_checkpoint_by_kde_sigma([2, 4], [e["val_score_kde_sigma"] for e in evals],
-                                              [e["val_accuracy"] for e in evals])
-    assert summary["selected_step"] == expected.step and "KDE" in summary["selected_reason"]
+                                              [e["val_accuracy_swap_averaged"] for e in evals])
+    assert summary["selected_step"] == expected.step and "swap-averaged" in summary["selected_reason"]
     scores = json.loads((out / "samples" / f"step_{expected.step}" / "scores.json").read_text())
     assert len(scores["score_forward"]) == summary["val_pairs"] and len(scores["kde_density"]) == 51
     rm = RelativeRewardModel.from_pretrained(out / "selected", dtype=torch.float32)  # the chosen one loads

@@ -61,7 +61,7 @@ class RewardTrainJob(_JsonJob):
     eval_every: int = 5
     """Steps between validations (each writes a checkpoint); the last step is always evaluated."""
     accuracy_tolerance: float = 0.02
-    """σ criterion: candidates are the evaluations within this of the best validation accuracy."""
+    """σ criterion: candidates are the evaluations within this of the best swap-averaged validation accuracy."""
     seed: int = 0
     """Seed of the batch order."""
     device: str = "cpu"

@@ -157,12 +157,33 @@ def swap_consistency(score_forward: torch.Tensor, score_swapped: torch.Tensor) -
     return SwapConsistency(agreement=agree, mean_abs_gap=(f + s - 1).abs().mean().item())
 
 
+def swap_averaged_correct(score_forward: torch.Tensor, score_swapped: torch.Tensor) -> torch.Tensor:
+    """Per pair, 1 when the position-debiased score ½(R(b, w) + 1 − R(w, b)) prefers the better image (R(b, w) >
+    R(w, b)), ½ on a tie, else 0. A pairwise VLM judge's P("Yes") carries a per-prompt position bias; scoring both
+    orders and averaging cancels it, which is how pairwise judges are evaluated. DRaFT-K keeps the real image in slot
+    2, so such a bias is a constant offset per prompt there and does not steer the policy: this decision is the one
+    that ranks images for RL."""
+    f, s = score_forward.double(), score_swapped.double()
+    return (f > s).double() + 0.5 * (f == s).double()
+
+
+def chance_p_value(correct: float, n: int) -> float:
+    """One-sided exact binomial p-value of at least ``correct`` (rounded) successes in ``n`` fair coin flips."""
+    k = round(correct)
+    return sum(math.comb(n, j) for j in range(k, n + 1)) / 2 ** n if n else 1.0
+
+
 def validation_metrics(score_forward: torch.Tensor, score_swapped: torch.Tensor) -> dict[str, float]:
     """What an evaluation step logs, from the scores of the validation pairs in both orders: accuracy over both
-    orders, the KDE σ of the (better, worse)-order scores (the checkpoint criterion) and swap consistency."""
+    orders (each order decided on its own, against 0.5), the swap-averaged accuracy (:func:`swap_averaged_correct`,
+    the checkpoint criterion's accuracy) with its binomial p-value against chance, the KDE σ of the
+    (better, worse)-order scores and swap consistency."""
     consistency = swap_consistency(score_forward, score_swapped)
     correct = torch.cat([score_forward > 0.5, score_swapped < 0.5]).double()
-    return {"val_accuracy": correct.mean().item(), "val_score_kde_sigma": kde_sigma(score_forward),
+    debiased = swap_averaged_correct(score_forward, score_swapped)
+    return {"val_accuracy": correct.mean().item(), "val_accuracy_swap_averaged": debiased.mean().item(),
+            "val_accuracy_swap_averaged_p": chance_p_value(debiased.sum().item(), debiased.numel()),
+            "val_score_kde_sigma": kde_sigma(score_forward),
             "val_score_mean": score_forward.double().mean().item(), "swap_agreement": consistency.agreement,
             "swap_mean_abs_gap": consistency.mean_abs_gap}
 
@@ -203,6 +224,7 @@ class CheckpointChoice:
 
 def select_checkpoint_by_kde_sigma(
     steps: Sequence[int], sigmas: Sequence[float], accuracies: Sequence[float], *, accuracy_tolerance: float = 0.02,
+    accuracy_name: str = "val accuracy",
 ) -> CheckpointChoice:
     """Choose the reward checkpoint by the KDE σ of its validation scores (report §6.6, Figure 23).
 
@@ -212,6 +234,7 @@ def select_checkpoint_by_kde_sigma(
     vanishes, useless for DRaFT). σ (:func:`kde_sigma`) therefore rises and then falls. Among the evaluation steps
     whose validation accuracy is within ``accuracy_tolerance`` of the best one, we take the step with the largest σ
     (the earliest on ties) — the most discriminative checkpoint before the collapse, not the last step.
+    ``accuracy_name`` names the accuracy passed in the recorded reason.
     """
     if not (len(steps) == len(sigmas) == len(accuracies)) or not steps:
         raise ValueError(f"need equal, non-empty steps/sigmas/accuracies, got {len(steps)}/{len(sigmas)}/"
@@ -220,7 +243,7 @@ def select_checkpoint_by_kde_sigma(
     eligible = [i for i, a in enumerate(accuracies) if a >= best_acc - accuracy_tolerance]
     i = max(eligible, key=lambda j: (sigmas[j], -steps[j]))
     reason = (f"step {steps[i]}: largest KDE σ {sigmas[i]:.4f} among {len(eligible)} of {len(steps)} evaluations "
-              f"with val accuracy >= {best_acc - accuracy_tolerance:.3f} (best {best_acc:.3f})")
+              f"with {accuracy_name} >= {best_acc - accuracy_tolerance:.3f} (best {best_acc:.3f})")
     return CheckpointChoice(step=int(steps[i]), sigma=float(sigmas[i]), accuracy=float(accuracies[i]), reason=reason)
 
 

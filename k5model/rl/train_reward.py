@@ -2,9 +2,11 @@
 
 Each step draws ``batch`` (better, worse) train pairs and minimises :func:`~k5model.rl.reward.pairwise_loss` (both
 orders). Every ``eval_every`` steps (and at the last) the validation pairs are scored in both orders: validation loss
-and accuracy, the score distribution R(better, worse) with its Gaussian-KDE σ, swap consistency; the checkpoint is
+and accuracy (each order on its own, and swap-averaged: overall and per source pair), the score distribution
+R(better, worse) with its Gaussian-KDE σ, swap consistency; the checkpoint is
 saved as ``checkpoints/step_<N>`` and the scores with their KDE curve as ``samples/step_<N>/scores.json``. At the end
-:func:`~k5model.rl.reward.select_checkpoint_by_kde_sigma` picks the checkpoint (not the last step), copied to
+:func:`~k5model.rl.reward.select_checkpoint_by_kde_sigma` picks the checkpoint (not the last step; candidates by the
+swap-averaged accuracy), copied to
 ``selected/``. Callbacks get ``on_step(step, metrics)`` (Pipes and MLflow reporters of the stages).
 """
 
@@ -25,6 +27,7 @@ from k5model.rl.reward import (
     kde_density,
     pairwise_loss,
     select_checkpoint_by_kde_sigma,
+    swap_averaged_correct,
     validation_metrics,
 )
 
@@ -51,6 +54,10 @@ def evaluate(model: RelativeRewardModel, rows: Sequence[dict[str, Any]], cache: 
         swp.append(aux["score_swapped"].cpu())
     forward, swapped = torch.cat(fwd), torch.cat(swp)
     metrics = {"val_loss": sum(losses) / len(rows), **validation_metrics(forward, swapped)}
+    debiased = swap_averaged_correct(forward, swapped)
+    for kind in sorted({(r["first_source"], r["second_source"]) for r in rows}):  # which comparisons are learned
+        mask = torch.tensor([(r["first_source"], r["second_source"]) == kind for r in rows])
+        metrics[f"val_accuracy_swap_averaged_{kind[0]}_vs_{kind[1]}"] = debiased[mask].mean().item()
     return {"metrics": metrics, "score_forward": forward.tolist(), "score_swapped": swapped.tolist()}
 
 
@@ -103,14 +110,17 @@ def train_reward_model(job: RewardTrainJob, callbacks: Sequence[Any] = ()) -> di
             evals.append({"step": step, **result["metrics"]})
             metrics.update(result["metrics"])
         emit(step, metrics)
+    # candidates by the swap-averaged accuracy: the position-debiased decision is the one that ranks images for RL
     choice = select_checkpoint_by_kde_sigma([e["step"] for e in evals], [e["val_score_kde_sigma"] for e in evals],
-                                            [e["val_accuracy"] for e in evals],
-                                            accuracy_tolerance=job.accuracy_tolerance)
+                                            [e["val_accuracy_swap_averaged"] for e in evals],
+                                            accuracy_tolerance=job.accuracy_tolerance,
+                                            accuracy_name="swap-averaged val accuracy")
     shutil.rmtree(out / "selected", ignore_errors=True)
     shutil.copytree(out / "checkpoints" / f"step_{choice.step}", out / "selected")
     chosen = next(e for e in evals if e["step"] == choice.step)
     summary = {"selected_step": choice.step, "selected_reason": choice.reason, "selected_dir": str(out / "selected"),
                "val_accuracy": chosen["val_accuracy"], "val_score_kde_sigma": chosen["val_score_kde_sigma"],
+               **{k: v for k, v in chosen.items() if k.startswith("val_accuracy_swap_averaged")},
                "swap_agreement": chosen["swap_agreement"], "swap_mean_abs_gap": chosen["swap_mean_abs_gap"],
                "val_loss": chosen["val_loss"], "last_step_val_accuracy": evals[-1]["val_accuracy"],
                "train_pairs": len(train), "val_pairs": len(val), "chance_accuracy": 0.5, "steps": job.steps}
