@@ -27,6 +27,7 @@ from orchestration.stage_runs import (
 
 class StageRunConfig(dg.Config):
     steps: int = 3  # demo scale; production stages run their Table 4 step count on GPUs
+    lr: float | None = None  # peak learning rate instead of the Table 4 stage's (unset: the stage's)
     demo: bool = True
     init_from: str | None = None  # a released checkpoint (diffusers folder / official file) instead of the parent
     ckpt_every: int = 1  # sharded checkpoint every N steps: what a retry resumes from (production: hundreds)
@@ -85,7 +86,7 @@ def build_stage_asset(chain: str, stage: str, parent: str | None) -> dg.AssetsDe
                training_job: TrainingJobResource) -> dg.MaterializeResult:
         sampling = config.sample_every is not None
         inputs = StageInputs(
-            stage=stage, chain=chain, steps=config.steps, demo=config.demo, ckpt_every=config.ckpt_every,
+            stage=stage, chain=chain, steps=config.steps, lr=config.lr, demo=config.demo, ckpt_every=config.ckpt_every,
             init=parent_init(context, parent, config.init_from),
             base_pipeline=str(upstream_path(context, base_bundle(stage))),
             shard_meta=latest_metadata(context, latent_set(stage)), store_uri=object_store.store().uri(""),

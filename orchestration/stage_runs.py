@@ -51,6 +51,7 @@ class StageInputs:
     base_pipeline: str
     shard_meta: dict[str, Any]
     store_uri: str
+    lr: float | None = None  # peak learning rate instead of the stage's
     nproc: int = 1
     replicate: int = 1
     offload_activations: bool = False
@@ -87,7 +88,8 @@ def build_job(inputs: StageInputs, work: Path) -> tuple[TrainJob, str]:
         # demo latents (buckets / 8) are smaller than NABLA's 8x8-token tiles; production sizes tile exactly
         attention, why = "regular", why + "; dense attention: demo latents are too small for NABLA's 8x8-token tiles"
     job = TrainJob.from_flat(
-        stage=inputs.stage, demo=inputs.demo, attention=attention, steps=inputs.steps, out=str(work), resume=True,
+        stage=inputs.stage, demo=inputs.demo, attention=attention, steps=inputs.steps, lr=inputs.lr, out=str(work),
+        resume=True,
         ckpt_every=inputs.ckpt_every, base_pipeline=inputs.base_pipeline, init=inputs.init,
         shards=str(inputs.shard_meta["prefix"]), store=inputs.store_uri, text_encoders=inputs.base_pipeline,
         res_classes=",".join(classes) or None, nproc=inputs.nproc, replicate=inputs.replicate,

@@ -171,6 +171,19 @@ def test_changed_job_starts_afresh_instead_of_resuming(tmp_path: Path) -> None:
     assert not (work / "checkpoints").exists() and "seed" in Log.lines[-1]
 
 
+def test_stage_lr_config_overrides_the_table_rate_only_when_set(tmp_path: Path) -> None:
+    from orchestration.stage_runs import StageInputs, build_job
+
+    def job_lr(lr: float | None) -> float | None:
+        inputs = StageInputs(stage="video_lite_mr_10s", chain="video_lite", steps=3, lr=lr, demo=True, ckpt_every=1,
+                             init=None, base_pipeline="base", shard_meta={"prefix": "latents", "classes": []},
+                             store_uri="file:///x")
+        return build_job(inputs, tmp_path / "work")[0].flat()["lr"]
+
+    assert job_lr(None) is None  # the trainer takes the Table 4 stage's rate
+    assert job_lr(1e-3) == 1e-3
+
+
 def test_loss_check_decides_both_ways() -> None:
     from orchestration.stage_runs import TREND_MIN_STEPS, loss_problems
 
