@@ -87,7 +87,7 @@ def run_distill(context: dg.AssetExecutionContext, inputs: DistillInputs, paths:
             mlflow.end_stage_run(run_id, failed=True)
             raise
         lease.check()
-        publish(work, out)
+        publish(work, out, rewrite=("distill_metrics.json",))
     result = json.loads((out / "distill_metrics.json").read_text())
     figures = _figures(result)
     from mlflow.tracking import MlflowClient

@@ -65,11 +65,9 @@ def run_tracked(context: dg.AssetExecutionContext, mlflow: Any, training_job: An
         except BaseException:
             mlflow.end_stage_run(run_id, failed=True)
             raise
-        summary = json.loads((work / "summary.json").read_text())
-        summary = {k: v.replace(str(work), str(final)) if isinstance(v, str) else v for k, v in summary.items()}
-        (work / "summary.json").write_text(json.dumps(summary, indent=2))
         lease.check()
-        publish(work, final)
+        publish(work, final, rewrite=("summary.json",))
+    summary = json.loads((final / "summary.json").read_text())
     url = mlflow.end_stage_run(run_id, tags={f"k5_{k}": str(v)[:5000] for k, v in summary.items()
                                              if k.startswith(("selected", "heldout"))})
     return {**summary, "mlflow_run_id": run_id}, url

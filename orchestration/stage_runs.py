@@ -141,9 +141,15 @@ def prepare_work(work: Path, job: TrainJob, log: Any) -> bool:
     return False
 
 
-def publish(work: Path, out: Path) -> None:
+def publish(work: Path, out: Path, rewrite: tuple[str, ...] = ()) -> None:
     """Replace the stage's last good folder by the completed work folder (only a completed job gets here), in one
-    swap: readers see the previous stage folder or the new one, never neither."""
+    swap: readers see the previous stage folder or the new one, never neither. The JSON files named in ``rewrite``
+    (flat objects the job wrote) get their paths inside ``work`` turned into the same paths inside ``out`` first,
+    so a published record never points into the work folder that no longer exists."""
+    for name in rewrite:
+        record = json.loads((work / name).read_text())
+        record = {k: v.replace(str(work), str(out)) if isinstance(v, str) else v for k, v in record.items()}
+        (work / name).write_text(json.dumps(record, indent=2))
     replace_dir(work, out)
 
 

@@ -4,6 +4,8 @@ re-noising and grid-agnostic discriminator, sampling settings saved with a folde
 from __future__ import annotations
 
 import copy
+import json
+from pathlib import Path
 
 import pytest
 import torch
@@ -174,6 +176,8 @@ def test_distill_assets_export_loadable_folders_with_their_settings(tmp_path, ti
     assert meta["tscd_16nfe"]["upstream_pipeline"].value == meta["cfg_distilled"]["pipeline_dir"].value
     assert meta["flash"]["steps"].value == 2 and "mse_to_guided_reference" in meta["flash"]
     assert not list((tmp_path / "home" / "models" / "distill").glob(".*.partial"))  # published: work folders gone
+    record = json.loads(Path(meta["flash"]["pipeline_dir"].value).parent.joinpath("distill_metrics.json").read_text())
+    assert record["pipeline_dir"] == meta["flash"]["pipeline_dir"].value  # the published record points at itself
     flash = K5Pipeline.from_pretrained(meta["flash"]["pipeline_dir"].value)
     assert flash.sampling.kind == "flash" and flash.sampling.guidance_scale == 1.0 and flash.sampling.magcache is None
     assert len(flash.sampling.timesteps) == 17
