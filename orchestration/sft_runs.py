@@ -74,9 +74,11 @@ def run_partition(context: dg.AssetExecutionContext, layout: dict[str, Any], s: 
 
 def _fine_tune(context: dg.AssetExecutionContext, layout: dict[str, Any], s: SftRunSettings, paths: K5Paths,
                mlflow: Any, training_job: Any, store: Any) -> tuple[str, str, EarlyStop, float]:
-    """The rounds of one partition's fine-tune in its work folder: (MLflow run id, stop reason, stop rule, start
-    validation loss)."""
+    """The rounds of one partition's fine-tune in its work folder, then the best round's pipeline export: (MLflow run
+    id, stop reason, stop rule, start validation loss)."""
     from mlflow.tracking import MlflowClient
+
+    from k5model.checkpoint import assemble_pipeline_folder
 
     key = layout["key"]
     work = work_dir(sft_dir(paths, key))
@@ -122,16 +124,15 @@ def _fine_tune(context: dg.AssetExecutionContext, layout: dict[str, Any], s: Sft
         raise
     (work / "early_stop.json").write_text(json.dumps({"reason": reason, "history": stop.history,
                                                        "start_loss": start_loss}, indent=2))
+    # the best round as a complete pipeline, inside the work folder: it is published with the rest, in one swap
+    assemble_pipeline_folder(s.base_pipeline, work / "best" / "transformer", work / "pipeline")
     return run_id, reason, stop, start_loss
 
 
 def _published(out: Path, layout: dict[str, Any], s: SftRunSettings, mlflow: Any, run_id: str, reason: str,
                stop: EarlyStop, start_loss: float) -> dict[str, Any]:
-    """Export the published partition's best round as a pipeline, close its MLflow run; the metadata."""
-    from k5model.checkpoint import assemble_pipeline_folder
-
+    """Close the published partition's MLflow run; the materialization metadata."""
     best = stop.best()
-    assemble_pipeline_folder(s.base_pipeline, out / "best" / "transformer", out / "pipeline")
     url = mlflow.end_stage_run(run_id, tags={"k5_stop_reason": reason, "k5_best_step": str(best["step"]),
                                              "k5_pipeline_uri": (out / "pipeline").as_uri()})
     metrics = read_metrics(out / "metrics.jsonl")

@@ -87,6 +87,8 @@ def test_sft_partitions_finetunes_and_soup(tmp_path, monkeypatch, tiny_t2v_dir, 
         assert (meta["history"][0]["artifact_score"] is not None) == (key == keys[0])
         assert meta["best_val_loss"] == min(h["val_loss"] for h in meta["history"])
         assert Path(meta["pipeline_dir"], "model_index.json").is_file()
+        assert Path(meta["pipeline_dir"], "vae", "config.json").is_file()  # exported in the work folder, links intact
+        assert not Path(meta["pipeline_dir"]).parent.with_name(f".{key}.partial").exists()
         run = client.get_run(meta["mlflow_run_id"])
         assert run.data.tags["k5_partition"] == key and run.data.params["job.lr"] == "0.001"
         assert [m.step for m in client.get_metric_history(run.info.run_id, "val_flow_matching_loss")] == \
