@@ -22,13 +22,10 @@ from orchestration.resources import K5HomeResource, MLflowResource, TrainingJobR
 
 # The assets' config defaults: demo scale, what `make demo` runs (64x64, 4 Euler steps, K = 2, a tiny random reward
 # VLM); fields not named here take their spec's default. base_model is the one asset-only field.
-DEMO_RL = {"reward_pairs": {"height": 64, "width": 64, "num_steps": 4, "guidance_scale": 5.0, "val_fraction": 0.4,
-                            "max_items": None, "seeds_per_item": 2},
-           "reward_model": {"base_model": "tiny", "steps": 16, "batch": 4, "lr": 3e-3, "eval_every": 4,
-                            "device": "cpu", "dtype": "float32"},
-           "rl_model": {"steps": 6, "batch": 1, "lr": 1e-3, "num_steps": 4, "k": 2, "beta_kl": 2e-2,
-                        "guidance_scale": 5.0, "height": 64, "width": 64, "eval_every": 2, "sample_every": 2,
-                        "offload_to_cpu": False, "device": "cpu"}}
+DEMO_RL = {"reward_pairs": {"seeds_per_item": 2},
+           "reward_model": {"base_model": "tiny", "steps": 16, "lr": 3e-3, "eval_every": 4},
+           "rl_model": {"steps": 6, "lr": 1e-3, "num_steps": 4, "k": 2, "height": 64, "width": 64, "eval_every": 2,
+                        "sample_every": 2}}
 PRODUCTION_RL = {"reward_pairs": {"height": 1024, "width": 1024, "num_steps": 50, "guidance_scale": 3.5},
                  "reward_model": {"base_model": "models/Qwen2.5-VL-7B-Instruct", "dtype": "bfloat16", "device": "cuda",
                                   "steps": 2000, "batch": 16, "lr": 1e-6, "eval_every": 100},
