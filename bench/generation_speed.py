@@ -14,6 +14,7 @@ random weights, noise and text states. Reports seconds per generation for `--ste
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
 import time
 
@@ -28,8 +29,10 @@ from k5model.sampling import sample, sampling_grid
 from k5model.synthetic import randomize
 
 
-def diffusers_loop(model, noise, cond, uncond, steps, shift, guidance, scale_factor, sparse=None):
-    """The denoising loop of diffusers' T2V pipeline on the official grid: two forwards per step."""
+def diffusers_loop(model, noise, cond, uncond, steps, shift, guidance, scale_factor, sparse=None, contexts=False):
+    """The denoising loop of diffusers' T2V pipeline on the official grid: two forwards per step. ``contexts`` runs
+    each branch inside ``model.cache_context("cond"/"uncond")`` so a caching hook keeps one state per branch (diffusers'
+    Kandinsky 5 pipeline sets none; its other pipelines do)."""
     x = noise.clone()
     grid = sampling_grid(steps, shift).to(x.device)
     b, t, h, w, _ = x.shape
@@ -38,10 +41,12 @@ def diffusers_loop(model, noise, cond, uncond, steps, shift, guidance, scale_fac
     for i in range(steps):
         inp = torch.cat([x, zeros], -1).to(cond[0].dtype)
         ts = (grid[i] * 1000).expand(b)
-        vc = model(inp, cond[0], ts, cond[2], pos, torch.arange(cond[0].shape[1], device=x.device), scale_factor,
-                   sparse_params=sparse).sample.float()
-        vu = model(inp, uncond[0], ts, uncond[2], pos, torch.arange(uncond[0].shape[1], device=x.device),
-                   scale_factor, sparse_params=sparse).sample.float()
+        with model.cache_context("cond") if contexts else contextlib.nullcontext():
+            vc = model(inp, cond[0], ts, cond[2], pos, torch.arange(cond[0].shape[1], device=x.device), scale_factor,
+                       sparse_params=sparse).sample.float()
+        with model.cache_context("uncond") if contexts else contextlib.nullcontext():
+            vu = model(inp, uncond[0], ts, uncond[2], pos, torch.arange(uncond[0].shape[1], device=x.device),
+                       scale_factor, sparse_params=sparse).sample.float()
         x = x + (grid[i + 1] - grid[i]) * (vu + guidance * (vc - vu))
     return x
 

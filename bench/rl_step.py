@@ -10,7 +10,7 @@ frozen anchor copy, a FLUX-layout VAE decoder in the graph and a random Qwen2.5-
 (weights are random: no download; time and memory do not depend on the values), then AdamW's step. Text conditions
 are random tensors of the encoders' shapes (the text encoders are frozen and run once per prompt, outside the step).
 An out-of-memory error is reported with the memory allocated when it happened, as the measured reason it does not fit.
-NOT run on an H200 in the session that wrote it (no device budget); see docs/rl.md.
+Measured on an H200: docs/rl.md.
 """
 
 from __future__ import annotations

@@ -23,7 +23,7 @@ def randomize(module: ModuleT, std: float = 0.02, seed: int = 0) -> ModuleT:
     gen = torch.Generator().manual_seed(seed)
     with torch.no_grad():
         for p in module.parameters():
-            p.copy_(torch.randn(p.shape, generator=gen) * std)
+            p.copy_(torch.randn(p.shape, generator=gen, device="cpu") * std)  # cpu even inside torch.device(...)
     return module
 
 
