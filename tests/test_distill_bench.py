@@ -65,3 +65,42 @@ def test_distill_bench_random_mode_reuses_a_saved_reference(monkeypatch, tmp_pat
         assert second["magcache100"][key] == pytest.approx(first["magcache100"][key], rel=1e-6, abs=1e-12)
     with pytest.raises(SystemExit):
         main([*small, "--runs", "magcache"])  # unknown run name: a usage error
+
+
+@pytest.mark.usefixtures("one_thread")
+def test_warm_up_leaves_no_compile_inside_the_timed_runs():
+    """The H200 MagCache timing once held a recompile: the warm-up had not run the branches apart, and the null
+    text's shorter length is a new shape for the compiled blocks. After ``warm_up`` every timed run's shapes are
+    compiled already; a warm-up without the one-branch-at-a-time step leaves MagCache a new graph to compile."""
+    import torch
+    from torch._dynamo.utils import counters
+
+    from bench.distill import _random_text, warm_up
+    from k5model import CrossDiT, get_preset
+    from k5model.magcache import MagCache
+    from k5model.sampling import sample
+    from k5model.synthetic import randomize
+
+    cfg = get_preset("tiny")
+    cond, null, shape = _random_text(0, cfg, 32, "cpu"), _random_text(1, cfg, 8, "cpu"), (2, 8, 8, 16)
+
+    def new_graphs(model: CrossDiT) -> int:
+        before = counters["stats"]["unique_graphs"]
+        with torch.no_grad():
+            for guidance, cache in ((5.0, MagCache(3, calibrate=True)), (1.0, None), (5.0, None)):
+                sample(model, latent_shape=(1, *shape), cond=cond, uncond=null, seed=1, guidance_scale=guidance,
+                       num_steps=3, shift=10.0, progress=False, magcache=cache)
+        return counters["stats"]["unique_graphs"] - before
+
+    torch._dynamo.reset()
+    warmed = randomize(CrossDiT(cfg), seed=0).eval().compile_blocks()
+    warm_up(warmed, cond, null, shape)
+    assert new_graphs(warmed) == 0
+    torch._dynamo.reset()
+    partly = randomize(CrossDiT(cfg), seed=0).eval().compile_blocks()
+    with torch.no_grad():  # the old warm-up: CFG batched and guidance 1 only
+        for guidance in (5.0, 1.0):
+            sample(partly, latent_shape=(1, *shape), cond=cond, uncond=null, seed=0, guidance_scale=guidance,
+                   num_steps=1, shift=10.0, progress=False)
+    assert new_graphs(partly) > 0
+    torch._dynamo.reset()
