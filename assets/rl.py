@@ -52,13 +52,22 @@ RlModelConfig = config_from_spec("RlModelConfig", DraftTrainJob, module=__name__
           "the SFT soup < the real SFT image; all three pairs in both positions, with which model made each side.")
 def reward_pairs(context: dg.AssetExecutionContext, config: RewardPairsConfig,
                  k5_home: K5HomeResource) -> dg.MaterializeResult:
-    from k5data.reward_pairs import build_reward_pairs, read_sft_items
+    import shutil
 
-    soup = latest_metadata(context, "sft_soup")
-    rows = read_sft_items(str(latest_metadata(context, "sft_mix")["path"]))
+    from k5data.reward_pairs import build_reward_pairs, read_sft_items
+    from orchestration.stage_runs import hold_stage, publish, work_dir
+
     out = k5_home.paths.models / "rl" / "reward_pairs"
-    summary = build_reward_pairs(rows, str(soup["start_pipeline"]), str(soup["pipeline_dir"]), out,
-                                 PairSettings(**config.model_dump()), log=context.log.info)
+    work = work_dir(out)
+    # one writer; written aside and swapped in whole, so a failed run leaves the last good table and its images
+    with hold_stage(out, f"Dagster run {context.run_id}", asset="reward_pairs") as lease:
+        soup = latest_metadata(context, "sft_soup")
+        rows = read_sft_items(str(latest_metadata(context, "sft_mix")["path"]))
+        shutil.rmtree(work, ignore_errors=True)  # seeded generation: an attempt starts afresh, nothing to resume
+        summary = build_reward_pairs(rows, str(soup["start_pipeline"]), str(soup["pipeline_dir"]), work,
+                                     PairSettings(**config.model_dump()), log=context.log.info)
+        lease.check()
+        publish(work, out)
     return dg.MaterializeResult(metadata={
         **{k: v for k, v in summary.items() if k != "settings"}, "path": dg.MetadataValue.path(str(out /
                                                                                                   "pairs.parquet")),

@@ -81,7 +81,9 @@ def split_items(item_ids: list[str], val_fraction: float) -> dict[str, str]:
 
 def build_reward_pairs(rows: list[dict[str, Any]], pretrain_dir: str | Path, sft_dir: str | Path, out: Path,
                        settings: PairSettings, log: Callable[[str], None] = print) -> dict[str, Any]:
-    """Generate both models' images for every SFT item, write the images and ``pairs.parquet``; returns a summary."""
+    """Generate both models' images for every SFT item, write the images and ``pairs.parquet`` into ``out``;
+    returns a summary. Image paths in the table are relative to ``out`` (``read_pairs`` resolves them), so the
+    folder can be written aside and published by a rename."""
     import pandas as pd
     from PIL import Image
 
@@ -106,13 +108,13 @@ def build_reward_pairs(rows: list[dict[str, Any]], pretrain_dir: str | Path, sft
                                     progress=False)
                 path = images / f"{r['item_id']}.{j}.{source}.png"
                 Image.fromarray(res.frames[0]).save(path)
-                paths[str(r["item_id"]), j][source] = str(path)
+                paths[str(r["item_id"]), j][source] = str(path.relative_to(out))
         log(f"reward pairs: {len(rows) * n} images from {source} ({folder})")
     for r in rows:
         path = images / f"{r['item_id']}.real.png"
         Image.fromarray(_real_image(r, settings.height, settings.width)).save(path)
         for j in range(n):
-            paths[str(r["item_id"]), j]["real"] = str(path)
+            paths[str(r["item_id"]), j]["real"] = str(path.relative_to(out))
     table, by_item = [], {str(r["item_id"]): r for r in rows}
     for (item, j), p in paths.items():
         r = by_item[item]

@@ -60,6 +60,9 @@ def test_reward_pairs_hold_both_orders_and_their_sources(chain):
     for r in rows:  # label 1 exactly when the first image comes from the better source
         assert r["label"] == int(rank[r["first_source"]] > rank[r["second_source"]])
         assert os.path.isfile(r["first_path"]) and f".{r['first_source']}.png" in r["first_path"]
+    stored = pd.read_parquet(chain["pairs_path"])  # relative to the table's folder, so the folder can move
+    assert not any(os.path.isabs(p) for p in [*stored["first_path"], *stored["second_path"]])
+    assert rows[0]["first_path"] == str(chain["pairs_path"].parent / stored["first_path"][0])
     keys = {(r["item_id"], r["first_source"], r["second_source"]) for r in rows}
     assert all((i, b, a) in keys for i, a, b in keys)  # every pair in both positions
     assert split_items(["a", "b", "c"], 0.4) == split_items(["c", "b", "a"], 0.4)  # stable, order independent

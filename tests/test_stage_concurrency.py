@@ -135,3 +135,61 @@ def test_rl_and_sft_materializations_are_refused_while_another_run_holds_their_f
     wrong = RewardTrainJob(pairs="pairs.parquet", base_model="base", out=str(tmp_path / "elsewhere"))
     with pytest.raises(ValueError, match=r"must write into .*\.reward_model\.partial"):
         run_tracked(dg.build_asset_context(), None, None, "reward", wrong, final, {})
+
+
+def test_reward_pairs_is_refused_while_held_and_only_a_completed_run_replaces_the_table(tmp_path: Path,
+                                                                                        monkeypatch) -> None:
+    """``reward_pairs`` writes aside under the one-writer lease: refused (naming the holder) while another run holds
+    it; a run that dies mid-generation leaves the last good table and images untouched; a completed run is
+    swapped in whole."""
+    import pandas as pd
+
+    import k5data.reward_pairs as library
+    from assets.rl import reward_pairs
+    from orchestration.stage_runs import work_dir
+
+    out = tmp_path / "models" / "rl" / "reward_pairs"
+    (out / "images").mkdir(parents=True)
+    (out / "pairs.parquet").write_text("last good table")
+    (out / "images" / "item0.real.png").write_text("last good image")
+    resources = {"k5_home": K5HomeResource(home=str(tmp_path))}
+    item = {"item_id": "item0", "caption": "a fox", "kind": "image", "media_path": "x.png"}
+    pd.DataFrame([item]).to_parquet(tmp_path / "items.parquet")
+
+    @dg.asset(name="sft_soup")
+    def soup() -> dg.MaterializeResult:
+        return dg.MaterializeResult(metadata={"start_pipeline": "pre", "pipeline_dir": "sft", "start_stage": "s",
+                                              "family": "video_lite"})
+
+    @dg.asset(name="sft_mix")
+    def mix() -> dg.MaterializeResult:
+        return dg.MaterializeResult(metadata={"path": str(tmp_path / "items.parquet")})
+
+    def dies(rows, pretrain, sft, work, settings, log):
+        (work / "images").mkdir(parents=True)
+        (work / "images" / "item0.real.png").write_text("half written")
+        raise RuntimeError("generation died")
+
+    def completes(rows, pretrain, sft, work, settings, log):
+        (work / "images").mkdir(parents=True)
+        (work / "images" / "item0.real.png").write_text("new image")
+        (work / "pairs.parquet").write_text("new table")
+        return {"items": len(rows), "pairs": 6, "settings": {}}
+
+    instance = dg.DagsterInstance.ephemeral()
+    with hold_stage(out, "Dagster run other-run-id", asset="reward_pairs"):
+        held = dg.materialize([soup, mix, reward_pairs], resources=resources, instance=instance,
+                              raise_on_error=False)
+    assert "reward_pairs is already being materialized by Dagster run other-run-id" in \
+        str(held.failure_data_for_node("reward_pairs").error)
+    monkeypatch.setattr(library, "build_reward_pairs", dies)
+    failed = dg.materialize([soup, mix, reward_pairs], resources=resources, instance=instance, raise_on_error=False)
+    assert not failed.success
+    assert (out / "pairs.parquet").read_text() == "last good table"
+    assert (out / "images" / "item0.real.png").read_text() == "last good image"
+    monkeypatch.setattr(library, "build_reward_pairs", completes)
+    done = dg.materialize([soup, mix, reward_pairs], resources=resources, instance=instance)
+    assert (out / "pairs.parquet").read_text() == "new table" and not work_dir(out).exists()
+    assert (out / "images" / "item0.real.png").read_text() == "new image"
+    meta = done.asset_materializations_for_node("reward_pairs")[0].metadata
+    assert meta["path"].value == str(out / "pairs.parquet") and meta["items"].value == 1

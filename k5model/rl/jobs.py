@@ -129,13 +129,17 @@ class DraftTrainJob(_JsonJob):
 
 
 def read_pairs(path: str | os.PathLike) -> list[dict[str, Any]]:
-    """The reward pairs as row dicts; refuses a table without the :data:`PAIR_COLUMNS`."""
+    """The reward pairs as row dicts, image paths resolved against the table's folder (the asset writes them
+    relative); refuses a table without the :data:`PAIR_COLUMNS`."""
     import pandas as pd
 
     table = pd.read_parquet(path)
     missing = [c for c in PAIR_COLUMNS if c not in table.columns]
     if missing:
         raise ValueError(f"{path} lacks reward pair columns {missing}; materialize reward_pairs again")
+    folder = Path(path).parent
+    for column in ("first_path", "second_path"):
+        table[column] = [str(folder / p) for p in table[column]]  # an absolute p stays itself under "/"
     return table.to_dict("records")
 
 
