@@ -223,6 +223,22 @@ def test_checkpoint_choice_is_the_largest_sigma_among_accurate_steps_not_the_las
         select_checkpoint_by_kde_sigma([], [], [])
 
 
+def test_one_standard_error_rule_lets_no_single_pair_decide_the_checkpoint():
+    """accuracy_tolerance=None: candidates are within one binomial standard error of the best accuracy. On 12
+    validation pairs, 0.75 against 0.79 is half a pair (SE 0.117): both are candidates and the wider σ wins; on 400
+    pairs the same gap is over one SE (0.020) and only the best is a candidate."""
+    steps, sigmas, acc = [4, 8, 12, 16], [0.0024, 0.0003, 0.0007, 0.0003], [0.75, 0.125, 0.1667, 0.7917]
+    small = select_checkpoint_by_kde_sigma(steps, sigmas, acc, accuracy_tolerance=None, decisions=12)
+    assert small.step == 4 and "less one standard error" in small.reason and ">= 0.674" in small.reason
+    large = select_checkpoint_by_kde_sigma(steps, sigmas, acc, accuracy_tolerance=None, decisions=400)
+    assert large.step == 16
+    assert select_checkpoint_by_kde_sigma(steps, sigmas, acc).step == 16  # a fixed 0.02 tolerance: the best only
+    perfect = select_checkpoint_by_kde_sigma([1, 2], [0.2, 0.1], [0.9, 1.0], accuracy_tolerance=None, decisions=10)
+    assert perfect.step == 2  # SE 0 at accuracy 1: half a decision (0.05) is the floor, and 0.9 is below it
+    with pytest.raises(ValueError, match="number of validation decisions"):
+        select_checkpoint_by_kde_sigma(steps, sigmas, acc, accuracy_tolerance=None)
+
+
 def test_draft_k_step_end_to_end_through_vae_and_reward(tiny_t2i_dir, reward_dir):
     """DRaFT-K on the tiny pipeline's image VAE and the tiny reward VLM: the loss reaches the policy, and only it."""
     import copy

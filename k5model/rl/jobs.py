@@ -60,8 +60,9 @@ class RewardTrainJob(_JsonJob):
     """AdamW learning rate."""
     eval_every: int = 5
     """Steps between validations (each writes a checkpoint); the last step is always evaluated."""
-    accuracy_tolerance: float = 0.02
-    """σ criterion: candidates are the evaluations within this of the best swap-averaged validation accuracy."""
+    accuracy_tolerance: float | None = None
+    """σ criterion: candidates are the evaluations within this of the best swap-averaged validation accuracy; None:
+    one binomial standard error of that accuracy over the validation pairs (the one-standard-error rule)."""
     seed: int = 0
     """Seed of the batch order."""
     device: str = "cpu"

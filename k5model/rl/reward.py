@@ -183,6 +183,7 @@ def validation_metrics(score_forward: torch.Tensor, score_swapped: torch.Tensor)
     debiased = swap_averaged_correct(score_forward, score_swapped)
     return {"val_accuracy": correct.mean().item(), "val_accuracy_swap_averaged": debiased.mean().item(),
             "val_accuracy_swap_averaged_p": chance_p_value(debiased.sum().item(), debiased.numel()),
+            "val_decisions": debiased.numel(),
             "val_score_kde_sigma": kde_sigma(score_forward),
             "val_score_mean": score_forward.double().mean().item(), "swap_agreement": consistency.agreement,
             "swap_mean_abs_gap": consistency.mean_abs_gap}
@@ -223,8 +224,8 @@ class CheckpointChoice:
 
 
 def select_checkpoint_by_kde_sigma(
-    steps: Sequence[int], sigmas: Sequence[float], accuracies: Sequence[float], *, accuracy_tolerance: float = 0.02,
-    accuracy_name: str = "val accuracy",
+    steps: Sequence[int], sigmas: Sequence[float], accuracies: Sequence[float], *,
+    accuracy_tolerance: float | None = 0.02, decisions: int | None = None, accuracy_name: str = "val accuracy",
 ) -> CheckpointChoice:
     """Choose the reward checkpoint by the KDE σ of its validation scores (report §6.6, Figure 23).
 
@@ -234,16 +235,24 @@ def select_checkpoint_by_kde_sigma(
     vanishes, useless for DRaFT). σ (:func:`kde_sigma`) therefore rises and then falls. Among the evaluation steps
     whose validation accuracy is within ``accuracy_tolerance`` of the best one, we take the step with the largest σ
     (the earliest on ties) — the most discriminative checkpoint before the collapse, not the last step.
+    ``accuracy_tolerance=None`` takes one binomial standard error of the best accuracy a over the ``decisions``
+    validation decisions, sqrt(a(1 − a)/n), at least half a decision (the one-standard-error rule of model
+    selection): on a small validation set one pair more or less must not decide which checkpoint is "accurate".
     ``accuracy_name`` names the accuracy passed in the recorded reason.
     """
     if not (len(steps) == len(sigmas) == len(accuracies)) or not steps:
         raise ValueError(f"need equal, non-empty steps/sigmas/accuracies, got {len(steps)}/{len(sigmas)}/"
                          f"{len(accuracies)}")
-    best_acc = max(accuracies)
-    eligible = [i for i, a in enumerate(accuracies) if a >= best_acc - accuracy_tolerance]
+    best_acc, rule = max(accuracies), ""
+    if accuracy_tolerance is None:
+        rule = ", less one standard error"
+        if not decisions or decisions < 1:
+            raise ValueError("accuracy_tolerance=None (one standard error) needs the number of validation decisions")
+        accuracy_tolerance = max(math.sqrt(best_acc * (1.0 - best_acc) / decisions), 0.5 / decisions)
+    eligible = [i for i, a in enumerate(accuracies) if a >= best_acc - accuracy_tolerance - 1e-12]
     i = max(eligible, key=lambda j: (sigmas[j], -steps[j]))
     reason = (f"step {steps[i]}: largest KDE σ {sigmas[i]:.4f} among {len(eligible)} of {len(steps)} evaluations "
-              f"with {accuracy_name} >= {best_acc - accuracy_tolerance:.3f} (best {best_acc:.3f})")
+              f"with {accuracy_name} >= {best_acc - accuracy_tolerance:.3f} (best {best_acc:.3f}{rule})")
     return CheckpointChoice(step=int(steps[i]), sigma=float(sigmas[i]), accuracy=float(accuracies[i]), reason=reason)
 
 

@@ -114,6 +114,7 @@ def train_reward_model(job: RewardTrainJob, callbacks: Sequence[Any] = ()) -> di
     choice = select_checkpoint_by_kde_sigma([e["step"] for e in evals], [e["val_score_kde_sigma"] for e in evals],
                                             [e["val_accuracy_swap_averaged"] for e in evals],
                                             accuracy_tolerance=job.accuracy_tolerance,
+                                            decisions=evals[0]["val_decisions"],
                                             accuracy_name="swap-averaged val accuracy")
     shutil.rmtree(out / "selected", ignore_errors=True)
     shutil.copytree(out / "checkpoints" / f"step_{choice.step}", out / "selected")
