@@ -306,7 +306,7 @@ class K5Pipeline:
             timings["magcache_skipped"] = float(cache.skipped)
 
         t2 = time.perf_counter()
-        pixels = self.vae.decode(latents).float().cpu()
+        pixels = self.vae.decode(latents)  # stays on the device: to_uint8 converts there, then copies
         # video (1, 3, F, H, W) / image (1, 3, H, W) -> (F, H, W, 3)
         pixels = pixels[0].permute(1, 2, 3, 0) if pixels.ndim == 5 else pixels[0].permute(1, 2, 0)[None]
         frames = to_uint8(pixels)

@@ -56,6 +56,10 @@ def t2v(tiny_t2v_dir) -> K5Pipeline:
 
 def test_to_uint8_and_save_media(tmp_path):
     assert to_uint8(torch.tensor([-1.0, 0.0, 1.0, 3.0, -7.0])).tolist() == [0, 128, 255, 255, 0]
+    # the tensor path (converted on the tensor's device) gives the numpy path's bytes, ties included
+    x = torch.cat([torch.randn(4096, generator=torch.Generator().manual_seed(0)) * 0.8,
+                   (torch.arange(256.0) + 0.5) / 127.5 - 1.0])
+    assert np.array_equal(to_uint8(x), to_uint8(x.numpy())) and to_uint8(x).dtype == np.uint8
     frames = np.random.default_rng(0).integers(0, 256, (5, 32, 48, 3), dtype=np.uint8)
     video = save_media(frames, tmp_path / "a" / "b" / "clip.mp4", fps=8)
     back = imageio.mimread(video)
