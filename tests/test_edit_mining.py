@@ -65,6 +65,60 @@ def test_each_table1_rule_keeps_one_pair_and_drops_another(kept_scores: dict, dr
     assert (dropped.kept, dropped.rule, dropped.drop_reason) == (False, None, reason)
 
 
+def _face_photo(gray: np.ndarray) -> np.ndarray:
+    """A 25x25 LFW face (scikit-image's shipped subset) as a 480x480 RGB photo the cascade finds one face in."""
+    import cv2
+
+    big = cv2.resize((gray * 255).astype(np.uint8), (240, 240), interpolation=cv2.INTER_CUBIC)
+    canvas = np.full((480, 480), 128, np.uint8)
+    canvas[120:360, 120:360] = big
+    return cv2.cvtColor(canvas, cv2.COLOR_GRAY2RGB)
+
+
+def test_thumbnail_face_similarity_does_not_tell_people_apart() -> None:
+    """Why the face rules are off for the thumbnail backend: HOG of the face crop scores other people's faces (real
+    LFW faces) as high as the astronaut's own edits (her face pasted into another photo, mirrored, rotated and
+    zoomed), and several different people clear Table 1's 0.7 "same person" threshold."""
+    import cv2
+    from skimage.data import lfw_subset
+
+    from k5data.editing.embeddings import FaceEmbedder, face_similarity
+
+    faces = FaceEmbedder("thumbnail", None)
+    astronaut = np.asarray(Image.open(skimage_dir() / "astronaut.png").convert("RGB"))
+    china = np.asarray(Image.open(sklearn_dir() / "china.jpg").convert("RGB")).copy()
+    r, c, h, w = faces.faces(astronaut)[0]
+    pasted = astronaut[r - 40:r + h + 40, c - 40:c + w + 40]
+    china[50:50 + pasted.shape[0], 300:300 + pasted.shape[1]] = pasted  # her face in another photo
+    turn = cv2.getRotationMatrix2D((256, 256), 8, 1.15)
+    rotated = cv2.warpAffine(astronaut, turn, (512, 512), borderMode=cv2.BORDER_REFLECT)
+    own = faces.embed(astronaut)
+    same = [face_similarity(own, faces.embed(im)) for im in (china, astronaut[:, ::-1].copy(), rotated)]
+    others = [face_similarity(own, e) for e in (faces.embed(_face_photo(f)) for f in lfw_subset()[:100])
+              if e is not None]
+    assert len(others) >= 60 and min(same) > 0.7  # her edits clear the threshold ...
+    assert max(others) > min(same) and sum(o > 0.7 for o in others) >= 5  # ... and so do other people
+
+
+def test_face_rules_decide_only_with_an_identity_capable_backend() -> None:
+    """The same measured pair: face_sim 0.76 between two different people. With the thumbnail backend the rules
+    read "no faces" (no_rule); with face_backend "hf" (or face_rules on) the face rule keeps it, and a low face_sim
+    drops it as face_mismatch."""
+    from k5data.editing.pairs import rule_scores
+
+    row = {"clip_sim": 0.5, "dino_sim": 0.5, "face_sim": 0.76, "clip_thr": 0.5}
+    thumbnail, hf = EditMiningConfig(), EditMiningConfig(face_backend="hf", face_model_path="face")
+    assert not thumbnail.applies_face_rules and hf.applies_face_rules
+    assert EditMiningConfig(face_rules=True).applies_face_rules and not replace(hf, face_rules=False).applies_face_rules
+    assert decide(rule_scores(row, 0.0, 0, 0.0, thumbnail), thumbnail.rules) == decide(
+        replace(BASE, face_sim=0.0), thumbnail.rules)
+    assert decide(rule_scores(row, 0.0, 0, 0.0, thumbnail), thumbnail.rules).drop_reason == "no_rule"
+    assert decide(rule_scores(row, 0.0, 0, 0.0, hf), hf.rules).rule == "face"
+    low = {**row, "face_sim": 0.3}
+    assert decide(rule_scores(low, 0.0, 0, 0.0, hf), hf.rules).drop_reason == "face_mismatch"
+    assert decide(rule_scores(low, 0.0, 0, 0.0, thumbnail), thumbnail.rules).drop_reason == "no_rule"
+
+
 def test_adaptive_condition_and_cluster_thresholds() -> None:
     assert adaptive_ok(0.93, 0.9, 0.15) and not adaptive_ok(0.91, 0.9, 0.15)  # bar: 0.915
     clusters = np.array([0, 0, 1])

@@ -46,10 +46,15 @@ class EditMiningConfig:
     dino_model_path: str | None = None
     """Local DINOv2 folder when dino_backend is "dinov2"."""
     face_backend: str = "thumbnail"
-    """Faces are found with scikit-image's LBP frontal-face cascade; their crops are embedded by "thumbnail" (grey
-    crop cross-correlation) or "hf" (any transformers image model folder, e.g. a ViT face-recognition export)."""
+    """Faces are found with scikit-image's LBP frontal-face cascade; their crops are embedded by "thumbnail" (HOG of
+    the 64x64 grey crop) or "hf" (any transformers image model folder, e.g. a ViT face-recognition export)."""
     face_model_path: str | None = None
     """Local face-embedding folder when face_backend is "hf"."""
+    face_rules: bool | None = None
+    """Apply Table 1's face rules (``face_mismatch``, ``face``) to face_sim. None: only with face_backend "hf". The
+    thumbnail backend's HOG does not tell people apart: against one face, other people's faces score in the same
+    range as that face's own edits (docs/editing.md). Its face_sim is recorded, but the rules read it as "no
+    faces"."""
     neighbours: int = 8
     """Nearest neighbours searched per image in each index (CLIP and DINO)."""
     min_candidate_sim: float = 0.8
@@ -96,6 +101,11 @@ class EditMiningConfig:
     [0, 1] (quality_technical / quality_aesthetic); they map to Q-Align's 5 levels as 1 + 4 * p."""
     rules: RuleThresholds = field(default_factory=RuleThresholds)
     """Table 1 thresholds."""
+
+    @property
+    def applies_face_rules(self) -> bool:
+        """Whether face_sim decides anything (``face_rules``, or by default an identity-capable face backend)."""
+        return self.face_backend == "hf" if self.face_rules is None else self.face_rules
 
     def to_dict(self) -> dict[str, Any]:
         return asdict(self)

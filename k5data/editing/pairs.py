@@ -129,6 +129,15 @@ def sft_subset(technical: float | None, aesthetic: float | None, cfg: EditMining
     return 1 + 4 * float(technical) > cfg.sft_min_qalign and 1 + 4 * float(aesthetic) > cfg.sft_min_aesthetic
 
 
+def rule_scores(row: dict[str, Any], aligned_dino_sim: float, inliers: int, overlap: float,
+                cfg: EditMiningConfig) -> PairScores:
+    """What Table 1 decides a candidate on. face_sim counts only where the face backend can tell people apart
+    (``EditMiningConfig.applies_face_rules``); otherwise the rules see 0, "no faces"."""
+    face = float(row["face_sim"]) if cfg.applies_face_rules else 0.0
+    return PairScores(clip_sim=row["clip_sim"], dino_sim=row["dino_sim"], face_sim=face,
+                      aligned_dino_sim=aligned_dino_sim, inliers=inliers, overlap=overlap, clip_thr=row["clip_thr"])
+
+
 def verify_candidates(candidates: pd.DataFrame, cfg: EditMiningConfig,
                       endpoint_url: str | None = None) -> tuple[pd.DataFrame, dict[str, Any]]:
     """Geometry, aligned DINO, Table 1, instructions of kept pairs and the SFT flag for every candidate."""
@@ -151,10 +160,7 @@ def verify_candidates(candidates: pd.DataFrame, cfg: EditMiningConfig,
             aligned = 0.0
             if geo.source_crop is not None and min(geo.source_crop.shape[:2]) >= 16:
                 aligned = float(dino_e.embed(geo.source_crop) @ dino_e.embed(geo.target_crop))
-            scores = PairScores(clip_sim=row["clip_sim"], dino_sim=row["dino_sim"], face_sim=row["face_sim"],
-                                aligned_dino_sim=aligned, inliers=geo.inliers, overlap=geo.overlap,
-                                clip_thr=row["clip_thr"])
-            decision = decide(scores, cfg.rules)
+            decision = decide(rule_scores(row, aligned, geo.inliers, geo.overlap, cfg), cfg.rules)
             t = cfg.rules.adaptive_t
             out.append({**row, "inliers": geo.inliers, "inlier_groups": len(geo.groups), "matches": geo.matches,
                         "overlap": geo.overlap, "aligned_dino_sim": aligned,
@@ -165,7 +171,8 @@ def verify_candidates(candidates: pd.DataFrame, cfg: EditMiningConfig,
                         "sft": decision.kept and sft_subset(row["target_quality_technical"],
                                                             row["target_quality_aesthetic"], cfg)})
     pairs = pd.DataFrame(out, columns=PAIR_COLUMNS)
-    return pairs, summarize_pairs(pairs) | {"matcher": matcher.name, "instructions": writer.name}
+    return pairs, summarize_pairs(pairs) | {"matcher": matcher.name, "instructions": writer.name,
+                                            "face_rules": cfg.applies_face_rules}
 
 
 def summarize_pairs(pairs: pd.DataFrame) -> dict[str, Any]:
