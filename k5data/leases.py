@@ -349,6 +349,17 @@ def _try_acquire(store: ObjectStore, key: str, holder: str, ttl_s: float) -> Lea
     record = LeaseRecord(holder=holder, host=socket.gethostname(), pid=os.getpid(),
                          since=datetime.fromtimestamp(now, UTC).isoformat(timespec="seconds"),
                          expires_at=now + ttl_s, ttl_s=ttl_s, token=secrets.token_hex(8))
+    # held from before the write: another thread of this process that reads the record between our write and the
+    # Lease object must see a live holder, not a leftover of this process to take over
+    _HELD_TOKENS.add(record.token)
+    try:
+        return _acquire_with(store, key, record, now)
+    except BaseException:
+        _HELD_TOKENS.discard(record.token)
+        raise
+
+
+def _acquire_with(store: ObjectStore, key: str, record: LeaseRecord, now: float) -> Lease:
     version = put_if_absent(store, key, record.encode())
     if version is not None:
         # create-then-verify: an S3-compatible store without atomic conditional puts may let two creates succeed;

@@ -173,6 +173,40 @@ def test_heartbeat_keeps_a_long_writer_s_lease(tmp_path: Path) -> None:
 # the versioned index
 
 
+def test_a_lease_being_acquired_by_another_thread_is_live_not_a_leftover(tmp_path: Path, monkeypatch) -> None:
+    """The race the concurrent-writers test once lost: thread "first" has written its lease record (same host and
+    pid as every thread here) but not yet verified it; a second acquirer reading the record then must see a live
+    holder and be refused, not take it over as a record this process left behind."""
+    import k5data.leases as leases
+
+    store, real_read = LocalStore(tmp_path), leases.read_versioned
+    written, resume, outcome = threading.Event(), threading.Event(), {}
+
+    def paused_read(store_: LocalStore, key: str):
+        if threading.current_thread().name == "first" and not written.is_set():
+            written.set()  # first's put_if_absent has landed; hold it before its verifying read
+            resume.wait(10)
+        return real_read(store_, key)
+
+    monkeypatch.setattr(leases, "read_versioned", paused_read)
+
+    def first() -> None:
+        with acquire_lease(store, "p", holder="first", heartbeat=False) as lease:
+            outcome["first"] = lease.took_over
+
+    thread = threading.Thread(target=first, name="first")
+    thread.start()
+    try:
+        assert written.wait(10)
+        with pytest.raises(LeaseHeld, match="first"):
+            with acquire_lease(store, "p", holder="second", heartbeat=False):
+                pass
+    finally:
+        resume.set()
+        thread.join(10)
+    assert outcome == {"first": None} and read_lease(store, "p") is None  # first held it and released it
+
+
 def test_concurrent_writers_on_s3_end_with_one_refusal_and_every_sample_once(s3_endpoint: str) -> None:
     store = S3Store("leases", "concurrent", endpoint_url=s3_endpoint)
     samples = latent_samples(12)
