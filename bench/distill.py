@@ -155,6 +155,28 @@ def _tuple(cond: Any, dtype: torch.dtype) -> tuple:
     return cond.embeds[:, :n].to(dtype), cond.mask[:, :n], cond.pooled.to(dtype)
 
 
+def _save_reference(out: Path, latents: torch.Tensor, stats: dict[str, Any],
+                    magcache: SamplingSettings | None) -> None:
+    """Keep the reference latents, their timing and the calibration for a later call (``--reference``)."""
+    out.mkdir(parents=True, exist_ok=True)
+    torch.save(latents.cpu(), out / "cfg100_latents.pt")
+    (out / "cfg100.json").write_text(json.dumps(stats))
+    if magcache is not None:
+        (out / "calibration.json").write_text(json.dumps(magcache.magcache))
+
+
+def _load_reference(folder: Path, settings: dict[str, SamplingSettings], steps: int,
+                    own_calibration: bool) -> tuple[torch.Tensor, dict[str, Any]]:
+    """The latents and timing ``_save_reference`` kept; with ``own_calibration`` (random weights, no folder to read
+    it from) its calibration becomes the MagCache setting."""
+    if not (folder / "cfg100_latents.pt").is_file():
+        raise SystemExit(f"--reference {folder}: no cfg100_latents.pt; write one with --save-reference first")
+    if own_calibration:
+        settings["magcache"] = SamplingSettings(num_steps=steps, guidance_scale=5.0, magcache=json.loads(
+            (folder / "calibration.json").read_text()))
+    return torch.load(folder / "cfg100_latents.pt"), json.loads((folder / "cfg100.json").read_text())
+
+
 RUNS = ("cfg100", "cfg_distilled50", "flash16", "magcache100", "diffusers_magcache100")
 
 
@@ -196,21 +218,15 @@ def _folder_setup(args: argparse.Namespace, ap: argparse.ArgumentParser, device:
     return teacher, models, settings, conds, null, shape, 50
 
 
-def _random_text(seed: int, cfg: Any, length: int, device: torch.device) -> Any:
-    from k5model.flow_matching import TextCondition
-
-    g = torch.Generator().manual_seed(seed)
-    return TextCondition(torch.randn(1, length, cfg.in_text_dim, generator=g).to(device),
-                         torch.ones(1, length, dtype=torch.bool, device=device),
-                         torch.randn(1, cfg.in_text_dim2, generator=g).to(device))
-
-
 def _random_setup(args: argparse.Namespace, device: torch.device, dtype: torch.dtype) -> tuple:
     """Full-size video_lite, random weights (seed 0); the students share them under their own settings."""
+    from k5model.distill.evaluate import random_text
+
     cfg = get_preset(args.preset)
     teacher = randomize(CrossDiT(cfg), seed=0).to(device).eval()
-    conds = [_random_text(i, cfg, 256, device) for i in range(args.prompts)]
-    null = _random_text(999, cfg, 8, device)
+    widths = dict(width=cfg.in_text_dim, pooled_width=cfg.in_text_dim2, device=device)
+    conds = [random_text(i, length=256, **widths) for i in range(args.prompts)]
+    null = random_text(999, length=8, **widths)
     t, h, w = (int(v) for v in args.latent.split("x")) if args.latent else (args.seconds * 24 // 4 + 1, 64, 96)
     shape = (t, h, w, int(cfg.in_visual_dim))
     settings = {"cfg_distilled": SamplingSettings(kind="cfg_distilled", num_steps=50, guidance_scale=1.0),
@@ -257,27 +273,18 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
             warm_up(model.compile_blocks(), conds[0], null, shape)
     res: dict[str, Any] = {**device_info(cuda), "latent": list(shape), "prompts": len(conds), "seeds": len(seeds),
                            "weights": "random" if (args.random or args.smoke) else "folders"}
-    reference = SamplingSettings(num_steps=ref_steps, guidance_scale=5.0)
     if args.reference:
-        ref_latents = torch.load(Path(args.reference, "cfg100_latents.pt"))
-        res["cfg100"] = json.loads(Path(args.reference, "cfg100.json").read_text())
-        if args.random:
-            settings["magcache"] = SamplingSettings(num_steps=ref_steps, guidance_scale=5.0, magcache=json.loads(
-                Path(args.reference, "calibration.json").read_text()))
+        ref_latents, res["cfg100"] = _load_reference(Path(args.reference), settings, ref_steps, args.random)
     else:
         if args.random and ({"magcache100", "diffusers_magcache100"} & set(runs) or args.save_reference):
             t0 = time.perf_counter()
             settings["magcache"] = SamplingSettings(num_steps=ref_steps, guidance_scale=5.0, magcache=calibrate(
                 teacher, conds[0], null, shape, ref_steps, 10.0))
             res["calibration_seconds"] = time.perf_counter() - t0
+        reference = SamplingSettings(num_steps=ref_steps, guidance_scale=5.0)
         ref_latents, res["cfg100"] = run_settings(teacher, reference, conds, null, shape, seeds)
         if args.save_reference:
-            out = Path(args.save_reference)
-            out.mkdir(parents=True, exist_ok=True)
-            torch.save(ref_latents.cpu(), out / "cfg100_latents.pt")
-            (out / "cfg100.json").write_text(json.dumps(res["cfg100"]))
-            if "magcache" in settings:
-                (out / "calibration.json").write_text(json.dumps(settings["magcache"].magcache))
+            _save_reference(Path(args.save_reference), ref_latents, res["cfg100"], settings.get("magcache"))
     ref_latents = ref_latents.to(device)
     table: dict[str, tuple[CrossDiT, SamplingSettings]] = {
         "cfg_distilled50": (models["cfg_distilled"], settings["cfg_distilled"]),

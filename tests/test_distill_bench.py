@@ -65,6 +65,8 @@ def test_distill_bench_random_mode_reuses_a_saved_reference(monkeypatch, tmp_pat
         assert second["magcache100"][key] == pytest.approx(first["magcache100"][key], rel=1e-6, abs=1e-12)
     with pytest.raises(SystemExit):
         main([*small, "--runs", "magcache"])  # unknown run name: a usage error
+    with pytest.raises(SystemExit, match="no cfg100_latents.pt; write one with --save-reference"):
+        main([*small, "--runs", "magcache100", "--reference", str(tmp_path / "missing")])
 
 
 @pytest.mark.usefixtures("one_thread")
@@ -75,14 +77,15 @@ def test_warm_up_leaves_no_compile_inside_the_timed_runs():
     import torch
     from torch._dynamo.utils import counters
 
-    from bench.distill import _random_text, warm_up
+    from bench.distill import warm_up
     from k5model import CrossDiT, get_preset
+    from k5model.distill.evaluate import random_text
     from k5model.magcache import MagCache
     from k5model.sampling import sample
     from k5model.synthetic import randomize
 
     cfg = get_preset("tiny")
-    cond, null, shape = _random_text(0, cfg, 32, "cpu"), _random_text(1, cfg, 8, "cpu"), (2, 8, 8, 16)
+    cond, null, shape = random_text(0, length=32), random_text(1, length=8), (2, 8, 8, 16)
 
     def new_graphs(model: CrossDiT) -> int:
         before = counters["stats"]["unique_graphs"]

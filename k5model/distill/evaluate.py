@@ -60,10 +60,14 @@ class TinyAcceptance:
     """Also measure 100-NFE CFG with MagCache."""
 
 
-def random_text(seed: int, length: int = 5, width: int = 32) -> TextCondition:
+def random_text(seed: int, length: int = 5, width: int = 32, pooled_width: int | None = None,
+                device: torch.device | str = "cpu") -> TextCondition:
+    """A random text condition: (1, length, width) states and (1, pooled_width or width) pooled, drawn on the CPU
+    from ``seed`` and moved to ``device``."""
     g = torch.Generator().manual_seed(seed)
-    return TextCondition(torch.randn(1, length, width, generator=g), torch.ones(1, length, dtype=torch.bool),
-                         torch.randn(1, width, generator=g))
+    states = torch.randn(1, length, width, generator=g)
+    pooled = torch.randn(1, pooled_width or width, generator=g)
+    return TextCondition(states.to(device), torch.ones(1, length, dtype=torch.bool, device=device), pooled.to(device))
 
 
 def tiny_acceptance(scale: TinyAcceptance | None = None) -> dict[str, Any]:
