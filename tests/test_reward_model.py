@@ -214,13 +214,14 @@ def test_checkpoint_choice_is_the_largest_sigma_among_accurate_steps_not_the_las
     steps = [100, 500, 900, 1300, 1700, 2100]
     sigmas = [0.01, 0.08, 0.15, 0.19, 0.09, 0.02]  # spread rises, then collapses to a delta
     acc = [0.55, 0.80, 0.90, 0.91, 0.92, 0.92]
-    choice = select_checkpoint_by_kde_sigma(steps, sigmas, acc)
+    choice = select_checkpoint_by_kde_sigma(steps, sigmas, acc, accuracy_tolerance=0.02)
     assert choice.step == 1300 and "1300" in choice.reason
     # Deciding the other way: if the widest distribution is not accurate enough, it is not chosen.
-    choice = select_checkpoint_by_kde_sigma(steps, sigmas, [0.55, 0.80, 0.90, 0.85, 0.92, 0.92])
+    choice = select_checkpoint_by_kde_sigma(steps, sigmas, [0.55, 0.80, 0.90, 0.85, 0.92, 0.92],
+                                            accuracy_tolerance=0.02)
     assert choice.step == 900  # the widest of the still-accurate ones
     with pytest.raises(ValueError, match="non-empty"):
-        select_checkpoint_by_kde_sigma([], [], [])
+        select_checkpoint_by_kde_sigma([], [], [], accuracy_tolerance=0.02)
 
 
 def test_one_standard_error_rule_lets_no_single_pair_decide_the_checkpoint():
@@ -232,7 +233,7 @@ def test_one_standard_error_rule_lets_no_single_pair_decide_the_checkpoint():
     assert small.step == 4 and "less one standard error" in small.reason and ">= 0.674" in small.reason
     large = select_checkpoint_by_kde_sigma(steps, sigmas, acc, accuracy_tolerance=None, decisions=400)
     assert large.step == 16
-    assert select_checkpoint_by_kde_sigma(steps, sigmas, acc).step == 16  # a fixed 0.02 tolerance: the best only
+    assert select_checkpoint_by_kde_sigma(steps, sigmas, acc, accuracy_tolerance=0.02).step == 16  # the best only
     perfect = select_checkpoint_by_kde_sigma([1, 2], [0.2, 0.1], [0.9, 1.0], accuracy_tolerance=None, decisions=10)
     assert perfect.step == 2  # SE 0 at accuracy 1: half a decision (0.05) is the floor, and 0.9 is below it
     with pytest.raises(ValueError, match="number of validation decisions"):

@@ -92,7 +92,7 @@ def test_reward_training_keeps_the_sigma_checkpoint(chain):
     assert per_kind == {"val_accuracy_swap_averaged_sft_vs_pretrain", "val_accuracy_swap_averaged_real_vs_pretrain"}
     expected = select_checkpoint_by_kde_sigma([2, 4], [e["val_score_kde_sigma"] for e in evals],
                                               [e["val_accuracy_swap_averaged"] for e in evals],
-                                              accuracy_tolerance=None, decisions=evals[0]["val_decisions"])
+                                              decisions=evals[0]["val_decisions"])
     assert summary["selected_step"] == expected.step and "swap-averaged" in summary["selected_reason"]
     scores = json.loads((out / "samples" / f"step_{expected.step}" / "scores.json").read_text())
     assert len(scores["score_forward"]) == summary["val_pairs"] and len(scores["kde_density"]) == 51

@@ -225,7 +225,7 @@ class CheckpointChoice:
 
 def select_checkpoint_by_kde_sigma(
     steps: Sequence[int], sigmas: Sequence[float], accuracies: Sequence[float], *,
-    accuracy_tolerance: float | None = 0.02, decisions: int | None = None, accuracy_name: str = "val accuracy",
+    accuracy_tolerance: float | None = None, decisions: int | None = None, accuracy_name: str = "val accuracy",
 ) -> CheckpointChoice:
     """Choose the reward checkpoint by the KDE σ of its validation scores (report §6.6, Figure 23).
 
